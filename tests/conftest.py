@@ -1,0 +1,24 @@
+"""Shared pytest setup: CPU-only, few threads, repository root on sys.path."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_RAW_DATA = REPO_ROOT.parent / "shared" / "data" / "raw-data"
+
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def raw_data_dir() -> Path:
+    """The real ARC puzzles shipped beside the project; tests that need them skip when absent."""
+    if not SHARED_RAW_DATA.is_dir():
+        pytest.skip(f"raw ARC data not found at {SHARED_RAW_DATA}")
+    return SHARED_RAW_DATA
