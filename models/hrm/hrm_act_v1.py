@@ -1,0 +1,342 @@
+"""HRM with Adaptive Computation Time (ACT), version 1 — the paper's model.
+
+Design choices:
+- Two recurrent transformer modules: a slow high level H and a fast low level L. Within one ACT
+  step L runs `L_cycles` times per H update and H runs `H_cycles` times; all but the last update
+  of each run without gradients and only the final L and H updates are differentiated
+  ("1-step gradient", a cheap stand-in for the implicit-function gradient of the paper).
+- The recurrent state (carry) is detached between ACT steps and lives across training batches:
+  a row whose sequence halted is reset to the learned-free initial states `H_init`/`L_init` and
+  loaded with the next example, so the batch always stays full.
+- Halting is a Q-learning problem: `q_head` predicts (halt, continue) values from the first
+  position of z_H. In training a sequence halts when q_halt > q_continue (after a random minimum
+  number of steps for exploration) and the continue target bootstraps from a second inner pass;
+  in eval every sequence runs `halt_max_steps` steps so a batch stays in lockstep.
+- No host synchronisation in the forward (no `.item()`, no branching on tensor values): all
+  halting decisions are tensor ops, so the model compiles into one graph. Exploration draws from
+  the global torch RNG on the model's device, so saving/restoring RNG state resumes exactly.
+- Class, attribute and parameter names follow the reference, because state-dict keys are an
+  interface (released checkpoints load unchanged).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from torch import nn
+
+from models.common import trunc_normal_init_
+from models.layers import Attention, CastedEmbedding, CastedLinear, RotaryEmbedding, SwiGLU, rms_norm
+from models.sparse_embedding import CastedSparseEmbedding
+
+
+@dataclass
+class HierarchicalReasoningModel_ACTV1InnerCarry:
+    z_H: torch.Tensor
+    z_L: torch.Tensor
+
+
+@dataclass
+class HierarchicalReasoningModel_ACTV1Carry:
+    inner_carry: HierarchicalReasoningModel_ACTV1InnerCarry
+    steps: torch.Tensor
+    halted: torch.Tensor
+    current_data: dict[str, torch.Tensor]
+
+
+class HierarchicalReasoningModel_ACTV1Config(BaseModel):
+    # The launcher passes the whole `arch` section (name, loss, causal, ...): ignore what we do not use.
+    model_config = ConfigDict(extra="ignore")
+
+    batch_size: int
+    seq_len: int
+    puzzle_emb_ndim: int = 0
+    num_puzzle_identifiers: int
+    vocab_size: int
+
+    H_cycles: int
+    L_cycles: int
+
+    H_layers: int
+    L_layers: int
+
+    # Transformer config
+    hidden_size: int
+    expansion: float
+    num_heads: int
+    pos_encodings: str
+
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+
+    # Halting Q-learning config
+    halt_max_steps: int
+    halt_exploration_prob: float
+
+    forward_dtype: str = "bfloat16"
+
+    @field_validator("pos_encodings")
+    @classmethod
+    def _check_pos_encodings(cls, v: str) -> str:
+        if v not in ("rope", "learned"):
+            raise ValueError(f"expected 'rope' or 'learned', got {v!r}")
+        return v
+
+    @field_validator("forward_dtype")
+    @classmethod
+    def _check_forward_dtype(cls, v: str) -> str:
+        if not isinstance(getattr(torch, v, None), torch.dtype):
+            raise ValueError(f"{v!r} is not a torch dtype name (e.g. 'bfloat16', 'float32')")
+        return v
+
+    @field_validator(
+        "batch_size", "seq_len", "vocab_size", "num_puzzle_identifiers", "H_cycles", "L_cycles", "H_layers",
+        "L_layers", "hidden_size", "num_heads", "halt_max_steps",
+    )  # fmt: skip
+    @classmethod
+    def _check_positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"must be >= 1, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _check_heads(self):
+        if self.hidden_size % self.num_heads != 0:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        if self.pos_encodings == "rope" and (self.hidden_size // self.num_heads) % 2 != 0:
+            raise ValueError(f"hidden_size/num_heads = {self.hidden_size // self.num_heads} must be even for rope")
+        if self.puzzle_emb_ndim < 0:
+            raise ValueError(f"puzzle_emb_ndim must be >= 0, got {self.puzzle_emb_ndim}")
+        return self
+
+
+class HierarchicalReasoningModel_ACTV1Block(nn.Module):
+    """Post-norm transformer block: x = norm(x + attn(x)); x = norm(x + mlp(x))."""
+
+    def __init__(self, config: HierarchicalReasoningModel_ACTV1Config) -> None:
+        super().__init__()
+        self.self_attn = Attention(
+            hidden_size=config.hidden_size,
+            head_dim=config.hidden_size // config.num_heads,
+            num_heads=config.num_heads,
+            num_key_value_heads=config.num_heads,
+            causal=False,
+        )
+        self.mlp = SwiGLU(hidden_size=config.hidden_size, expansion=config.expansion)
+        self.norm_eps = config.rms_norm_eps
+
+    def forward(self, cos_sin, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = rms_norm(
+            hidden_states + self.self_attn(cos_sin=cos_sin, hidden_states=hidden_states), self.norm_eps
+        )
+        return rms_norm(hidden_states + self.mlp(hidden_states), self.norm_eps)
+
+
+class HierarchicalReasoningModel_ACTV1ReasoningModule(nn.Module):
+    """A stack of blocks applied to `hidden_states + input_injection`."""
+
+    def __init__(self, layers: list[HierarchicalReasoningModel_ACTV1Block]):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, hidden_states: torch.Tensor, input_injection: torch.Tensor, **kwargs) -> torch.Tensor:
+        hidden_states = hidden_states + input_injection
+        for layer in self.layers:
+            hidden_states = layer(hidden_states=hidden_states, **kwargs)
+        return hidden_states
+
+
+class HierarchicalReasoningModel_ACTV1_Inner(nn.Module):
+    def __init__(self, config: HierarchicalReasoningModel_ACTV1Config) -> None:
+        super().__init__()
+        self.config = config
+        self.forward_dtype = getattr(torch, config.forward_dtype)
+
+        # Construction order matches the reference, so one seed gives the same initial weights.
+        self.embed_scale = math.sqrt(config.hidden_size)
+        embed_init_std = 1.0 / self.embed_scale
+
+        self.embed_tokens = CastedEmbedding(
+            config.vocab_size, config.hidden_size, init_std=embed_init_std, cast_to=self.forward_dtype
+        )
+        self.lm_head = CastedLinear(config.hidden_size, config.vocab_size, bias=False)
+        self.q_head = CastedLinear(config.hidden_size, 2, bias=True)
+
+        self.puzzle_emb_len = -(config.puzzle_emb_ndim // -config.hidden_size)  # ceil division
+        if config.puzzle_emb_ndim > 0:
+            # Zero init: a new puzzle starts with no identity signal.
+            self.puzzle_emb = CastedSparseEmbedding(
+                config.num_puzzle_identifiers,
+                config.puzzle_emb_ndim,
+                batch_size=config.batch_size,
+                init_std=0,
+                cast_to=self.forward_dtype,
+            )
+
+        total_len = config.seq_len + self.puzzle_emb_len
+        if config.pos_encodings == "rope":
+            self.rotary_emb = RotaryEmbedding(
+                dim=config.hidden_size // config.num_heads, max_position_embeddings=total_len, base=config.rope_theta
+            )
+        elif config.pos_encodings == "learned":
+            self.embed_pos = CastedEmbedding(
+                total_len, config.hidden_size, init_std=embed_init_std, cast_to=self.forward_dtype
+            )
+        else:
+            raise ValueError(f"pos_encodings: unknown {config.pos_encodings!r}; expected 'rope' or 'learned'")
+
+        self.H_level = HierarchicalReasoningModel_ACTV1ReasoningModule(
+            layers=[HierarchicalReasoningModel_ACTV1Block(config) for _ in range(config.H_layers)]
+        )
+        self.L_level = HierarchicalReasoningModel_ACTV1ReasoningModule(
+            layers=[HierarchicalReasoningModel_ACTV1Block(config) for _ in range(config.L_layers)]
+        )
+
+        self.H_init = nn.Buffer(
+            trunc_normal_init_(torch.empty(config.hidden_size, dtype=self.forward_dtype), std=1), persistent=True
+        )
+        self.L_init = nn.Buffer(
+            trunc_normal_init_(torch.empty(config.hidden_size, dtype=self.forward_dtype), std=1), persistent=True
+        )
+
+        # Q head starts at "continue" (halt logit -5), so early training does not halt at once.
+        with torch.no_grad():
+            self.q_head.weight.zero_()
+            self.q_head.bias.fill_(-5)
+
+    def _input_embeddings(self, input: torch.Tensor, puzzle_identifiers: torch.Tensor) -> torch.Tensor:
+        embedding = self.embed_tokens(input.to(torch.int32))  # [B, S, d]
+
+        if self.config.puzzle_emb_ndim > 0:
+            puzzle_embedding = self.puzzle_emb(puzzle_identifiers)  # [B, puzzle_emb_ndim]
+            pad_count = self.puzzle_emb_len * self.config.hidden_size - puzzle_embedding.shape[-1]
+            if pad_count > 0:
+                puzzle_embedding = F.pad(puzzle_embedding, (0, pad_count))
+            puzzle_embedding = puzzle_embedding.view(-1, self.puzzle_emb_len, self.config.hidden_size)  # [B, P, d]
+            embedding = torch.cat((puzzle_embedding, embedding), dim=-2)  # [B, P + S, d]
+
+        if self.config.pos_encodings == "learned":
+            # Scale by 1/√2 to keep the sum of two unit-variance embeddings at unit variance.
+            embedding = 0.707106781 * (embedding + self.embed_pos.embedding_weight.to(self.forward_dtype))
+
+        return self.embed_scale * embedding
+
+    def empty_carry(self, batch_size: int, device=None) -> HierarchicalReasoningModel_ACTV1InnerCarry:
+        # Uninitialised on purpose: every row is halted at the start and gets reset before use.
+        shape = (batch_size, self.config.seq_len + self.puzzle_emb_len, self.config.hidden_size)
+        return HierarchicalReasoningModel_ACTV1InnerCarry(
+            z_H=torch.empty(shape, dtype=self.forward_dtype, device=device),
+            z_L=torch.empty(shape, dtype=self.forward_dtype, device=device),
+        )
+
+    def reset_carry(
+        self, reset_flag: torch.Tensor, carry: HierarchicalReasoningModel_ACTV1InnerCarry
+    ) -> HierarchicalReasoningModel_ACTV1InnerCarry:
+        flag = reset_flag.view(-1, 1, 1)  # [B, 1, 1]
+        return HierarchicalReasoningModel_ACTV1InnerCarry(
+            z_H=torch.where(flag, self.H_init, carry.z_H),
+            z_L=torch.where(flag, self.L_init, carry.z_L),
+        )
+
+    def forward(
+        self, carry: HierarchicalReasoningModel_ACTV1InnerCarry, batch: dict[str, torch.Tensor]
+    ) -> tuple[HierarchicalReasoningModel_ACTV1InnerCarry, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        seq_info = dict(cos_sin=self.rotary_emb() if hasattr(self, "rotary_emb") else None)
+
+        input_embeddings = self._input_embeddings(batch["inputs"], batch["puzzle_identifiers"])
+
+        # All updates but the last L and H ones run without gradient (1-step gradient approximation).
+        with torch.no_grad():
+            z_H, z_L = carry.z_H, carry.z_L
+            for _H_step in range(self.config.H_cycles):
+                for _L_step in range(self.config.L_cycles):
+                    if not (_H_step == self.config.H_cycles - 1 and _L_step == self.config.L_cycles - 1):
+                        z_L = self.L_level(z_L, z_H + input_embeddings, **seq_info)
+                if _H_step != self.config.H_cycles - 1:
+                    z_H = self.H_level(z_H, z_L, **seq_info)
+
+        z_L = self.L_level(z_L, z_H + input_embeddings, **seq_info)
+        z_H = self.H_level(z_H, z_L, **seq_info)
+
+        new_carry = HierarchicalReasoningModel_ACTV1InnerCarry(z_H=z_H.detach(), z_L=z_L.detach())
+        output = self.lm_head(z_H)[:, self.puzzle_emb_len :]  # [B, S, V], drops the puzzle prefix
+        q_logits = self.q_head(z_H[:, 0]).to(torch.float32)  # [B, 2]
+        return new_carry, output, (q_logits[..., 0], q_logits[..., 1])
+
+
+def _config_error_message(err: ValidationError) -> str:
+    """One line per pydantic error, joined: 'arch config: field: message; ...'."""
+    parts = []
+    for e in err.errors():
+        field = ".".join(str(x) for x in e["loc"]) or "config"
+        msg = e["msg"].removeprefix("Value error, ")
+        parts.append(f"{field}: {msg}")
+    return "HierarchicalReasoningModel_ACTV1 config: " + "; ".join(parts)
+
+
+class HierarchicalReasoningModel_ACTV1(nn.Module):
+    """ACT wrapper: keeps the carry of every batch row, decides halting, and refills halted rows."""
+
+    def __init__(self, config_dict: dict):
+        super().__init__()
+        try:
+            self.config = HierarchicalReasoningModel_ACTV1Config(**config_dict)
+        except ValidationError as e:
+            raise ValueError(_config_error_message(e)) from None
+        self.inner = HierarchicalReasoningModel_ACTV1_Inner(self.config)
+
+    @property
+    def puzzle_emb(self):
+        return self.inner.puzzle_emb
+
+    def initial_carry(self, batch: dict[str, torch.Tensor]) -> HierarchicalReasoningModel_ACTV1Carry:
+        batch_size = batch["inputs"].shape[0]
+        device = batch["inputs"].device
+        return HierarchicalReasoningModel_ACTV1Carry(
+            inner_carry=self.inner.empty_carry(batch_size, device=device),
+            steps=torch.zeros((batch_size,), dtype=torch.int32, device=device),
+            halted=torch.ones((batch_size,), dtype=torch.bool, device=device),  # all halted: load data on first step
+            current_data={k: torch.empty_like(v) for k, v in batch.items()},
+        )
+
+    def forward(
+        self, carry: HierarchicalReasoningModel_ACTV1Carry, batch: dict[str, torch.Tensor]
+    ) -> tuple[HierarchicalReasoningModel_ACTV1Carry, dict[str, torch.Tensor]]:
+        # Halted rows restart from the initial state with the next example of the batch.
+        new_inner_carry = self.inner.reset_carry(carry.halted, carry.inner_carry)
+        new_steps = torch.where(carry.halted, 0, carry.steps)
+        new_current_data = {
+            k: torch.where(carry.halted.view((-1,) + (1,) * (batch[k].ndim - 1)), batch[k], v)
+            for k, v in carry.current_data.items()
+        }
+
+        new_inner_carry, logits, (q_halt_logits, q_continue_logits) = self.inner(new_inner_carry, new_current_data)
+        outputs = {"logits": logits, "q_halt_logits": q_halt_logits, "q_continue_logits": q_continue_logits}
+
+        with torch.no_grad():
+            new_steps = new_steps + 1
+            is_last_step = new_steps >= self.config.halt_max_steps
+            halted = is_last_step
+
+            # Eval keeps every row running to halt_max_steps, so a batch finishes together.
+            if self.training and self.config.halt_max_steps > 1:
+                halted = halted | (q_halt_logits > q_continue_logits)
+
+                # Exploration: with probability halt_exploration_prob a row must run at least
+                # U{2..halt_max_steps} steps before it may halt.
+                explore = torch.rand_like(q_halt_logits) < self.config.halt_exploration_prob
+                min_halt_steps = explore * torch.randint_like(new_steps, low=2, high=self.config.halt_max_steps + 1)
+                halted = halted & (new_steps >= min_halt_steps)
+
+                # Q-learning target for "continue": the value of the next step (no bootstrapping
+                # beyond the step limit, where only halting is possible).
+                next_q_halt_logits, next_q_continue_logits = self.inner(new_inner_carry, new_current_data)[-1]
+                outputs["target_q_continue"] = torch.sigmoid(
+                    torch.where(
+                        is_last_step, next_q_halt_logits, torch.maximum(next_q_halt_logits, next_q_continue_logits)
+                    )
+                )
+
+        return HierarchicalReasoningModel_ACTV1Carry(new_inner_carry, new_steps, halted, new_current_data), outputs

@@ -1,0 +1,189 @@
+"""Building blocks of the HRM transformer: casted linear/embedding, RoPE, attention, SwiGLU, RMSNorm.
+
+Design choices:
+- Parameters live in float32; every layer casts its weights to the activation dtype at call time
+  ("casted" layers), so the forward dtype (bfloat16 by default) is a property of the inputs, not of
+  the module, and the optimizer always updates fp32 master weights.
+- Attention is bidirectional by default (HRM reasons over a whole grid). The kernel is chosen once at
+  import: FlashAttention 3, then FlashAttention 2, then PyTorch SDPA, exposed as `ATTENTION_BACKEND`
+  and overridable with the environment variable `HRM_ATTENTION_BACKEND=fa3|fa2|sdpa`. FlashAttention only
+  handles fp16/bf16 CUDA tensors, so other inputs (CPU, float32) go through SDPA whatever the backend;
+  that choice depends on dtype and device only, never on tensor values, so it is compile-friendly.
+- Tensors inside attention are `[batch, seq, heads, head_dim]` (FlashAttention's layout); SDPA wants
+  `[batch, heads, seq, head_dim]`, so that path transposes.
+- RMSNorm has no learnable weight (as in the reference model).
+"""
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.common import trunc_normal_init_
+
+_BACKEND_CHOICES = ("fa3", "fa2", "sdpa")
+
+
+def _select_attention_backend():
+    """Return (name, flash_attn_func or None). Probed once; the env override forces one backend."""
+    forced = os.environ.get("HRM_ATTENTION_BACKEND", "").strip().lower()
+    if forced and forced not in _BACKEND_CHOICES:
+        raise ValueError(f"HRM_ATTENTION_BACKEND={forced!r}: expected one of {', '.join(_BACKEND_CHOICES)}")
+    if forced in ("", "fa3"):
+        try:
+            from flash_attn_interface import flash_attn_func
+
+            return "fa3", flash_attn_func
+        except ImportError as e:
+            if forced:
+                raise ImportError(f"HRM_ATTENTION_BACKEND=fa3 but flash_attn_interface is not importable: {e}") from e
+    if forced in ("", "fa2"):
+        try:
+            from flash_attn import flash_attn_func
+
+            return "fa2", flash_attn_func
+        except ImportError as e:
+            if forced:
+                raise ImportError(f"HRM_ATTENTION_BACKEND=fa2 but flash_attn is not importable: {e}") from e
+    return "sdpa", None
+
+
+ATTENTION_BACKEND, _flash_attn_func = _select_attention_backend()
+
+
+def _find_multiple(a: int, b: int) -> int:
+    """Smallest multiple of b that is >= a."""
+    return -(a // -b) * b
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """Rotate the two halves of the last dimension: (x1, x2) -> (-x2, x1)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE on q, k of layout [B, S, H, D] with cos/sin tables [S, D]; rotation in the tables' fp32."""
+    orig_dtype = q.dtype
+    q = q.to(cos.dtype)
+    k = k.to(cos.dtype)
+    cos = cos.unsqueeze(-2)  # [S, 1, D], broadcast over heads
+    sin = sin.unsqueeze(-2)
+    q_embed = q * cos + rotate_half(q) * sin
+    k_embed = k * cos + rotate_half(k) * sin
+    return q_embed.to(orig_dtype), k_embed.to(orig_dtype)
+
+
+def rms_norm(hidden_states: torch.Tensor, variance_epsilon: float) -> torch.Tensor:
+    """Weightless RMSNorm computed in fp32 and cast back to the input dtype."""
+    input_dtype = hidden_states.dtype
+    hidden_states = hidden_states.to(torch.float32)
+    variance = hidden_states.square().mean(-1, keepdim=True)
+    return (hidden_states * torch.rsqrt(variance + variance_epsilon)).to(input_dtype)
+
+
+class CastedLinear(nn.Module):
+    """Linear layer with fp32 truncated-LeCun-normal weights cast to the input dtype at call time."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(trunc_normal_init_(torch.empty((out_features, in_features)), std=in_features**-0.5))
+        self.bias = nn.Parameter(torch.zeros((out_features,))) if bias else None
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        bias = self.bias.to(input.dtype) if self.bias is not None else None
+        return F.linear(input, self.weight.to(input.dtype), bias=bias)
+
+
+class CastedEmbedding(nn.Module):
+    """Embedding table in fp32 (parameter `embedding_weight`), looked up in `cast_to`."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, init_std: float, cast_to: torch.dtype):
+        super().__init__()
+        self.cast_to = cast_to
+        self.embedding_weight = nn.Parameter(
+            trunc_normal_init_(torch.empty((num_embeddings, embedding_dim)), std=init_std)
+        )
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input, self.embedding_weight.to(self.cast_to))
+
+
+class RotaryEmbedding(nn.Module):
+    """Precomputed fp32 cos/sin tables [max_position_embeddings, dim] (non-persistent buffers)."""
+
+    def __init__(self, dim: int, max_position_embeddings: int, base: float, device=None):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+        positions = torch.arange(max_position_embeddings, dtype=torch.float32, device=device)
+        freqs = torch.outer(positions, inv_freq)  # [S, dim/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [S, dim], matches rotate_half's split
+        self.cos_cached = nn.Buffer(emb.cos(), persistent=False)
+        self.sin_cached = nn.Buffer(emb.sin(), persistent=False)
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos_cached, self.sin_cached
+
+
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    """Scaled dot-product attention (scale 1/√head_dim) on [B, S, H, D] tensors; returns [B, S, H, D]."""
+    if _flash_attn_func is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
+        out = _flash_attn_func(query, key, value, causal=causal)
+        # Some FlashAttention releases return (out, softmax_lse).
+        return out[0] if isinstance(out, tuple) else out
+    out = F.scaled_dot_product_attention(
+        query.transpose(1, 2),  # [B, H, S, D]
+        key.transpose(1, 2),
+        value.transpose(1, 2),
+        is_causal=causal,
+        enable_gqa=query.shape[2] != key.shape[2],
+    )
+    return out.transpose(1, 2)  # [B, S, H, D]
+
+
+class Attention(nn.Module):
+    """Multi-head attention with one fused QKV projection (no biases) and optional RoPE."""
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_key_value_heads: int, causal: bool = False):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.head_dim = head_dim
+        self.output_size = head_dim * num_heads
+        self.num_heads = num_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.causal = causal
+        self.qkv_proj = CastedLinear(hidden_size, (num_heads + 2 * num_key_value_heads) * head_dim, bias=False)
+        self.o_proj = CastedLinear(self.output_size, hidden_size, bias=False)
+
+    def forward(self, cos_sin, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch_size, seq_len, _ = hidden_states.shape
+        qkv = self.qkv_proj(hidden_states)
+        qkv = qkv.view(
+            batch_size, seq_len, self.num_heads + 2 * self.num_key_value_heads, self.head_dim
+        )  # [B, S, H+2K, D]
+        query = qkv[:, :, : self.num_heads]
+        key = qkv[:, :, self.num_heads : self.num_heads + self.num_key_value_heads]
+        value = qkv[:, :, self.num_heads + self.num_key_value_heads :]
+        if cos_sin is not None:
+            cos, sin = cos_sin
+            query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        attn_output = attention(query, key, value, causal=self.causal)
+        attn_output = attn_output.reshape(batch_size, seq_len, self.output_size)  # [B, S, H*D]
+        return self.o_proj(attn_output)
+
+
+class SwiGLU(nn.Module):
+    """Gated MLP; inner width 2/3·expansion·hidden rounded up to a multiple of 256."""
+
+    def __init__(self, hidden_size: int, expansion: float):
+        super().__init__()
+        inter = _find_multiple(round(expansion * hidden_size * 2 / 3), 256)
+        self.gate_up_proj = CastedLinear(hidden_size, inter * 2, bias=False)
+        self.down_proj = CastedLinear(inter, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)

@@ -1,0 +1,115 @@
+"""Token losses and the ACT loss head that turns model outputs into a training loss and metrics.
+
+Design choices:
+- Losses are per token (shape of labels, zero at ignored positions); the head normalises each
+  sequence by its own count of labelled tokens and *sums* over the batch. The launcher divides by
+  the global batch size, so every sequence weighs the same whatever its length.
+- Stablemax (Prieto et al., "Grokking at the edge of numerical stability") replaces exp by a
+  function that grows linearly for positive logits; it is evaluated in float64, as the reference does.
+- Metrics are sums over sequences that halted in this ACT step and have at least one label, so
+  the launcher can reduce them across ranks and divide by `count`.
+- The head is the only place that reads labels, so the model forward never syncs with the host.
+"""
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_LABEL_ID = -100
+
+
+def s(x: torch.Tensor, epsilon: float = 1e-30) -> torch.Tensor:
+    """Stablemax numerator: 1/(1 - x) for negative x, x + 1 otherwise (continuous, positive)."""
+    return torch.where(x < 0, 1 / (1 - x + epsilon), x + 1)
+
+
+def log_stablemax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    s_x = s(x)
+    return torch.log(s_x / torch.sum(s_x, dim=dim, keepdim=True))
+
+
+def stablemax_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_LABEL_ID
+) -> torch.Tensor:
+    """Per-token stablemax cross entropy in float64; 0 at ignored labels."""
+    logprobs = log_stablemax(logits.to(torch.float64), dim=-1)
+    valid_mask = labels != ignore_index
+    safe_labels = torch.where(valid_mask, labels, 0).to(torch.long)  # gather needs an in-range index
+    label_logprobs = torch.gather(logprobs, index=safe_labels.unsqueeze(-1), dim=-1).squeeze(-1)
+    return -torch.where(valid_mask, label_logprobs, 0)
+
+
+def softmax_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_LABEL_ID
+) -> torch.Tensor:
+    """Per-token softmax cross entropy in float32; 0 at ignored labels.
+
+    `reshape`, not `view`: with a puzzle-embedding prefix the logits are a sliced, non-contiguous tensor.
+    """
+    losses = F.cross_entropy(
+        logits.to(torch.float32).reshape(-1, logits.shape[-1]),  # [B*S, V]
+        labels.to(torch.long).reshape(-1),  # [B*S]
+        ignore_index=ignore_index,
+        reduction="none",
+    )
+    return losses.reshape(labels.shape)  # [B, S]
+
+
+LOSS_FUNCTIONS = {
+    "stablemax_cross_entropy": stablemax_cross_entropy,
+    "softmax_cross_entropy": softmax_cross_entropy,
+}
+
+
+class ACTLossHead(nn.Module):
+    """Wraps an ACT model (attribute `model`, an interface for checkpoints) and computes loss + metrics."""
+
+    def __init__(self, model: nn.Module, loss_type: str):
+        super().__init__()
+        if loss_type not in LOSS_FUNCTIONS:
+            raise ValueError(f"loss_type: unknown {loss_type!r}; expected one of {', '.join(LOSS_FUNCTIONS)}")
+        self.model = model
+        self.loss_fn = LOSS_FUNCTIONS[loss_type]
+
+    def initial_carry(self, *args, **kwargs):
+        return self.model.initial_carry(*args, **kwargs)
+
+    def forward(self, return_keys: Sequence[str], **model_kwargs):
+        new_carry, outputs = self.model(**model_kwargs)
+        labels = new_carry.current_data["labels"]
+
+        with torch.no_grad():
+            mask = labels != IGNORE_LABEL_ID
+            loss_counts = mask.sum(-1)
+            loss_divisor = loss_counts.clamp_min(1).unsqueeze(-1)  # [B, 1]
+
+            is_correct = mask & (torch.argmax(outputs["logits"], dim=-1) == labels)
+            seq_is_correct = is_correct.sum(-1) == loss_counts
+
+            valid_metrics = new_carry.halted & (loss_counts > 0)
+            metrics = {
+                "count": valid_metrics.sum(),
+                "accuracy": torch.where(valid_metrics, (is_correct.to(torch.float32) / loss_divisor).sum(-1), 0).sum(),
+                "exact_accuracy": (valid_metrics & seq_is_correct).sum(),
+                "q_halt_accuracy": (valid_metrics & ((outputs["q_halt_logits"] >= 0) == seq_is_correct)).sum(),
+                "steps": torch.where(valid_metrics, new_carry.steps, 0).sum(),
+            }
+
+        lm_loss = (self.loss_fn(outputs["logits"], labels, ignore_index=IGNORE_LABEL_ID) / loss_divisor).sum()
+        q_halt_loss = F.binary_cross_entropy_with_logits(
+            outputs["q_halt_logits"], seq_is_correct.to(outputs["q_halt_logits"].dtype), reduction="sum"
+        )
+        metrics.update({"lm_loss": lm_loss.detach(), "q_halt_loss": q_halt_loss.detach()})
+
+        q_continue_loss = 0
+        if "target_q_continue" in outputs:
+            q_continue_loss = F.binary_cross_entropy_with_logits(
+                outputs["q_continue_logits"], outputs["target_q_continue"], reduction="sum"
+            )
+            metrics["q_continue_loss"] = q_continue_loss.detach()
+
+        detached_outputs = {k: outputs[k].detach() for k in return_keys if k in outputs}
+        loss = lm_loss + 0.5 * (q_halt_loss + q_continue_loss)
+        return new_carry, loss, metrics, detached_outputs, new_carry.halted.all()

@@ -1,0 +1,158 @@
+"""AdamATan2: Adam with `atan2(m, √v)` in place of `m / (√v + ε)` (Everett et al. 2024), no ε to tune.
+
+Design choices:
+- Two backends with one state layout (`step` as a 0-dim fp32 tensor on the param's device,
+  `exp_avg`, `exp_avg_sq`), so optimizer state dicts move freely between them:
+  * "fused-cuda": the CUDA kernel of the `adam-atan2` package, used only when its extension imports
+    and a tiny step on the GPU matches the reference math. The kernel is called directly: the
+    package's Python wrapper calls a torch helper removed in torch 2.11 and crashes there.
+  * "foreach": the same math with `torch._foreach_*` ops (per-tensor `atan2`, which has no foreach
+    form), on any device. Bias corrections are computed from the step tensors on the device, so a
+    step never synchronises with the host.
+- The probe runs once at import, on the GPU of `LOCAL_RANK` (the one torchrun assigns), so ranks do
+  not all create a context on GPU 0. `HRM_ADAM_ATAN2_BACKEND=foreach` forces the portable path.
+- `lr` is read from the param group at every step (the launcher's schedule rewrites it) and may be 0.
+"""
+
+import os
+
+import torch
+from torch.optim.optimizer import Optimizer, ParamsT
+
+
+def _foreach_adam_atan2_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    state_steps: list[torch.Tensor],
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+) -> None:
+    """One update of tensors on one device; `state_steps` already hold the new step count t."""
+    # Decoupled weight decay first, on the old weights.
+    torch._foreach_mul_(params, 1 - lr * weight_decay)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_lerp_(exp_avg_sqs, torch._foreach_mul(grads, grads), 1 - beta2)
+
+    # step_size = lr / (1 - beta1^t); denom = sqrt(v) / sqrt(1 - beta2^t), both per tensor.
+    bias_correction1 = torch._foreach_pow(beta1, state_steps)
+    torch._foreach_neg_(bias_correction1)
+    torch._foreach_add_(bias_correction1, 1)
+    step_size = torch._foreach_reciprocal(bias_correction1)
+    torch._foreach_mul_(step_size, lr)
+
+    bias_correction2_sqrt = torch._foreach_pow(beta2, state_steps)
+    torch._foreach_neg_(bias_correction2_sqrt)
+    torch._foreach_add_(bias_correction2_sqrt, 1)
+    torch._foreach_sqrt_(bias_correction2_sqrt)
+
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, bias_correction2_sqrt)
+    # atan2 is bounded and well defined at m = v = 0 (gives 0), unlike m / sqrt(v).
+    updates = [torch.atan2(m, d, out=d) for m, d in zip(exp_avgs, denom)]
+    torch._foreach_mul_(updates, step_size)
+    torch._foreach_sub_(params, updates)
+
+
+def _probe_fused_backend():
+    """The `adam_atan2_backend` extension if it imports and computes a correct step on CUDA, else None."""
+    if os.environ.get("HRM_ADAM_ATAN2_BACKEND", "").strip().lower() == "foreach":
+        return None
+    try:
+        import adam_atan2_backend
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    try:
+        index = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device("cuda", index if index < torch.cuda.device_count() else 0)
+        gen = torch.Generator().manual_seed(0)
+        tensors = [torch.randn(37, generator=gen) for _ in range(2)] + [torch.zeros(37), torch.zeros(37)]
+        fused = [[t.to(device)] for t in tensors] + [[torch.ones((), device=device)]]
+        portable = [[t.clone()] for t in tensors] + [[torch.ones(())]]
+        adam_atan2_backend.adam_atan2_cuda_impl_(*fused, 1e-2, 0.9, 0.95, 0.1)
+        _foreach_adam_atan2_(*portable, lr=1e-2, beta1=0.9, beta2=0.95, weight_decay=0.1)
+        torch.cuda.synchronize(device)
+        if not torch.allclose(fused[0][0].cpu(), portable[0][0], rtol=0, atol=1e-6):
+            return None
+        return adam_atan2_backend
+    except Exception:  # any failure of the optional kernel means: use the portable path
+        return None
+
+
+_fused_backend = _probe_fused_backend()
+ADAM_ATAN2_BACKEND = "fused-cuda" if _fused_backend is not None else "foreach"
+
+
+class AdamATan2(Optimizer):
+    """Per step: t += 1; w *= 1 - lr·wd; m = lerp(m, g, 1-β1); v = lerp(v, g², 1-β2);
+    w -= lr/(1-β1^t) · atan2(m, √v/√(1-β2^t))."""
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 1e-2,
+    ):
+        if not 0.0 <= lr:
+            raise ValueError(f"AdamATan2: invalid lr {lr} (must be >= 0)")
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"AdamATan2: invalid betas[0] {betas[0]} (must be in [0, 1))")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"AdamATan2: invalid betas[1] {betas[1]} (must be in [0, 1))")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"AdamATan2: invalid weight_decay {weight_decay} (must be >= 0)")
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            # Group tensors by (device, dtype): foreach ops and the fused kernel need uniform lists.
+            buckets: dict[tuple, tuple[list, list, list, list, list]] = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise ValueError("AdamATan2 does not support sparse gradients")
+                state = self.state[p]
+                if len(state) == 0:
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                elif state["step"].device != p.device:
+                    # A loaded state dict keeps `step` where it was saved; both backends need it beside p.
+                    state["step"] = state["step"].to(p.device)
+                bucket = buckets.setdefault((p.device, p.dtype), ([], [], [], [], []))
+                for lst, t in zip(bucket, (p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"])):
+                    lst.append(t)
+
+            for (device, _), (params, grads, exp_avgs, exp_avg_sqs, steps) in buckets.items():
+                torch._foreach_add_(steps, 1)
+                if _fused_backend is not None and device.type == "cuda":
+                    _fused_backend.adam_atan2_cuda_impl_(
+                        params, grads, exp_avgs, exp_avg_sqs, steps, group["lr"], beta1, beta2, group["weight_decay"]
+                    )
+                else:
+                    _foreach_adam_atan2_(
+                        params,
+                        grads,
+                        exp_avgs,
+                        exp_avg_sqs,
+                        steps,
+                        lr=group["lr"],
+                        beta1=beta1,
+                        beta2=beta2,
+                        weight_decay=group["weight_decay"],
+                    )
+        return loss
