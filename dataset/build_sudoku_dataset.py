@@ -1,0 +1,154 @@
+"""Build the Sudoku dataset (SPEC §8) from `train.csv`/`test.csv` (hub id or local folder).
+
+    python dataset/build_sudoku_dataset.py --output-dir data/sudoku-extreme-1k-aug-1000 --subsample-size 1000 --num-aug 1000
+
+Design choices:
+- Tokens: PAD 0, blank 1, digit d -> d + 1; one group per source puzzle (original first, then
+  its `--num-aug` augmentations), each a one-example puzzle with identifier 0.
+- An augmentation relabels digits 1..9 (blank fixed), optionally transposes, and permutes the
+  three bands, the rows within each band, the three stacks and the columns within each stack;
+  puzzle and solution get the same transform, so validity and uniqueness are preserved.
+- Streaming: the CSV becomes two compact uint8 arrays (`dataset.csv_source`), and the output
+  arrays are written through `np.lib.format.open_memmap` in chunks, vectorised over all the
+  augmentations of a chunk, so a million-row file never holds a Python object per cell.
+- Randomness (subsample, augmentations) comes from `--seed` (the reference uses NumPy's
+  unseeded global RNG here, so its output differs run to run).
+"""
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python dataset/build_sudoku_dataset.py`: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+from pydantic import BaseModel, Field  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from dataset.cli import run_cli  # noqa: E402
+from dataset.common import (  # noqa: E402
+    BLANK_IDENTIFIER_NAME,
+    INDEX_DTYPE,
+    TOKEN_DTYPE,
+    PuzzleDatasetMetadata,
+    split_paths,
+    write_identifiers,
+    write_split,
+)
+from dataset.csv_source import lookup_table, read_grid_csv, resolve_source, subsample_rows  # noqa: E402
+
+SET_NAME = "all"
+CHUNK_ROWS = 1 << 16  # output rows per vectorised chunk
+
+Q_TABLE = lookup_table({".": 0, "0": 0, **{str(d): d for d in range(1, 10)}})
+A_TABLE = lookup_table({str(d): d for d in range(1, 10)})
+
+
+class SudokuBuildConfig(BaseModel):
+    """Build the Sudoku dataset from source CSVs."""
+
+    source_repo: str = Field(
+        "sapientinc/sudoku-extreme", description="hub dataset id, or a folder with train.csv/test.csv"
+    )
+    output_dir: str = Field("data/sudoku-extreme-full", description="output dataset folder")
+    subsample_size: int | None = Field(None, description="keep this many random train puzzles")
+    min_difficulty: int | None = Field(None, description="keep only puzzles with rating >= this")
+    num_aug: int = Field(0, description="augmented copies per train puzzle")
+    seed: int = Field(0, description="seed for the subsample and the augmentations")
+
+
+def random_augmentations(rng: np.random.Generator, count: int) -> dict[str, np.ndarray]:
+    """`count` random Sudoku symmetries: digit map [count, 10] (0 fixed), transpose flags,
+    row and column permutations [count, 9] (band/row-in-band and stack/column-in-stack)."""
+    digit_map = np.zeros((count, 10), dtype=np.uint8)
+    digit_map[:, 1:] = rng.permuted(np.tile(np.arange(1, 10, dtype=np.uint8), (count, 1)), axis=1)
+
+    def line_perm():
+        blocks = rng.permuted(np.tile(np.arange(3), (count, 1)), axis=1)  # [count, 3]
+        within = rng.permuted(np.tile(np.arange(3), (count, 3, 1)), axis=2)  # [count, 3, 3]
+        return (blocks[:, :, None] * 3 + within).reshape(count, 9)  # [count, 9]
+
+    return {"digit_map": digit_map, "transpose": rng.random(count) < 0.5, "rows": line_perm(), "cols": line_perm()}
+
+
+def apply_augmentations(boards: np.ndarray, aug: dict[str, np.ndarray]) -> np.ndarray:
+    """Apply augmentation k to `boards[k]` ([K, 9, 9] values 0..9); returns [K, 9, 9]."""
+    k = np.arange(boards.shape[0])
+    boards = np.where(aug["transpose"][:, None, None], boards.transpose(0, 2, 1), boards)
+    boards = boards[k[:, None], aug["rows"]]  # new row i = old row rows[i]
+    boards = boards[k[:, None, None], np.arange(9)[None, :, None], aug["cols"][:, None, :]]
+    return np.take_along_axis(aug["digit_map"], boards.reshape(-1, 81), axis=1).reshape(-1, 9, 9)
+
+
+def build_split(split_dir: Path, q: np.ndarray, a: np.ndarray, num_aug: int, rng: np.random.Generator) -> int:
+    """Write one split's arrays; returns the number of groups."""
+    n = q.shape[0]
+    per_group = 1 + num_aug
+    total = n * per_group
+    if total >= np.iinfo(INDEX_DTYPE).max:
+        raise ValueError(f"{split_dir}: {total} examples exceed the int32 index range")
+    split_dir.mkdir(parents=True, exist_ok=True)
+    paths = split_paths(split_dir, SET_NAME)
+    out = {
+        field: np.lib.format.open_memmap(paths[field], mode="w+", dtype=TOKEN_DTYPE, shape=(total, 81))
+        for field in ("inputs", "labels")
+    }
+    puzzles_per_chunk = max(1, CHUNK_ROWS // per_group)
+    for lo in tqdm(range(0, n, puzzles_per_chunk), desc=split_dir.name, unit="chunk"):
+        hi = min(n, lo + puzzles_per_chunk)
+        pq = q[lo:hi].reshape(-1, 9, 9)
+        pa = a[lo:hi].reshape(-1, 9, 9)
+        block_q = np.empty((hi - lo, per_group, 9, 9), dtype=np.uint8)  # [puzzles, 1 + aug, 9, 9]
+        block_a = np.empty_like(block_q)
+        block_q[:, 0], block_a[:, 0] = pq, pa
+        if num_aug:
+            aug = random_augmentations(rng, (hi - lo) * num_aug)
+            rep_q = np.repeat(pq, num_aug, axis=0)  # [puzzles * aug, 9, 9], puzzle-major
+            rep_a = np.repeat(pa, num_aug, axis=0)
+            block_q[:, 1:] = apply_augmentations(rep_q, aug).reshape(hi - lo, num_aug, 9, 9)
+            block_a[:, 1:] = apply_augmentations(rep_a, aug).reshape(hi - lo, num_aug, 9, 9)
+        out["inputs"][lo * per_group : hi * per_group] = block_q.reshape(-1, 81) + 1
+        out["labels"][lo * per_group : hi * per_group] = block_a.reshape(-1, 81) + 1
+    arrays = {
+        **out,
+        "puzzle_identifiers": np.zeros(total, dtype=INDEX_DTYPE),
+        "puzzle_indices": np.arange(total + 1, dtype=INDEX_DTYPE),
+        "group_indices": np.arange(0, total + 1, per_group, dtype=INDEX_DTYPE),
+    }
+    meta = PuzzleDatasetMetadata(
+        pad_id=0,
+        ignore_label_id=0,
+        blank_identifier_id=0,
+        vocab_size=10 + 1,
+        seq_len=81,
+        num_puzzle_identifiers=1,
+        total_groups=n,
+        mean_puzzle_examples=1.0,
+        sets=[SET_NAME],
+    )
+    write_split(split_dir, meta, {SET_NAME: arrays})
+    return n
+
+
+def main(config: SudokuBuildConfig) -> None:
+    """Build the Sudoku dataset (SPEC §8) from train.csv/test.csv of a hub id or local folder."""
+    if config.num_aug < 0:
+        raise ValueError(f"--num-aug must be >= 0, got {config.num_aug}")
+    rng = np.random.default_rng(config.seed)
+    keep = None if config.min_difficulty is None else (lambda rating: int(rating) >= config.min_difficulty)
+    for split in ("train", "test"):
+        csv_path = resolve_source(config.source_repo, f"{split}.csv")
+        q, a, lines = read_grid_csv(csv_path, Q_TABLE, A_TABLE, keep=keep, cells=81)
+        clash = np.flatnonzero(((q != 0) & (q != a)).any(axis=1))
+        if clash.size:
+            raise ValueError(f"{csv_path}: line {lines[clash[0]]}: field 'a' contradicts a given of field 'q'")
+        if split == "train":
+            rows = subsample_rows(q.shape[0], config.subsample_size, rng)
+            q, a = q[rows], a[rows]
+        groups = build_split(Path(config.output_dir) / split, q, a, config.num_aug if split == "train" else 0, rng)
+        print(f"{split}: {groups} puzzles from {csv_path}")
+    write_identifiers(Path(config.output_dir), [BLANK_IDENTIFIER_NAME])
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, SudokuBuildConfig))

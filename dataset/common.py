@@ -1,0 +1,175 @@
+"""Shared pieces of the puzzle datasets: metadata schema, on-disk layout, dihedral transforms.
+
+Design choices:
+- `PuzzleDatasetMetadata` has exactly the reference's fields, so `dataset.json` files move
+  between the reference and this library both ways.
+- Array files follow the reference: `inputs`/`labels` are written as uint8 (every vocabulary
+  here is < 256 tokens; the loader casts to int32, so any integer dtype loads identically),
+  the three index arrays as int32.
+- Writers go through `write_split`, which validates what it writes with the same checks the
+  loader applies when reading (`validate_split_arrays`), so a builder cannot emit a dataset
+  the loader would reject.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel
+
+# Per-set array names, in the order they are written; `inputs`/`labels` are per example.
+FIELDS = ("inputs", "labels", "puzzle_identifiers", "puzzle_indices", "group_indices")
+EXAMPLE_FIELDS = ("inputs", "labels")
+INDEX_DTYPE = np.int32
+TOKEN_DTYPE = np.uint8
+BLANK_IDENTIFIER_NAME = "<blank>"
+
+# Dihedral group of the square, ids as in the reference: 0 identity, 1-3 rotations by 90/180/270
+# degrees counter-clockwise (np.rot90), 4 flip left-right, 5 flip up-down, 6 transpose,
+# 7 anti-transpose. Every element but the two odd rotations is its own inverse.
+DIHEDRAL_INVERSE = (0, 3, 2, 1, 4, 5, 6, 7)
+
+
+class PuzzleDatasetMetadata(BaseModel):
+    pad_id: int
+    ignore_label_id: int | None
+    blank_identifier_id: int
+    vocab_size: int
+    seq_len: int
+    num_puzzle_identifiers: int
+    total_groups: int
+    mean_puzzle_examples: float
+    sets: list[str]
+
+
+def dihedral_transform(arr: np.ndarray, tid: int) -> np.ndarray:
+    """Apply dihedral transform `tid` (0..7) to the last two axes of `arr`."""
+    if tid == 0:
+        return arr
+    if tid == 1:
+        return np.rot90(arr, k=1, axes=(-2, -1))
+    if tid == 2:
+        return np.rot90(arr, k=2, axes=(-2, -1))
+    if tid == 3:
+        return np.rot90(arr, k=3, axes=(-2, -1))
+    if tid == 4:
+        return np.flip(arr, axis=-1)
+    if tid == 5:
+        return np.flip(arr, axis=-2)
+    if tid == 6:
+        return np.swapaxes(arr, -2, -1)
+    if tid == 7:
+        return np.flip(np.rot90(arr, k=1, axes=(-2, -1)), axis=-1)
+    raise ValueError(f"dihedral transform id must be in 0..7, got {tid}")
+
+
+def inverse_dihedral_transform(arr: np.ndarray, tid: int) -> np.ndarray:
+    """Undo `dihedral_transform(., tid)`."""
+    if not 0 <= tid < 8:
+        raise ValueError(f"dihedral transform id must be in 0..7, got {tid}")
+    return dihedral_transform(arr, DIHEDRAL_INVERSE[tid])
+
+
+def split_paths(split_dir: Path, set_name: str) -> dict[str, Path]:
+    return {field: Path(split_dir) / f"{set_name}__{field}.npy" for field in FIELDS}
+
+
+def load_metadata(split_dir: Path) -> PuzzleDatasetMetadata:
+    """Read and type-check `<split_dir>/dataset.json`; errors name the file and field."""
+    path = Path(split_dir) / "dataset.json"
+    if not Path(split_dir).is_dir():
+        raise FileNotFoundError(f"{split_dir}: split folder not found")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: dataset.json not found")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: malformed JSON ({e})") from None
+    try:
+        meta = PuzzleDatasetMetadata.model_validate(raw)
+    except Exception as e:  # pydantic.ValidationError: condense to the first offending field
+        errs = getattr(e, "errors", lambda: [])()
+        where = ".".join(str(x) for x in errs[0]["loc"]) if errs else "?"
+        msg = errs[0]["msg"] if errs else str(e)
+        raise ValueError(f"{path}: field '{where}': {msg}") from None
+    for name in ("vocab_size", "seq_len", "num_puzzle_identifiers"):
+        if getattr(meta, name) <= 0:
+            raise ValueError(f"{path}: field '{name}' must be positive, got {getattr(meta, name)}")
+    if not meta.sets:
+        raise ValueError(f"{path}: field 'sets' is empty")
+    if not 0 <= meta.blank_identifier_id < meta.num_puzzle_identifiers:
+        raise ValueError(f"{path}: field 'blank_identifier_id' must be in [0, num_puzzle_identifiers)")
+    return meta
+
+
+def validate_split_arrays(split_dir: Path, set_name: str, meta: PuzzleDatasetMetadata, arrays: dict) -> None:
+    """Check one set's arrays against each other and the metadata.
+
+    `arrays` maps field -> array (memory-mapped inputs/labels are fine: only shapes and the
+    small index arrays are inspected). Raises ValueError naming the offending file.
+    """
+    paths = split_paths(split_dir, set_name)
+    for field in EXAMPLE_FIELDS:
+        arr = arrays[field]
+        if arr.ndim != 2 or arr.shape[1] != meta.seq_len:
+            raise ValueError(
+                f"{paths[field]}: shape {tuple(arr.shape)} does not match [N, seq_len={meta.seq_len}] of dataset.json"
+            )
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"{paths[field]}: dtype {arr.dtype} is not an integer type")
+    if arrays["labels"].shape[0] != arrays["inputs"].shape[0]:
+        raise ValueError(
+            f"{paths['labels']}: {arrays['labels'].shape[0]} rows but {paths['inputs'].name} has {arrays['inputs'].shape[0]}"
+        )
+    for field in ("puzzle_identifiers", "puzzle_indices", "group_indices"):
+        if arrays[field].ndim != 1 or not np.issubdtype(arrays[field].dtype, np.integer):
+            raise ValueError(
+                f"{paths[field]}: expected a 1-D integer array, got {arrays[field].dtype}{arrays[field].shape}"
+            )
+    for field, total, what in (
+        ("puzzle_indices", arrays["inputs"].shape[0], "examples"),
+        ("group_indices", arrays["puzzle_identifiers"].shape[0], "puzzles"),
+    ):
+        idx = arrays[field]
+        if idx.size < 1 or idx[0] != 0:
+            raise ValueError(f"{paths[field]}: must start at 0")
+        if idx[-1] != total:
+            raise ValueError(f"{paths[field]}: last offset {int(idx[-1])} != number of {what} {total}")
+        if idx.size > 1 and np.any(np.diff(idx) <= 0):
+            bad = int(np.argmax(np.diff(idx) <= 0))
+            raise ValueError(f"{paths[field]}: offsets not strictly increasing at position {bad + 1}")
+    if arrays["puzzle_indices"].size - 1 != arrays["puzzle_identifiers"].size:
+        raise ValueError(
+            f"{paths['puzzle_indices']}: {arrays['puzzle_indices'].size - 1} puzzles but "
+            f"{paths['puzzle_identifiers'].name} has {arrays['puzzle_identifiers'].size}"
+        )
+    ids = arrays["puzzle_identifiers"]
+    if ids.size and (ids.min() < 0 or ids.max() >= meta.num_puzzle_identifiers):
+        raise ValueError(
+            f"{paths['puzzle_identifiers']}: identifier outside [0, num_puzzle_identifiers={meta.num_puzzle_identifiers})"
+        )
+
+
+def write_split(split_dir: Path, meta: PuzzleDatasetMetadata, sets: dict[str, dict[str, np.ndarray]]) -> None:
+    """Write `dataset.json` and every set's arrays (already final dtypes) into `split_dir`.
+
+    Arrays that were streamed to disk already (e.g. via `np.lib.format.open_memmap` at their
+    final path) may be passed as memmaps: they are validated but not rewritten.
+    """
+    split_dir = Path(split_dir)
+    split_dir.mkdir(parents=True, exist_ok=True)
+    for set_name, arrays in sets.items():
+        validate_split_arrays(split_dir, set_name, meta, arrays)
+        for field, path in split_paths(split_dir, set_name).items():
+            arr = arrays[field]
+            if isinstance(arr, np.memmap) and Path(arr.filename).resolve() == path.resolve():
+                arr.flush()
+                continue
+            np.save(path, arr)
+    (split_dir / "dataset.json").write_text(json.dumps(meta.model_dump()))
+
+
+def write_identifiers(output_dir: Path, names: list[str]) -> None:
+    """`identifiers.json`: list index = puzzle identifier, entry 0 is the blank identifier."""
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(output_dir) / "identifiers.json").write_text(json.dumps(names))

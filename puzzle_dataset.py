@@ -1,0 +1,207 @@
+"""Puzzle dataset loader (SPEC §8): group-balanced training batches, in-order test batches.
+
+Design choices:
+- `dataset.json` of the split is read in the constructor (the launcher needs `.metadata`
+  before iterating); every array is opened lazily on the first `__iter__`, i.e. inside the
+  DataLoader worker. `inputs`/`labels` are memory-mapped (`mmap_mode="r"`): only the rows of
+  a batch are ever read. The small index arrays are loaded into memory and validated against
+  `dataset.json` (lengths, monotone offsets, seq_len) when opened.
+- Training sampling follows the reference exactly, except that the choice of a puzzle's
+  examples also uses the Philox generator (the reference draws it from NumPy's global RNG,
+  which is not seeded from the config), so one `(seed, iteration)` fixes every batch and a
+  run can resume mid-iteration: `set_position(iters, batches_done)` replays the sampling of
+  the skipped batches (index arithmetic only, no reading of inputs/labels).
+- A global batch is built identically on every rank; rank r keeps the contiguous slice
+  `[r * local, (r + 1) * local)`, so the replicas together see exactly the global batch.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import BaseModel
+from torch.utils.data import IterableDataset, get_worker_info
+
+from dataset.common import (
+    EXAMPLE_FIELDS,
+    FIELDS,
+    PuzzleDatasetMetadata,
+    load_metadata,
+    split_paths,
+    validate_split_arrays,
+)
+
+IGNORE_LABEL_ID = -100  # same value as models.losses.IGNORE_LABEL_ID (kept import-free of torch models)
+
+
+class PuzzleDatasetConfig(BaseModel):
+    seed: int
+    dataset_path: str
+    global_batch_size: int
+    test_set_mode: bool
+    epochs_per_iter: int  # training epochs packed into one iteration (one `__iter__`)
+    rank: int
+    num_replicas: int
+
+
+def sample_global_batch(
+    rng: np.random.Generator,
+    group_order: np.ndarray,
+    puzzle_indices: np.ndarray,
+    group_indices: np.ndarray,
+    start: int,
+    global_batch_size: int,
+) -> tuple[int, np.ndarray, np.ndarray]:
+    """Fill one global batch by walking `group_order` from `start`.
+
+    For each group: one of its puzzles uniformly, then `min(puzzle size, room left)` of that
+    puzzle's examples without replacement. Returns (next start, example ids, puzzle ids); the
+    batch is short only when the order runs out.
+    """
+    examples, puzzles = [], []
+    size = 0
+    while start < group_order.size and size < global_batch_size:
+        group = group_order[start]
+        start += 1
+        puzzle = rng.integers(group_indices[group], group_indices[group + 1])
+        first = puzzle_indices[puzzle]
+        puzzle_size = int(puzzle_indices[puzzle + 1] - first)
+        take = min(puzzle_size, global_batch_size - size)
+        examples.append(first + rng.choice(puzzle_size, take, replace=False))
+        puzzles.append(np.full(take, puzzle, dtype=np.int64))
+        size += take
+    if not examples:
+        return start, np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return start, np.concatenate(examples), np.concatenate(puzzles)
+
+
+class PuzzleDataset(IterableDataset):
+    def __init__(self, config: PuzzleDatasetConfig, split: str = "train"):
+        super().__init__()
+        self.config = config
+        self.split = split
+        if config.num_replicas <= 0 or not 0 <= config.rank < config.num_replicas:
+            raise ValueError(f"rank {config.rank} / num_replicas {config.num_replicas}: invalid replica layout")
+        if config.global_batch_size <= 0 or config.global_batch_size % config.num_replicas != 0:
+            raise ValueError(
+                f"global_batch_size {config.global_batch_size} must be a positive multiple of "
+                f"num_replicas {config.num_replicas}"
+            )
+        if config.epochs_per_iter <= 0:
+            raise ValueError(f"epochs_per_iter must be positive, got {config.epochs_per_iter}")
+        self.local_batch_size = config.global_batch_size // config.num_replicas
+        self.split_dir = Path(config.dataset_path) / split
+        self.metadata: PuzzleDatasetMetadata = load_metadata(self.split_dir)
+        for set_name in self.metadata.sets:
+            for path in split_paths(self.split_dir, set_name).values():
+                if not path.is_file():
+                    raise FileNotFoundError(
+                        f"{path}: array file listed by {self.split_dir / 'dataset.json'} is missing"
+                    )
+        self._data: dict[str, dict[str, np.ndarray]] | None = None
+        self._iters = 0  # train iterations started so far, counted per set (the Philox seed offset)
+        self._skip_batches = 0
+
+    @property
+    def iters(self) -> int:
+        return self._iters
+
+    def set_position(self, iters: int, batches_done: int) -> None:
+        """Make the next `__iter__` continue an interrupted run (train mode only).
+
+        `iters`: iterations completed before the interrupted one (the next uses Philox seed
+        `seed + (iters + 1)` for a single-set dataset); `batches_done`: batches of that
+        iteration already consumed, which are skipped without reading inputs/labels.
+        """
+        if iters < 0 or batches_done < 0:
+            raise ValueError(f"set_position: iters ({iters}) and batches_done ({batches_done}) must be >= 0")
+        self._iters = iters * len(self.metadata.sets)
+        self._skip_batches = batches_done
+
+    def _lazy_load(self) -> None:
+        if self._data is not None:
+            return
+        data = {}
+        for set_name in self.metadata.sets:
+            arrays = {}
+            for field, path in split_paths(self.split_dir, set_name).items():
+                try:
+                    arrays[field] = np.load(path, mmap_mode="r" if field in EXAMPLE_FIELDS else None)
+                except (ValueError, OSError) as e:
+                    raise ValueError(f"{path}: cannot read .npy file ({e})") from None
+            validate_split_arrays(self.split_dir, set_name, self.metadata, arrays)
+            data[set_name] = {field: arrays[field] for field in FIELDS}
+        self._data = data
+
+    def _collate(self, inputs: np.ndarray, labels: np.ndarray, identifiers: np.ndarray) -> dict[str, torch.Tensor]:
+        batch = {
+            "inputs": inputs.astype(np.int32),
+            "labels": labels.astype(np.int32),
+            "puzzle_identifiers": identifiers.astype(np.int32),
+        }
+        if self.metadata.ignore_label_id is not None:
+            batch["labels"][batch["labels"] == self.metadata.ignore_label_id] = IGNORE_LABEL_ID
+        missing = self.local_batch_size - batch["puzzle_identifiers"].shape[0]
+        if missing > 0:
+            pad_values = {
+                "inputs": self.metadata.pad_id,
+                "labels": IGNORE_LABEL_ID,
+                "puzzle_identifiers": self.metadata.blank_identifier_id,
+            }
+            batch = {
+                k: np.pad(v, ((0, missing),) + ((0, 0),) * (v.ndim - 1), constant_values=pad_values[k])
+                for k, v in batch.items()
+            }
+        return {k: torch.from_numpy(v) for k, v in batch.items()}
+
+    def _iter_train(self):
+        cfg = self.config
+        skip, self._skip_batches = self._skip_batches, 0
+        for set_name, data in self._data.items():
+            self._iters += 1
+            rng = np.random.Generator(np.random.Philox(seed=cfg.seed + self._iters))
+            num_groups = data["group_indices"].size - 1
+            group_order = np.concatenate([rng.permutation(num_groups) for _ in range(cfg.epochs_per_iter)])
+            start = 0
+            while start < group_order.size:
+                start, examples, puzzles = sample_global_batch(
+                    rng, group_order, data["puzzle_indices"], data["group_indices"], start, cfg.global_batch_size
+                )
+                global_effective_batch_size = puzzles.size
+                if global_effective_batch_size < cfg.global_batch_size:
+                    break  # drop last
+                if skip > 0:
+                    skip -= 1
+                    continue
+                lo, hi = cfg.rank * self.local_batch_size, (cfg.rank + 1) * self.local_batch_size
+                examples, puzzles = examples[lo:hi], puzzles[lo:hi]
+                # Sorted, unique row ids read a memory map faster; restore the sampled order after.
+                rows, inverse = np.unique(examples, return_inverse=True)
+                batch = self._collate(
+                    data["inputs"][rows][inverse], data["labels"][rows][inverse], data["puzzle_identifiers"][puzzles]
+                )
+                yield set_name, batch, global_effective_batch_size
+
+    def _iter_test(self):
+        cfg = self.config
+        for set_name, data in self._data.items():
+            total = data["inputs"].shape[0]
+            offsets = data["puzzle_indices"]
+            for start in range(0, total, cfg.global_batch_size):
+                end = min(total, start + cfg.global_batch_size)
+                lo = min(start + cfg.rank * self.local_batch_size, end)
+                hi = min(start + (cfg.rank + 1) * self.local_batch_size, end)
+                # Puzzle of example i: the last puzzle whose first example is <= i.
+                puzzles = np.searchsorted(offsets, np.arange(lo, hi), side="right") - 1
+                batch = self._collate(data["inputs"][lo:hi], data["labels"][lo:hi], data["puzzle_identifiers"][puzzles])
+                yield set_name, batch, end - start
+
+    def __iter__(self):
+        worker = get_worker_info()
+        if worker is not None and worker.num_workers != 1:
+            raise ValueError(f"PuzzleDataset supports one DataLoader worker, got num_workers={worker.num_workers}")
+        self._lazy_load()
+        if self.config.test_set_mode:
+            yield from self._iter_test()
+        else:
+            yield from self._iter_train()
