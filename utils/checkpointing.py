@@ -1,0 +1,199 @@
+"""Checkpoint files: the reference's weights layout plus a resumable train state.
+
+Design choices:
+- Two kinds of file in `checkpoint_path`. `step_{N}` holds the loss head's state dict exactly as
+  the reference writes it (keys `model.inner....`), readable by our and the reference's
+  evaluate.py; `all_config.yaml` and copies of the model and loss source files sit beside it.
+  `train_state_step_{N:06d}.pt` holds everything needed to continue bit-exactly: weights, every
+  optimizer, step, data-loader position, ACT carry and RNG states of every rank, config.
+- Every file is written atomically (temporary file in the same folder, fsync, rename, fsync of
+  the folder), so a crash mid-write leaves the previous checkpoint intact and never a truncated
+  one under the final name. The latest train state is found by its zero-padded step in the name.
+- The ACT carry is a tree of dataclasses, dicts and tensors; it is stored as plain nested dicts of
+  CPU tensors and rebuilt into a template carry made by the model, so a checkpoint never pickles
+  model classes.
+- Weights load with or without the `_orig_mod.` prefix that `torch.compile` adds; a key or shape
+  mismatch is one ValueError line naming the first offending key.
+"""
+
+import dataclasses
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+TRAIN_STATE_PATTERN = re.compile(r"^train_state_step_(\d+)\.pt$")
+COMPILE_PREFIX = "_orig_mod."
+
+
+def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Write `path` via `write(file)` into a temporary sibling, fsync, then rename over `path`."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.unlink(tmp_path)
+        raise
+    # Make the rename itself durable.
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def train_state_path(checkpoint_path: str, step: int) -> str:
+    return os.path.join(checkpoint_path, f"train_state_step_{step:06d}.pt")
+
+
+def weights_path(checkpoint_path: str, step: int) -> str:
+    return os.path.join(checkpoint_path, f"step_{step}")
+
+
+def find_latest_train_state(checkpoint_path: str) -> str | None:
+    """The train-state file with the highest step in `checkpoint_path`, or None."""
+    if not os.path.isdir(checkpoint_path):
+        return None
+    found = [(int(m.group(1)), name) for name in os.listdir(checkpoint_path) if (m := TRAIN_STATE_PATTERN.match(name))]
+    if not found:
+        return None
+    return os.path.join(checkpoint_path, max(found)[1])
+
+
+def step_from_filename(path: str) -> int:
+    """`step_1234` → 1234 (the reference's weights name); anything else → 0."""
+    m = re.match(r"^step_(\d+)$", os.path.basename(path))
+    return int(m.group(1)) if m else 0
+
+
+# ---------------------------------------------------------------- ACT carry
+
+
+def carry_to_state(carry: Any) -> Any:
+    """Carry (dataclasses / dicts / tensors) → nested plain dicts of CPU tensors."""
+    if isinstance(carry, torch.Tensor):
+        return carry.detach().cpu().clone()
+    if dataclasses.is_dataclass(carry):
+        return {f.name: carry_to_state(getattr(carry, f.name)) for f in dataclasses.fields(carry)}
+    if isinstance(carry, Mapping):
+        return {k: carry_to_state(v) for k, v in carry.items()}
+    return carry
+
+
+def carry_from_state(template: Any, state: Any, where: str = "carry") -> Any:
+    """Fill `template` (a carry made by `initial_carry`) with the values of `state`, on the template's devices."""
+    if isinstance(template, torch.Tensor):
+        if not isinstance(state, torch.Tensor) or state.shape != template.shape:
+            got = tuple(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__
+            raise ValueError(f"train state: {where} has shape {got}, expected {tuple(template.shape)}")
+        return state.to(device=template.device, dtype=template.dtype)
+    if dataclasses.is_dataclass(template):
+        values = {
+            f.name: carry_from_state(getattr(template, f.name), state[f.name], f"{where}.{f.name}")
+            for f in dataclasses.fields(template)
+        }
+        return dataclasses.replace(template, **values)
+    if isinstance(template, Mapping):
+        return {k: carry_from_state(v, state[k], f"{where}.{k}") for k, v in template.items()}
+    return state
+
+
+# ---------------------------------------------------------------- RNG
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"torch_cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["torch_cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: Mapping[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["torch_cpu"])
+    if device.type == "cuda" and "torch_cuda" in state:
+        torch.cuda.set_rng_state(state["torch_cuda"], device)
+
+
+# ---------------------------------------------------------------- weights
+
+
+def strip_compile_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k.removeprefix(COMPILE_PREFIX): v for k, v in state_dict.items()}
+
+
+def check_state_dict_matches(
+    state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], source: str
+) -> None:
+    """Raise one ValueError line naming the first missing, unexpected or mis-shaped key."""
+    missing = sorted(set(expected) - set(state_dict))
+    if missing:
+        raise ValueError(
+            f"{source}: key {missing[0]!r} missing ({len(missing)} missing) — checkpoint of another model?"
+        )
+    unexpected = sorted(set(state_dict) - set(expected))
+    if unexpected:
+        raise ValueError(f"{source}: unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected)")
+    for key in expected:
+        got, want = tuple(state_dict[key].shape), tuple(expected[key].shape)
+        if got != want:
+            raise ValueError(
+                f"{source}: {key!r} has shape {list(got)} in the checkpoint but {list(want)} in the configured model"
+            )
+
+
+def load_weights_file(path: str, map_location: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Read a `step_N` weights file (ours or the reference's), without the `_orig_mod.` prefix."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        state_dict = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises several types for a corrupt or foreign file
+        raise ValueError(
+            f"{path}: not a readable torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from e
+    if not isinstance(state_dict, Mapping):
+        raise ValueError(f"{path}: expected a state dict, found {type(state_dict).__name__}")
+    return strip_compile_prefix(state_dict)
+
+
+def load_model_weights(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """Check keys/shapes against `model` (uncompiled), then copy the weights in."""
+    state_dict = strip_compile_prefix(state_dict)
+    check_state_dict_matches(state_dict, model.state_dict(), source)
+    model.load_state_dict(state_dict, strict=True)
+
+
+def save_weights(model: torch.nn.Module, checkpoint_path: str, step: int) -> str:
+    path = weights_path(checkpoint_path, step)
+    atomic_torch_save(model.state_dict(), path)
+    return path
+
+
+def save_code_and_config(checkpoint_path: str, config_dict: dict[str, Any], source_files: list[str]) -> None:
+    """Write `all_config.yaml` and copy the model/loss source files into the run folder."""
+    import yaml
+
+    os.makedirs(checkpoint_path, exist_ok=True)
+    for src in source_files:
+        if src and os.path.isfile(src):
+            shutil.copyfile(src, os.path.join(checkpoint_path, os.path.basename(src)))
+    atomic_write(
+        os.path.join(checkpoint_path, "all_config.yaml"),
+        lambda f: yaml.safe_dump(config_dict, f, sort_keys=False),
+        mode="w",
+    )
