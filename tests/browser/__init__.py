@@ -1,0 +1,1 @@
+"""Helpers for the visualiser tests: synthetic datasets in the on-disk format, a headless Chromium harness."""
