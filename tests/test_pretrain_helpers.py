@@ -44,7 +44,6 @@ def make_tiny_dataset(root: Path, *, num_groups: int = 6, aug_per_group: int = 2
     train = split(1 + aug_per_group, num_groups, with_ids=True)
     test = split(1, num_test, with_ids=False)
     for name, arrays, groups in (("train", train, num_groups), ("test", test, num_test)):
-        n = arrays["inputs"].shape[0]
         meta = PuzzleDatasetMetadata(
             pad_id=0,
             ignore_label_id=0,
