@@ -1,0 +1,104 @@
+"""Maze builder: token mapping, dihedral augmentation (train only), subsample, bad input."""
+
+import json
+
+import numpy as np
+import pytest
+
+from dataset.build_maze_dataset import MazeBuildConfig, main
+from dataset.cli import run_cli
+from dataset.generate_maze import make_maze
+from dataset.generation import puzzle_rng
+
+CHARSET = "# SGo"
+
+
+@pytest.fixture(scope="module")
+def mazes():
+    return [make_maze(puzzle_rng(2, "train", i), size=8, min_path_length=10, loops=2) for i in range(5)]
+
+
+def write_csvs(folder, train, test):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train.csv", train), ("test.csv", test)):
+        (folder / name).write_text("source,q,a,rating\n" + "".join(f'x,"{q}","{a}",{r}\n' for q, a, r in rows))
+    return folder
+
+
+def build(tmp_path, src, *flags):
+    out = tmp_path / "out"
+    assert run_cli(main, MazeBuildConfig, ["--source-repo", str(src), "--output-dir", str(out), *flags]) == 0
+    return out
+
+
+def arrays(out, split):
+    return {
+        f: np.load(out / split / f"all__{f}.npy")
+        for f in ("inputs", "labels", "puzzle_indices", "group_indices", "puzzle_identifiers")
+    }
+
+
+def encode(s):
+    return [CHARSET.index(ch) + 1 for ch in s]
+
+
+def test_tokens_and_metadata(tmp_path, mazes):
+    out = build(tmp_path, write_csvs(tmp_path / "src", mazes[:3], mazes[3:]))
+    train = arrays(out, "train")
+    assert train["inputs"].tolist() == [encode(q) for q, _, _ in mazes[:3]]
+    assert train["labels"].tolist() == [encode(a) for _, a, _ in mazes[:3]]
+    assert train["inputs"].dtype == np.uint8 and train["group_indices"].dtype == np.int32
+    meta = json.loads((out / "test" / "dataset.json").read_text())
+    assert meta["vocab_size"] == 6 and meta["seq_len"] == 64 and meta["total_groups"] == 2
+    assert meta["pad_id"] == 0 and meta["ignore_label_id"] == 0 and meta["sets"] == ["all"]
+    assert json.loads((out / "identifiers.json").read_text()) == ["<blank>"]
+
+
+def test_aug_adds_eight_dihedral_variants_to_train_only(tmp_path, mazes):
+    out = build(tmp_path, write_csvs(tmp_path / "src", mazes[:2], mazes[2:4]), "--aug")
+    train, test = arrays(out, "train"), arrays(out, "test")
+    assert train["group_indices"].tolist() == [0, 8, 16] and train["puzzle_indices"].tolist() == list(range(17))
+    assert test["inputs"].shape == (2, 64)
+    explicit = [
+        lambda g: g,
+        lambda g: np.rot90(g),
+        lambda g: np.rot90(g, 2),
+        lambda g: np.rot90(g, 3),
+        lambda g: g[:, ::-1],
+        lambda g: g[::-1, :],
+        lambda g: g.T,
+        lambda g: np.rot90(g)[:, ::-1],
+    ]
+    for m, (q, a, _) in enumerate(mazes[:2]):
+        grid_q, grid_a = np.array(encode(q)).reshape(8, 8), np.array(encode(a)).reshape(8, 8)
+        for t, f in enumerate(explicit):
+            assert np.array_equal(train["inputs"][m * 8 + t].reshape(8, 8), f(grid_q))
+            assert np.array_equal(train["labels"][m * 8 + t].reshape(8, 8), f(grid_a))
+
+
+def test_subsample_is_seeded_subset(tmp_path, mazes):
+    src = write_csvs(tmp_path / "src", mazes, mazes[:1])
+    a = arrays(build(tmp_path / "a", src, "--subsample-size", "2", "--seed", "1"), "train")["inputs"]
+    b = arrays(build(tmp_path / "b", src, "--subsample-size", "2", "--seed", "1"), "train")["inputs"]
+    assert np.array_equal(a, b) and a.shape == (2, 64)
+    assert {tuple(r) for r in a.tolist()} <= {tuple(encode(q)) for q, _, _ in mazes}
+
+
+def test_defaults_match_reference():
+    cfg = MazeBuildConfig()
+    assert (cfg.source_repo, cfg.output_dir, cfg.subsample_size, cfg.aug) == (
+        "sapientinc/maze-30x30-hard-1k",
+        "data/maze-30x30-hard-1k",
+        None,
+        False,
+    )
+
+
+def test_bad_input(tmp_path, mazes, capsys):
+    q, a, r = mazes[0]
+    src = write_csvs(tmp_path / "src", [(q[:-1] + "x", a, r)], mazes[1:2])
+    assert run_cli(main, MazeBuildConfig, ["--source-repo", str(src), "--output-dir", str(tmp_path / "o")]) == 2
+    assert "train.csv: line 2: field 'q': invalid character at position 63" in capsys.readouterr().err
+    src = write_csvs(tmp_path / "src2", [(q[:-1], a[:-1], r)], [])
+    assert run_cli(main, MazeBuildConfig, ["--source-repo", str(src), "--output-dir", str(tmp_path / "o")]) == 2
+    assert "field 'q' has 63 characters, not a square grid" in capsys.readouterr().err
