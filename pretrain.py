@@ -676,7 +676,12 @@ def cli(entry: Callable[[], None]) -> None:
         entry()
 
 
-@hydra.main(config_path="config", config_name="cfg_pretrain", version_base=None)
+# The config folder beside this file, absolute so `pretrain.main` also works when imported (Hydra would
+# otherwise look for a Python package named `config`).
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config")
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="cfg_pretrain", version_base=None)
 def main(cfg: DictConfig) -> None:
     # Errors are handled inside the task: Hydra would log a second line for an exception leaving it.
     with bad_input_exits():
