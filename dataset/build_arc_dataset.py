@@ -242,11 +242,9 @@ def main(config: ArcBuildConfig) -> None:
         raise ValueError(f"--num-aug must be >= 0, got {config.num_aug}")
     output_dir = Path(config.output_dir)
     files = list_puzzle_files(config.dataset_dirs)
-    puzzles = []
-    for path, test_split in tqdm(files, desc="plan augmentations", unit="puzzle"):
-        puzzle = load_puzzle(path, test_split)
+    puzzles = [load_puzzle(path, test_split) for path, test_split in files]  # all input errors before any work
+    for puzzle in tqdm(puzzles, desc="plan augmentations", unit="puzzle"):
         plan_variants(puzzle, config.num_aug, config.seed)
-        puzzles.append(puzzle)
     short = sum(len(p.variants) < config.num_aug + 1 for p in puzzles)
     if short:
         print(f"{short} of {len(puzzles)} puzzles have fewer than {config.num_aug} distinct augmentations")
