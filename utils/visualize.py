@@ -511,6 +511,7 @@ def _cell_text(kind: str, token: int) -> str:
 
 def draw_grid(ax, kind: str, width: int, row: np.ndarray, box, wrong: np.ndarray | None = None, givens=None) -> None:
     """Draw one flat token row cropped to `box` on a matplotlib axis; wrong cells outlined and tinted."""
+    from matplotlib import patheffects
     from matplotlib.patches import Rectangle
 
     ax.set_xticks([])
@@ -539,13 +540,24 @@ def draw_grid(ax, kind: str, width: int, row: np.ndarray, box, wrong: np.ndarray
         for c in range(w):
             text = _cell_text(kind, int(grid[r, c]))
             if text:
-                given = givens is not None and np.asarray(givens).reshape(-1, width)[r0 + r, c0 + c] >= 2
+                given = (
+                    kind == "sudoku"
+                    and givens is not None
+                    and np.asarray(givens).reshape(-1, width)[r0 + r, c0 + c] >= 2
+                )
                 ax.text(
                     c, r, text, ha="center", va="center", fontsize=fontsize, fontweight="bold" if given else "normal"
                 )
     if bad is not None:
         for r, c in zip(*np.nonzero(bad)):
             ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor=WRONG_COLOUR, linewidth=1.8))
+        if kind in ("arc", "maze") and bad.any():
+            # the cell colour is the value here, so a tint would hide it: cross the cell instead, white-edged
+            # so that it shows on red cells too
+            rs, cs = np.nonzero(bad)
+            size = max(3, min(12, 140 // max(h, w)))
+            halo = [patheffects.withStroke(linewidth=3.5, foreground="white")]
+            ax.plot(cs, rs, "x", color=WRONG_COLOUR, markersize=size, mew=1.8, path_effects=halo)
 
 
 def render_sheets(
