@@ -10,10 +10,11 @@ Design choices:
   corridors (long paths), low values many short dead ends.
 - `--loops` extra wall cells between corridors are then opened, so there are alternative
   routes and the shortest path is no longer trivially the only path.
-- Start S and goal G: S is a random open cell (up to 8 tries per maze); G is drawn among the cells whose BFS distance
-  from S is at least `--min-path-length` and that are reached by exactly one shortest path
-  (BFS counts shortest paths, capped at 2). The label marks that path's cells, S and G
-  excluded, with `o`.
+- Start S and goal G: a double BFS finds a far-out cell A (rejecting mazes too small for the
+  requested length); S is drawn among the cells at distance >= `--min-path-length` from A, and
+  G among the cells at distance >= `--min-path-length` from S that are reached by exactly one
+  shortest path (BFS counts shortest paths, capped at 2). The label marks that path's cells,
+  S and G excluded, with `o`.
 - Path length (the CSV `rating`) = number of moves from S to G = number of `o` cells + 1.
   The default minimum 101 makes every maze "hard" (more than 100 path cells however counted).
 
@@ -35,7 +36,6 @@ from dataset.cli import run_cli  # noqa: E402
 from dataset.generation import generate_splits  # noqa: E402
 
 WALL, OPEN, START, GOAL, PATH = "#", " ", "S", "G", "o"
-STARTS_PER_MAZE = 8  # a BFS is ~5x cheaper than carving: try several starts before a new maze
 
 
 class GenerateMazeConfig(BaseModel):
@@ -48,7 +48,7 @@ class GenerateMazeConfig(BaseModel):
     size: int = Field(30, description="side of the square grid")
     min_path_length: int = Field(101, description="minimum number of moves from S to G")
     loops: int = Field(8, description="extra openings between corridors (alternative routes)")
-    corridor_bias: float = Field(0.75, description="probability to extend the newest corridor")
+    corridor_bias: float = Field(0.85, description="probability to extend the newest corridor")
     max_candidates: int = Field(10_000, description="give up on one maze after this many rejected candidates")
     num_workers: int = Field(2, description="generator processes")
 
@@ -73,16 +73,23 @@ def carve(size: int, rng: random.Random, loops: int, corridor_bias: float) -> by
     """Open cells (1) of a random tree of corridors plus `loops` extra openings."""
     nb = _neighbours(size)
     is_open = bytearray(size * size)
+    open_around = bytearray(size * size)  # number of open 4-neighbours of each cell
+
+    def open_cell(c: int) -> None:
+        is_open[c] = 1
+        for m in nb[c]:
+            open_around[m] += 1
+
     first = rng.randrange(size * size)
-    is_open[first] = 1
+    open_cell(first)
     active = [first]
     while active:
         i = len(active) - 1 if rng.random() < corridor_bias else rng.randrange(len(active))
         c = active[i]
-        options = [n for n in nb[c] if not is_open[n] and sum(is_open[m] for m in nb[n]) == 1]
+        options = [n for n in nb[c] if not is_open[n] and open_around[n] == 1]
         if options:
             n = options[rng.randrange(len(options))]
-            is_open[n] = 1
+            open_cell(n)
             active.append(n)
         else:
             active[i] = active[-1]
@@ -92,7 +99,7 @@ def carve(size: int, rng: random.Random, loops: int, corridor_bias: float) -> by
         c
         for c in range(size * size)
         if not is_open[c]
-        and sum(is_open[m] for m in nb[c]) >= 2
+        and open_around[c] >= 2
         and (
             (c % size not in (0, size - 1) and is_open[c - 1] and is_open[c + 1])
             or (size <= c < size * (size - 1) and is_open[c - size] and is_open[c + size])
@@ -130,7 +137,7 @@ def make_maze(
     size: int = 30,
     min_path_length: int = 101,
     loops: int = 8,
-    corridor_bias: float = 0.75,
+    corridor_bias: float = 0.85,
     max_candidates: int = 10_000,
 ) -> tuple[str, str, int]:
     """One maze: (q, a, path length) with a unique shortest S->G path of >= min_path_length moves."""
@@ -138,13 +145,17 @@ def make_maze(
     for _ in range(max_candidates):
         is_open = carve(size, rng, loops, corridor_bias)
         cells = [c for c in range(size * size) if is_open[c]]
-        for _ in range(STARTS_PER_MAZE):
-            start = cells[rng.randrange(len(cells))]
-            dist, count = bfs_count(is_open, size, start)
-            goals = [c for c in cells if dist[c] >= min_path_length and count[c] == 1]
-            if goals:
-                break
-        else:
+        # Two BFS passes find a far-out cell A; any start far enough from A has a goal in reach.
+        dist, _ = bfs_count(is_open, size, cells[rng.randrange(len(cells))])
+        far = max(cells, key=dist.__getitem__)
+        dist, _ = bfs_count(is_open, size, far)
+        starts = [c for c in cells if dist[c] >= min_path_length]
+        if not starts:
+            continue  # this maze is too small for the requested path length
+        start = starts[rng.randrange(len(starts))]
+        dist, count = bfs_count(is_open, size, start)
+        goals = [c for c in cells if dist[c] >= min_path_length and count[c] == 1]
+        if not goals:
             continue
         goal = goals[rng.randrange(len(goals))]
         q = [OPEN if o else WALL for o in is_open]
