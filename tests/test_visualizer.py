@@ -286,3 +286,51 @@ def test_module_entry_point(arc_with_preds, tmp_path):
     )
     assert res.returncode == 0, res.stderr
     assert "3 predictions" in res.stdout and (out / "all__predictions.npy").exists()
+
+
+def test_act_step_accuracy_real_hrm_matches_head_metrics():
+    """With the real tiny HRM in eval mode: as many steps as halt_max_steps, and the last step's accuracies equal
+    the loss head's own metrics (which count rows once they halt)."""
+    from models.hrm.hrm_act_v1 import HierarchicalReasoningModel_ACTV1
+    from models.losses import ACTLossHead
+
+    torch.manual_seed(0)
+    cfg = dict(
+        batch_size=4,
+        seq_len=81,
+        puzzle_emb_ndim=16,
+        num_puzzle_identifiers=3,
+        vocab_size=11,
+        H_cycles=1,
+        L_cycles=1,
+        H_layers=1,
+        L_layers=1,
+        hidden_size=32,
+        expansion=2,
+        num_heads=2,
+        pos_encodings="rope",
+        halt_max_steps=3,
+        halt_exploration_prob=0.1,
+        forward_dtype="float32",
+    )
+    head = ACTLossHead(HierarchicalReasoningModel_ACTV1(cfg), loss_type="softmax_cross_entropy").eval()
+    g = torch.Generator().manual_seed(1)
+    labels = torch.randint(2, 11, (4, 81), generator=g, dtype=torch.int32)
+    labels[3] = -100  # a padding row
+    batch = {
+        "inputs": torch.randint(1, 11, (4, 81), generator=g, dtype=torch.int32),
+        "labels": labels,
+        "puzzle_identifiers": torch.tensor([0, 1, 2, 0], dtype=torch.int32),
+    }
+    got = viz.act_step_accuracy(head, [batch])
+    with torch.inference_mode():
+        carry = head.initial_carry(batch)
+        while True:
+            carry, _, metrics, _, all_halted = head(return_keys=[], carry=carry, batch=batch)
+            if all_halted:
+                break
+    count = metrics["count"].item()
+    assert got["steps"] == [1, 2, 3] and got["count"] == count == 3
+    assert got["accuracy"][-1] == pytest.approx(metrics["accuracy"].item() / count, abs=1e-6)
+    assert got["exact_accuracy"][-1] == pytest.approx(metrics["exact_accuracy"].item() / count, abs=1e-6)
+    assert 0 < got["accuracy"][-1] < 1

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -293,3 +295,56 @@ def test_folder_picker_and_bad_metadata(driver, site, tmp_path):
     message = driver.find_element("id", "message").text
     assert "test/dataset.json" in message and "malformed JSON" in message
     json.loads((root / "maze" / "test" / "dataset.json").read_text())  # the original stays intact
+
+
+def test_builder_output_maze(driver, site, tmp_path):
+    """A dataset made by the project's own maze builder (with --aug: groups of 8 dihedral variants)."""
+    root, url, _ = site
+    rng = np.random.default_rng(7)
+    side = 5
+    src = tmp_path / "src"
+    src.mkdir()
+    mazes = {}
+    for split, n in (("train", 2), ("test", 2)):
+        rows = ["source,q,a,rating"]
+        mazes[split] = []
+        for i in range(n):
+            a = rng.choice(list("# o"), size=side * side)
+            a[0], a[-1] = "S", "G"
+            q = np.where(a == "o", " ", a)
+            mazes[split].append(("".join(q), "".join(a)))
+            rows.append(f"gen,{''.join(q)},{''.join(a)},{i}")
+        (src / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    out = root / "built_maze"
+    res = subprocess.run(
+        [sys.executable, "dataset/build_maze_dataset.py", "--source-repo", str(src), "--output-dir", str(out), "--aug"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    look = {
+        "#": "rgb(51, 52, 61)",
+        " ": "rgb(255, 255, 255)",
+        "S": "rgb(46, 204, 64)",
+        "G": "rgb(224, 49, 43)",
+        "o": "rgb(255, 210, 77)",
+    }
+    arrays = {k: np.load(out / "train" / f"all__{k}.npy") for k in ("inputs", "labels", "group_indices")}
+    open_page(driver, url, "base=built_maze/&split=train")
+    click(driver, "next-group")
+    first = int(arrays["group_indices"][1])
+    assert position(driver)["puzzle"] == str(first)  # the identity variant of the second maze
+    q, a = mazes["train"][1]
+    for panel, key, text in (("input", "inputs", q), ("label", "labels", a)):
+        shown = cells(driver, first, panel)
+        assert len(shown) == side * side
+        for c in shown:
+            i = c["row"] * side + c["col"]
+            assert c["value"] == int(arrays[key][first][i])
+            assert c["bg"] == look[text[i]]  # the CSV character, through builder and viewer
+    jump(driver, "puzzle", "0")
+    click(driver, "next-puzzle")  # a dihedral variant: its cells are the .npy row, whatever the transform
+    shown = cells(driver, 1, "input")
+    assert [c["value"] for c in shown] == [int(v) for v in arrays["inputs"][1]]
