@@ -16,7 +16,7 @@ Design choices:
   one already kept (including the original) is rejected; at most 5 * num_aug tries. A variant
   is named `{name}_t{tid}_{colour map digits}` where digit c is the new colour of colour c.
 - Two passes keep memory small for 1000 augmentations: plan every puzzle's variants (small
-  lists of transforms), then write each split through `open_memmap` puzzle by puzzle.
+  lists of transforms), then stream each split to its .npy files puzzle by puzzle.
 - Encoding on a 30x30 canvas: PAD 0, EOS 1, colour c -> c + 2; the grid sits at an offset with
   an EOS row under it and an EOS column right of it where they fit (the corner stays PAD). In
   the train split every example but one chosen at random per puzzle gets a random offset (the
@@ -42,6 +42,7 @@ from dataset.common import (  # noqa: E402
     BLANK_IDENTIFIER_NAME,
     INDEX_DTYPE,
     TOKEN_DTYPE,
+    NpyWriter,
     PuzzleDatasetMetadata,
     dihedral_transform,
     split_paths,
@@ -207,8 +208,8 @@ def write_split_arrays(output_dir: Path, split: str, puzzles: list[Puzzle], iden
     split_dir = output_dir / split
     split_dir.mkdir(parents=True, exist_ok=True)
     paths = split_paths(split_dir, SET_NAME)
-    inputs = np.lib.format.open_memmap(paths["inputs"], mode="w+", dtype=TOKEN_DTYPE, shape=(total, MAX_GRID**2))
-    labels = np.lib.format.open_memmap(paths["labels"], mode="w+", dtype=TOKEN_DTYPE, shape=(total, MAX_GRID**2))
+    inputs = NpyWriter(paths["inputs"], TOKEN_DTYPE, (total, MAX_GRID**2))
+    labels = NpyWriter(paths["labels"], TOKEN_DTYPE, (total, MAX_GRID**2))
     identifiers, puzzle_indices, group_indices = [], [0], [0]
     row = 0
     translate = split == "train"
@@ -217,18 +218,21 @@ def write_split_arrays(output_dir: Path, split: str, puzzles: list[Puzzle], iden
         pairs = puzzle.examples[split]
         for tid, colour_map in puzzle.variants:
             kept_in_place = int(rng.integers(0, len(pairs))) if translate else -1
+            block_in, block_out = [], []
             for i, (inp, out) in enumerate(pairs):
                 inp, out = transform_grid(inp, tid, colour_map), transform_grid(out, tid, colour_map)
                 r, c = random_offset(rng, inp, out) if translate and i != kept_in_place else (0, 0)
-                inputs[row] = grid_to_canvas(inp, r, c).reshape(-1)
-                labels[row] = grid_to_canvas(out, r, c).reshape(-1)
-                row += 1
+                block_in.append(grid_to_canvas(inp, r, c).reshape(-1))
+                block_out.append(grid_to_canvas(out, r, c).reshape(-1))
+            inputs.write(np.stack(block_in))
+            labels.write(np.stack(block_out))
+            row += len(pairs)
             puzzle_indices.append(row)
             identifiers.append(identifier_of[variant_name(puzzle.name, tid, colour_map)])
         group_indices.append(len(identifiers))
     arrays = {
-        "inputs": inputs,
-        "labels": labels,
+        "inputs": inputs.close(),
+        "labels": labels.close(),
         "puzzle_identifiers": np.array(identifiers, dtype=INDEX_DTYPE),
         "puzzle_indices": np.array(puzzle_indices, dtype=INDEX_DTYPE),
         "group_indices": np.array(group_indices, dtype=INDEX_DTYPE),

@@ -7,8 +7,8 @@ Design choices:
   is taken from the first row (it must be square) and `seq_len` is its number of cells.
 - `--aug` adds the 8 dihedral transforms of every train maze (the identity first) as one
   group; the test split is never augmented. Each example is its own puzzle, identifier 0.
-- Same streaming path as the Sudoku builder: compact uint8 arrays, output written in chunks
-  through `open_memmap`; `--subsample-size` draws from `--seed`.
+- Same streaming path as the Sudoku builder: compact uint8 arrays, output streamed
+  in chunks (`NpyWriter`); `--subsample-size` draws from `--seed`.
 """
 
 import math
@@ -27,6 +27,7 @@ from dataset.common import (  # noqa: E402
     BLANK_IDENTIFIER_NAME,
     INDEX_DTYPE,
     TOKEN_DTYPE,
+    NpyWriter,
     PuzzleDatasetMetadata,
     dihedral_transform,
     split_paths,
@@ -61,10 +62,7 @@ def build_split(split_dir: Path, q: np.ndarray, a: np.ndarray, side: int, aug: b
         raise ValueError(f"{split_dir}: {total} examples exceed the int32 index range")
     split_dir.mkdir(parents=True, exist_ok=True)
     paths = split_paths(split_dir, SET_NAME)
-    out = {
-        "inputs": np.lib.format.open_memmap(paths["inputs"], mode="w+", dtype=TOKEN_DTYPE, shape=(total, cells)),
-        "labels": np.lib.format.open_memmap(paths["labels"], mode="w+", dtype=TOKEN_DTYPE, shape=(total, cells)),
-    }
+    out = {field: NpyWriter(paths[field], TOKEN_DTYPE, (total, cells)) for field in ("inputs", "labels")}
     step = max(1, CHUNK_ROWS // per_group)
     for lo in tqdm(range(0, n, step), desc=split_dir.name, unit="chunk"):
         hi = min(n, lo + step)
@@ -73,9 +71,9 @@ def build_split(split_dir: Path, q: np.ndarray, a: np.ndarray, side: int, aug: b
             variants = np.stack(
                 [dihedral_transform(grids, t) for t in range(per_group)], axis=1
             )  # [mazes, aug, side, side]
-            out[field][lo * per_group : hi * per_group] = variants.reshape(-1, cells)
+            out[field].write(variants.reshape(-1, cells))
     arrays = {
-        **out,
+        **{field: writer.close() for field, writer in out.items()},
         "puzzle_identifiers": np.zeros(total, dtype=INDEX_DTYPE),
         "puzzle_indices": np.arange(total + 1, dtype=INDEX_DTYPE),
         "group_indices": np.arange(0, total + 1, per_group, dtype=INDEX_DTYPE),
@@ -108,7 +106,8 @@ def main(config: MazeBuildConfig) -> None:
             raise ValueError(f"{csv_path}: line 2: field 'q' has {cells} characters, not a square grid")
         if split == "train":
             rows = subsample_rows(q.shape[0], config.subsample_size, rng)
-            q, a = q[rows], a[rows]
+            if rows.size < q.shape[0]:  # copy only when actually subsampling
+                q, a = q[rows], a[rows]
         groups = build_split(Path(config.output_dir) / split, q, a, side, config.aug and split == "train")
         print(f"{split}: {groups} mazes from {csv_path}")
     write_identifiers(Path(config.output_dir), [BLANK_IDENTIFIER_NAME])

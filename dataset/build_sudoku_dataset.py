@@ -9,7 +9,7 @@ Design choices:
   three bands, the rows within each band, the three stacks and the columns within each stack;
   puzzle and solution get the same transform, so validity and uniqueness are preserved.
 - Streaming: the CSV becomes two compact uint8 arrays (`dataset.csv_source`), and the output
-  arrays are written through `np.lib.format.open_memmap` in chunks, vectorised over all the
+  arrays are streamed to the .npy files in chunks (`NpyWriter`), vectorised over all the
   augmentations of a chunk, so a million-row file never holds a Python object per cell.
 - Randomness (subsample, augmentations) comes from `--seed` (the reference uses NumPy's
   unseeded global RNG here, so its output differs run to run).
@@ -30,12 +30,13 @@ from dataset.common import (  # noqa: E402
     BLANK_IDENTIFIER_NAME,
     INDEX_DTYPE,
     TOKEN_DTYPE,
+    NpyWriter,
     PuzzleDatasetMetadata,
     split_paths,
     write_identifiers,
     write_split,
 )
-from dataset.csv_source import lookup_table, read_grid_csv, resolve_source, subsample_rows  # noqa: E402
+from dataset.csv_source import first_row_where, lookup_table, read_grid_csv, resolve_source, subsample_rows  # noqa: E402
 
 SET_NAME = "all"
 CHUNK_ROWS = 1 << 16  # output rows per vectorised chunk
@@ -89,10 +90,7 @@ def build_split(split_dir: Path, q: np.ndarray, a: np.ndarray, num_aug: int, rng
         raise ValueError(f"{split_dir}: {total} examples exceed the int32 index range")
     split_dir.mkdir(parents=True, exist_ok=True)
     paths = split_paths(split_dir, SET_NAME)
-    out = {
-        field: np.lib.format.open_memmap(paths[field], mode="w+", dtype=TOKEN_DTYPE, shape=(total, 81))
-        for field in ("inputs", "labels")
-    }
+    out = {field: NpyWriter(paths[field], TOKEN_DTYPE, (total, 81)) for field in ("inputs", "labels")}
     puzzles_per_chunk = max(1, CHUNK_ROWS // per_group)
     for lo in tqdm(range(0, n, puzzles_per_chunk), desc=split_dir.name, unit="chunk"):
         hi = min(n, lo + puzzles_per_chunk)
@@ -107,10 +105,10 @@ def build_split(split_dir: Path, q: np.ndarray, a: np.ndarray, num_aug: int, rng
             rep_a = np.repeat(pa, num_aug, axis=0)
             block_q[:, 1:] = apply_augmentations(rep_q, aug).reshape(hi - lo, num_aug, 9, 9)
             block_a[:, 1:] = apply_augmentations(rep_a, aug).reshape(hi - lo, num_aug, 9, 9)
-        out["inputs"][lo * per_group : hi * per_group] = block_q.reshape(-1, 81) + 1
-        out["labels"][lo * per_group : hi * per_group] = block_a.reshape(-1, 81) + 1
+        out["inputs"].write(block_q.reshape(-1, 81) + 1)
+        out["labels"].write(block_a.reshape(-1, 81) + 1)
     arrays = {
-        **out,
+        **{field: writer.close() for field, writer in out.items()},
         "puzzle_identifiers": np.zeros(total, dtype=INDEX_DTYPE),
         "puzzle_indices": np.arange(total + 1, dtype=INDEX_DTYPE),
         "group_indices": np.arange(0, total + 1, per_group, dtype=INDEX_DTYPE),
@@ -139,12 +137,13 @@ def main(config: SudokuBuildConfig) -> None:
     for split in ("train", "test"):
         csv_path = resolve_source(config.source_repo, f"{split}.csv")
         q, a, lines = read_grid_csv(csv_path, Q_TABLE, A_TABLE, keep=keep, cells=81)
-        clash = np.flatnonzero(((q != 0) & (q != a)).any(axis=1))
-        if clash.size:
-            raise ValueError(f"{csv_path}: line {lines[clash[0]]}: field 'a' contradicts a given of field 'q'")
+        clash = first_row_where(lambda qb, ab: ((qb != 0) & (qb != ab)).any(axis=1), q, a)
+        if clash >= 0:
+            raise ValueError(f"{csv_path}: line {lines[clash]}: field 'a' contradicts a given of field 'q'")
         if split == "train":
             rows = subsample_rows(q.shape[0], config.subsample_size, rng)
-            q, a = q[rows], a[rows]
+            if rows.size < q.shape[0]:  # copy only when actually subsampling
+                q, a = q[rows], a[rows]
         groups = build_split(Path(config.output_dir) / split, q, a, config.num_aug if split == "train" else 0, rng)
         print(f"{split}: {groups} puzzles from {csv_path}")
     write_identifiers(Path(config.output_dir), [BLANK_IDENTIFIER_NAME])

@@ -153,8 +153,8 @@ def validate_split_arrays(split_dir: Path, set_name: str, meta: PuzzleDatasetMet
 def write_split(split_dir: Path, meta: PuzzleDatasetMetadata, sets: dict[str, dict[str, np.ndarray]]) -> None:
     """Write `dataset.json` and every set's arrays (already final dtypes) into `split_dir`.
 
-    Arrays that were streamed to disk already (e.g. via `np.lib.format.open_memmap` at their
-    final path) may be passed as memmaps: they are validated but not rewritten.
+    Arrays that were streamed to their final path already (`NpyWriter`) may be passed as the
+    memmaps it returns: they are validated but not rewritten.
     """
     split_dir = Path(split_dir)
     split_dir.mkdir(parents=True, exist_ok=True)
@@ -163,10 +163,37 @@ def write_split(split_dir: Path, meta: PuzzleDatasetMetadata, sets: dict[str, di
         for field, path in split_paths(split_dir, set_name).items():
             arr = arrays[field]
             if isinstance(arr, np.memmap) and Path(arr.filename).resolve() == path.resolve():
-                arr.flush()
-                continue
+                continue  # streamed there already
             np.save(path, arr)
     (split_dir / "dataset.json").write_text(json.dumps(meta.model_dump()))
+
+
+class NpyWriter:
+    """Stream rows of a `[rows, ...]` array into a .npy file (header first, then blocks in order).
+
+    Unlike a writable memmap, written pages are not mapped into the process, so building a
+    large split keeps the builder's resident memory flat. `close()` checks the row count and
+    returns the finished file as a read-only memmap.
+    """
+
+    def __init__(self, path: Path, dtype, shape: tuple[int, ...]):
+        self.path, self.dtype, self.shape, self.rows = Path(path), np.dtype(dtype), shape, 0
+        self.file = open(self.path, "wb")
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": shape}
+        np.lib.format.write_array_header_1_0(self.file, header)
+
+    def write(self, block: np.ndarray) -> None:
+        block = np.ascontiguousarray(block, dtype=self.dtype)
+        if block.shape[1:] != self.shape[1:] or self.rows + block.shape[0] > self.shape[0]:
+            raise ValueError(f"{self.path}: block {block.shape} does not fit array {self.shape} at row {self.rows}")
+        self.file.write(block.tobytes())
+        self.rows += block.shape[0]
+
+    def close(self) -> np.ndarray:
+        self.file.close()
+        if self.rows != self.shape[0]:
+            raise ValueError(f"{self.path}: wrote {self.rows} rows, expected {self.shape[0]}")
+        return np.load(self.path, mmap_mode="r")
 
 
 def write_identifiers(output_dir: Path, names: list[str]) -> None:

@@ -5,7 +5,8 @@ Design choices:
   dataset id fetched with `hf_hub_download` (the reference's only option).
 - Rows are streamed: the q/a strings of each row are appended to two `bytearray`s (one byte
   per cell, no Python object per cell) and translated to tokens with a 256-entry lookup table
-  in one vectorised pass. Peak memory is about 3 bytes per cell of the file.
+  in one vectorised pass. Peak memory is about 3 bytes per cell of the file
+  (peak) and 2 bytes per cell once read.
 - Errors name the file and the 1-based line number (the header is line 1).
 """
 
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 INVALID = 255
+CHUNK_ROWS = 1 << 16  # rows per vectorised step: bounds the size of temporaries
 
 
 def resolve_source(source_repo: str, filename: str) -> Path:
@@ -54,7 +56,7 @@ def read_grid_csv(
     otherwise the first data row sets it. Raises ValueError naming the file and line.
     """
     q_buf, a_buf = bytearray(), bytearray()
-    lines = array("l")  # CSV line of every kept row, for error messages after the vectorised checks
+    lines = array("i")  # CSV line of every kept row, for error messages after the vectorised checks
     with open(path, newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
@@ -86,17 +88,29 @@ def read_grid_csv(
             lines.append(line)
     n = len(lines)
     cells = cells or 0
-    q_arr = q_table[np.frombuffer(q_buf, dtype=np.uint8)].reshape(n, cells)
-    del q_buf
-    a_arr = a_table[np.frombuffer(a_buf, dtype=np.uint8)].reshape(n, cells)
-    del a_buf
-    for name, arr in (("q", q_arr), ("a", a_arr)):
-        bad = np.flatnonzero((arr == INVALID).any(axis=1))
-        if bad.size:
-            row = int(bad[0])
-            col = int(np.argmax(arr[row] == INVALID))
-            raise ValueError(f"{path}: line {lines[row]}: field '{name}': invalid character at position {col}")
+    # Translate in place, in chunks: the bytearrays become the token arrays, no second copy.
+    q_arr = np.frombuffer(q_buf, dtype=np.uint8).reshape(n, cells)
+    a_arr = np.frombuffer(a_buf, dtype=np.uint8).reshape(n, cells)
+    for name, arr, table in (("q", q_arr, q_table), ("a", a_arr, a_table)):
+        for lo in range(0, n, CHUNK_ROWS):
+            block = arr[lo : lo + CHUNK_ROWS]
+            block[...] = table[block]
+            bad = np.flatnonzero((block == INVALID).any(axis=1))
+            if bad.size:
+                row = lo + int(bad[0])
+                col = int(np.argmax(arr[row] == INVALID))
+                raise ValueError(f"{path}: line {lines[row]}: field '{name}': invalid character at position {col}")
     return q_arr, a_arr, lines
+
+
+def first_row_where(predicate: Callable[[np.ndarray, np.ndarray], np.ndarray], q: np.ndarray, a: np.ndarray) -> int:
+    """Index of the first row where `predicate(q_block, a_block)` (per row, bool) holds, or -1;
+    evaluated in chunks so the temporaries stay small."""
+    for lo in range(0, q.shape[0], CHUNK_ROWS):
+        hit = np.flatnonzero(predicate(q[lo : lo + CHUNK_ROWS], a[lo : lo + CHUNK_ROWS]))
+        if hit.size:
+            return lo + int(hit[0])
+    return -1
 
 
 def subsample_rows(num_rows: int, size: int | None, rng: np.random.Generator) -> np.ndarray:
