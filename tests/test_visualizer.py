@@ -334,3 +334,21 @@ def test_act_step_accuracy_real_hrm_matches_head_metrics():
     assert got["accuracy"][-1] == pytest.approx(metrics["accuracy"].item() / count, abs=1e-6)
     assert got["exact_accuracy"][-1] == pytest.approx(metrics["exact_accuracy"].item() / count, abs=1e-6)
     assert 0 < got["accuracy"][-1] < 1
+
+
+@pytest.mark.slow
+def test_export_of_a_real_training_run_matches_its_eval_metrics(tmp_path):
+    """pretrain.py's own saved outputs (tiny run): exported accuracies equal the accuracies its evaluation logged."""
+    from pretrain import run
+    from tests.test_pretrain_helpers import make_tiny_dataset, tiny_config
+
+    data = make_tiny_dataset(tmp_path / "data")
+    keys = "[inputs,labels,puzzle_identifiers,logits,q_halt_logits,q_continue_logits]"
+    run(tiny_config(data, tmp_path / "ckpt", f"eval_save_outputs={keys}"))
+    logged = [json.loads(line) for line in (tmp_path / "ckpt" / "metrics.jsonl").read_text().splitlines()]
+    last_eval = [r for r in logged if "all/accuracy" in r][-1]
+    info = viz.export_predictions(tmp_path / "ckpt", data, tmp_path / "out")  # the folder: its latest step
+    assert info["step"] == last_eval["step"]
+    assert info["sets"]["all"]["predicted"] == info["sets"]["all"]["examples"]
+    assert info["accuracy"] == pytest.approx(last_eval["all/accuracy"], abs=1e-6)
+    assert info["exact_accuracy"] == pytest.approx(last_eval["all/exact_accuracy"], abs=1e-6)
