@@ -24,14 +24,13 @@ def make_tiny_dataset(root: Path, *, num_groups: int = 6, aug_per_group: int = 2
     rng = np.random.default_rng(seed)
     names = ["<blank>"]
 
-    def split(num_puzzles_per_group: int, groups: int, with_ids: bool):
+    def split(num_puzzles_per_group: int, groups: int, prefix: str):
         inputs = rng.integers(1, VOCAB, size=(groups * num_puzzles_per_group, SEQ_LEN), dtype=np.uint8)
         identifiers = []
         for g in range(groups):
             for a in range(num_puzzles_per_group):
-                if with_ids:
-                    names.append(f"g{g}_a{a}")
-                identifiers.append(len(names) - 1 if with_ids else 0)
+                names.append(f"{prefix}{g}_a{a}")
+                identifiers.append(len(names) - 1)
         n = inputs.shape[0]
         return {
             "inputs": inputs,
@@ -41,8 +40,8 @@ def make_tiny_dataset(root: Path, *, num_groups: int = 6, aug_per_group: int = 2
             "group_indices": np.arange(0, n + 1, num_puzzles_per_group, dtype=np.int32),
         }
 
-    train = split(1 + aug_per_group, num_groups, with_ids=True)
-    test = split(1, num_test, with_ids=False)
+    train = split(1 + aug_per_group, num_groups, "g")
+    test = split(1, num_test, "test")
     for name, arrays, groups in (("train", train, num_groups), ("test", test, num_test)):
         meta = PuzzleDatasetMetadata(
             pad_id=0,
