@@ -178,6 +178,22 @@ def test_arc_navigation_matches_npy(driver, site, tmp_path):
     assert (position(driver)["split"], position(driver)["puzzle"], position(driver)["name"]) == ("test", "3", name)
     check_arc_puzzle(driver, test, target)
 
+    # a prefix of a name finds the first puzzle whose name starts with it (here a train variant)
+    variant = names[int(train["puzzle_identifiers"][3])]
+    assert "_t" in variant
+    jump(driver, "puzzle", variant[: variant.index("_t") + 3])
+    assert (position(driver)["split"], position(driver)["puzzle"]) == ("train", "3")
+
+    box = driver.find_element("id", "jump-puzzle-input")
+    box.clear()
+    box.send_keys("no-such-puzzle")
+    driver.find_element("id", "jump-puzzle").click()
+    deadline = time.monotonic() + 10
+    while "no puzzle named" not in driver.find_element("id", "message").text and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "no puzzle named 'no-such-puzzle'" in driver.find_element("id", "message").text
+    assert position(driver)["puzzle"] == "3"  # unchanged
+
     shot = tmp_path / "arc.png"
     assert driver.save_screenshot(str(shot))
     assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
