@@ -94,8 +94,10 @@ def _sparse_emb_signsgd_dist(
     if world_size > 1:
         all_weights_grad = local_weights_grad.new_empty((world_size * n, dim))  # [W*N, D], rank-major
         all_ids = local_ids.new_empty((world_size * n,))
-        dist.all_gather_into_tensor(all_weights_grad, local_weights_grad.contiguous())
-        dist.all_gather_into_tensor(all_ids, local_ids)
+        # torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single; same semantics.
+        all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        all_gather(all_weights_grad, local_weights_grad.contiguous())
+        all_gather(all_ids, local_ids)
 
     # Sum gradients of repeated ids, so a row seen several times gets one sign step.
     grad_ids, inverse = all_ids.unique(return_inverse=True)
