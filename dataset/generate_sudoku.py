@@ -125,7 +125,7 @@ def search(cand: list[int], counter: list[int], rng: random.Random | None = None
     return None
 
 
-def _state_from_givens(grid: list[int]) -> list[int]:
+def _state_from_givens(grid: list[int]) -> tuple[list[int], list[int]]:
     cand = [ALL] * 81
     queue = []
     for c, v in enumerate(grid):
