@@ -205,7 +205,8 @@ def test_arc_sheet_renders(arc_with_preds, tmp_path):
 
 
 def test_missing_matplotlib_one_line_hint(monkeypatch, tmp_path, capsys):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    for name in ["matplotlib", *[m for m in sys.modules if m.startswith("matplotlib.")]]:
+        monkeypatch.setitem(sys.modules, name, None)  # importing it now raises ImportError
     steps = tmp_path / "steps.json"
     steps.write_text(json.dumps({"steps": [1], "accuracy": [0.5]}))
     assert viz.main(["sheets", "--step-accuracy", str(steps), "--out", str(tmp_path / "o")]) == 2
@@ -352,3 +353,19 @@ def test_export_of_a_real_training_run_matches_its_eval_metrics(tmp_path):
     assert info["sets"]["all"]["predicted"] == info["sets"]["all"]["examples"]
     assert info["accuracy"] == pytest.approx(last_eval["all/accuracy"], abs=1e-6)
     assert info["exact_accuracy"] == pytest.approx(last_eval["all/exact_accuracy"], abs=1e-6)
+
+
+def test_page_is_self_contained():
+    """No CDN or other external resource: no src/href attributes, no <link>, no CSS url(), no @import."""
+    html = (REPO_ROOT / "puzzle_visualizer.html").read_text()
+    for needle in ("src=", "href=", "<link", "url(", "@import", "//cdn", "https://"):
+        assert needle not in html, needle
+
+
+def test_browser_harness_skips_naming_missing_binary(monkeypatch):
+    from tests.browser import chromium
+
+    monkeypatch.setattr(chromium.shutil, "which", lambda name: "/usr/bin/chromium" if name == "chromium" else None)
+    monkeypatch.delenv("HRM_INSTALL_CHROMIUM", raising=False)
+    with pytest.raises(pytest.skip.Exception, match=r"needs chromedriver on PATH.*HRM_INSTALL_CHROMIUM=1"):
+        chromium.find_or_install_chromium()

@@ -14,7 +14,8 @@ Design choices:
   Maze (6, square), else generic tokens. ARC canvases are cropped to the bounding box of non-PAD tokens
   (input alone; label and prediction together so that they line up). A prediction cell is wrong where
   the label counts (not ignore_label_id / -100) and the predicted token differs, as in token accuracy.
-- matplotlib is the optional extra `viz`, imported only by the drawing code.
+- matplotlib is the optional extra `viz`, imported only by the drawing code, through `Figure` objects rather
+  than pyplot so that calling this from a notebook leaves its backend and open figures alone.
 - Accuracy by ACT step needs the model run step by step, which the saved outputs do not hold:
   `act_step_accuracy(head, batches)` runs any head with the ACTLossHead interface over evaluation
   batches and returns a JSON-able dict; save it with `json.dump` and pass it to `sheets --step-accuracy`.
@@ -55,7 +56,6 @@ PAD_COLOUR = "#f0f0f0"
 # Maze tokens 1..5 = wall, open, start, goal, path (SPEC §8 charset "# SGo").
 MAZE_COLOURS = {1: "#33343d", 2: "#ffffff", 3: "#2ecc40", 4: "#e0312b", 5: "#ffd24d"}
 WRONG_COLOUR = "#ff1744"
-IGNORE_LABEL_ID = -100  # what the loader writes for ignored labels (models.losses.IGNORE_LABEL_ID)
 SPLIT_NAMES = ("train", "test")
 PREDICTIONS_FORMAT = "hrm-predictions-v1"
 VIZ_INSTALL_HINT = "matplotlib is needed for PNG output: pip install -e '.[viz]' (or pip install matplotlib)"
@@ -127,6 +127,7 @@ class SplitData:
     meta: dict
     names: list[str] | None
     sets: dict[str, SetData] = field(default_factory=dict)
+    prediction_files: list[str] = field(default_factory=list)  # where attached predictions came from
 
     @property
     def kind(self) -> tuple[str, int]:
@@ -338,7 +339,7 @@ def collect_predictions(predictions: str | Path, dataset_dir: str | Path, split:
         s.predictions = preds[offsets[i] : offsets[i + 1]]
         s.q_halt_logits = q["q_halt_logits"][offsets[i] : offsets[i + 1]] if "q_halt_logits" in q else None
         s.q_continue_logits = q["q_continue_logits"][offsets[i] : offsets[i + 1]] if "q_continue_logits" in q else None
-    data.meta = {**data.meta, "_prediction_files": [str(f) for f in files]}
+    data.prediction_files = [str(f) for f in files]
     return data
 
 
@@ -367,7 +368,7 @@ def export_predictions(
     data = collect_predictions(predictions, dataset_dir, split)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files = data.meta["_prediction_files"]
+    files = data.prediction_files
     step = re.match(r"step_(\d+)_all_preds", Path(files[0]).name)
     info = {
         "format": PREDICTIONS_FORMAT,
@@ -403,6 +404,8 @@ def act_step_accuracy(head, batches: Iterable, device="cpu", max_calls: int = 10
     Rows whose labels are all ignored (padding) are not counted, as in the loss head's `count`.
     """
     import torch
+
+    from models.losses import IGNORE_LABEL_ID
 
     per_batch: list[list[tuple[float, float]]] = []  # per batch, per step: (sum of row token accuracies, exact rows)
     count = 0
@@ -470,15 +473,12 @@ def load_step_accuracy(path: str | Path) -> dict:
 # ----------------------------------------------------------------------------------------------- drawing
 
 
-def _pyplot():
+def _figure_class():
     try:
-        import matplotlib
+        from matplotlib.figure import Figure
     except ImportError:
         raise ModuleNotFoundError(VIZ_INSTALL_HINT) from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure
 
 
 def _rgb(hex_colour: str) -> tuple[float, float, float]:
@@ -566,7 +566,7 @@ def render_sheets(
     """PNG sheets, `per_sheet` examples each (input | answer | prediction), in dataset order; returns the paths."""
     from tqdm import tqdm
 
-    plt = _pyplot()
+    Figure = _figure_class()
     kind, width = data.kind
     ignore = data.meta.get("ignore_label_id")
     pad_id = int(data.meta.get("pad_id", 0))
@@ -590,7 +590,8 @@ def render_sheets(
     paths = []
     pages = [chosen[i : i + per_sheet] for i in range(0, len(chosen), per_sheet)]
     for page_no, page in enumerate(tqdm(pages, desc="sheets", unit="sheet")):
-        fig, axes = plt.subplots(len(page), 3, figsize=(9, 3.1 * len(page)), squeeze=False)
+        fig = Figure(figsize=(9, 3.1 * len(page)))
+        axes = fig.subplots(len(page), 3, squeeze=False)
         for (s, e, p, bad), ax_row in zip(page, axes):
             inp, lab, pred = np.asarray(s.inputs[e]), np.asarray(s.labels[e]), s.predictions[e]
             arc = kind == "arc"
@@ -611,15 +612,14 @@ def render_sheets(
         fig.tight_layout()
         path = out / f"sheet_{page_no:03d}.png"
         fig.savefig(path, dpi=110)
-        plt.close(fig)
         paths.append(path)
     return paths
 
 
 def plot_step_accuracy(step_data: dict, out_path: str | Path) -> Path:
     """Line plot of accuracy (and exact accuracy) against the ACT step."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = _figure_class()(figsize=(6, 4))
+    ax = fig.subplots()
     for key, label in (("accuracy", "token accuracy"), ("exact_accuracy", "exact accuracy")):
         if key in step_data:
             ax.plot(step_data["steps"], step_data[key], marker="o", label=label)
@@ -636,7 +636,6 @@ def plot_step_accuracy(step_data: dict, out_path: str | Path) -> Path:
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_path, dpi=110)
-    plt.close(fig)
     return out_path
 
 
