@@ -1,0 +1,175 @@
+"""AdamATan2 against a per-element float64 Python reference; backend selection; state round trip."""
+
+import math
+
+import pytest
+import torch
+
+from utils import optimizers
+from utils.optimizers import ADAM_ATAN2_BACKEND, AdamATan2
+
+BETAS = (0.9, 0.95)
+
+
+class ReferenceAdamATan2:
+    """Element-by-element SPEC §5 math in Python floats, one scalar at a time."""
+
+    def __init__(self, values: list[float], weight_decay: float):
+        self.w = list(values)
+        self.m = [0.0] * len(values)
+        self.v = [0.0] * len(values)
+        self.t = 0
+        self.weight_decay = weight_decay
+
+    def step(self, grads: list[float], lr: float) -> None:
+        b1, b2 = BETAS
+        self.t += 1
+        for i, g in enumerate(grads):
+            self.w[i] *= 1 - lr * self.weight_decay
+            self.m[i] += (1 - b1) * (g - self.m[i])
+            self.v[i] += (1 - b2) * (g * g - self.v[i])
+            denom = math.sqrt(self.v[i]) / math.sqrt(1 - b2**self.t)
+            self.w[i] -= lr / (1 - b1**self.t) * math.atan2(self.m[i], denom)
+
+
+def make_params(seed: int = 0) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(3, 4), (5,), (), (2, 2)]
+    return [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+
+
+def test_backend_flag():
+    assert ADAM_ATAN2_BACKEND in ("fused-cuda", "foreach")
+    if not torch.cuda.is_available():
+        assert ADAM_ATAN2_BACKEND == "foreach"
+
+
+def test_env_forces_portable_backend(monkeypatch):
+    monkeypatch.setenv("HRM_ADAM_ATAN2_BACKEND", "foreach")
+    assert optimizers._probe_fused_backend() is None
+
+
+def test_matches_per_element_reference_over_steps():
+    params = make_params()
+    frozen = torch.nn.Parameter(torch.ones(3))  # never gets a gradient
+    groups = [
+        {"params": params[:3], "weight_decay": 0.1},
+        {"params": [params[3], frozen], "weight_decay": 0.5, "lr_scale": 0.5},
+    ]
+    opt = AdamATan2(groups, lr=0.0, betas=BETAS, weight_decay=0.0)
+    refs = [
+        ReferenceAdamATan2(p.detach().flatten().double().tolist(), wd) for p, wd in zip(params, [0.1, 0.1, 0.1, 0.5])
+    ]
+
+    g = torch.Generator().manual_seed(1)
+    for step in range(1, 7):
+        base_lr = 0.05 * step / 6  # changes every step, as a schedule would
+        for group in opt.param_groups:
+            group["lr"] = base_lr * group.get("lr_scale", 1.0)
+        for i, p in enumerate(params):
+            # the last param has an all-zero gradient: m = v = 0 and atan2(0, 0) = 0 -> weight decay only
+            p.grad = torch.zeros_like(p) if i == 3 else torch.randn(p.shape, generator=g) * 10 ** (i - 2)
+        opt.step()
+        for i, (p, ref) in enumerate(zip(params, refs)):
+            ref.step(p.grad.flatten().double().tolist(), base_lr * (0.5 if i == 3 else 1.0))
+            expected = torch.tensor(ref.w, dtype=torch.float64).view(p.shape)
+            torch.testing.assert_close(p.detach().double(), expected, rtol=2e-6, atol=2e-7)
+
+    state = opt.state[params[0]]
+    assert set(state) == {"step", "exp_avg", "exp_avg_sq"}  # the adam-atan2 package's layout
+    assert state["step"].dtype == torch.float32 and state["step"].ndim == 0 and state["step"].item() == 6
+    torch.testing.assert_close(
+        state["exp_avg"].double().flatten(), torch.tensor(refs[0].m, dtype=torch.float64), rtol=1e-5, atol=1e-7
+    )
+    torch.testing.assert_close(
+        state["exp_avg_sq"].double().flatten(), torch.tensor(refs[0].v, dtype=torch.float64), rtol=1e-5, atol=1e-9
+    )
+    assert torch.equal(frozen.detach(), torch.ones(3)) and frozen not in opt.state
+
+
+def test_update_is_bounded_by_lr_over_bias_correction():
+    # |atan2| <= π/2, so the first step moves a weight (no decay) by at most lr/(1-β1) · π/2, whatever the gradient
+    # scale (kept where g² is finite in fp32).
+    p = torch.nn.Parameter(torch.zeros(4))
+    p.grad = torch.tensor([1e15, -1e15, 1e-15, 0.0])
+    AdamATan2([p], lr=0.01, betas=BETAS, weight_decay=0.0).step()
+    assert torch.isfinite(p).all()
+    assert p.detach().abs().max().item() <= 0.01 / (1 - BETAS[0]) * math.pi / 2 + 1e-6
+    # First step: m = 0.1 g, √v/√(1-β2) = |g|, so the update is lr/0.1 · atan(0.1 · sign g) for any g ≠ 0.
+    assert p[0].item() == pytest.approx(-0.1 * math.atan(0.1), rel=1e-5)
+    assert p[1].item() == pytest.approx(0.1 * math.atan(0.1), rel=1e-5)
+    assert p[2].item() == pytest.approx(-0.1 * math.atan(0.1), rel=1e-5)
+    assert p[3].item() == 0.0
+
+
+def test_lr_zero_leaves_weights():
+    params = make_params()
+    before = [p.detach().clone() for p in params]
+    opt = AdamATan2(params, lr=0, betas=BETAS, weight_decay=0.1)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
+    assert opt.state[params[0]]["step"].item() == 1
+
+
+def test_state_dict_round_trip_continues_exactly():
+    def grads_for(step, params):
+        g = torch.Generator().manual_seed(100 + step)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+
+    params = make_params()
+    opt = AdamATan2(params, lr=0.01, betas=BETAS, weight_decay=0.1)
+    for step in range(5):
+        grads_for(step, params)
+        opt.step()
+
+    resumed = make_params()
+    opt2 = AdamATan2(resumed, lr=0.01, betas=BETAS, weight_decay=0.1)
+    for step in range(3):
+        grads_for(step, resumed)
+        opt2.step()
+    saved = opt2.state_dict()
+    weights = [p.detach().clone() for p in resumed]
+
+    fresh = [torch.nn.Parameter(w) for w in weights]
+    opt3 = AdamATan2(fresh, lr=0.01, betas=BETAS, weight_decay=0.1)
+    opt3.load_state_dict(saved)
+    for step in range(3, 5):
+        grads_for(step, fresh)
+        opt3.step()
+    for a, b in zip(params, fresh):
+        assert torch.equal(a.detach(), b.detach())
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"lr": -1.0}, "lr"),
+        ({"betas": (1.0, 0.9)}, "betas"),
+        ({"betas": (0.9, -0.1)}, "betas"),
+        ({"weight_decay": -1}, "weight_decay"),
+    ],
+)
+def test_invalid_hyperparameters(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        AdamATan2(make_params(), **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(ADAM_ATAN2_BACKEND != "fused-cuda", reason="adam-atan2 CUDA backend not available")
+def test_fused_cuda_matches_foreach(monkeypatch):
+    cpu = make_params()
+    gpu = [torch.nn.Parameter(p.detach().cuda()) for p in cpu]
+    opt_cpu = AdamATan2(cpu, lr=0.01, betas=BETAS, weight_decay=0.1)
+    opt_gpu = AdamATan2(gpu, lr=0.01, betas=BETAS, weight_decay=0.1)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        for a, b in zip(cpu, gpu):
+            a.grad = torch.randn(a.shape, generator=g)
+            b.grad = a.grad.cuda()
+        opt_cpu.step()
+        opt_gpu.step()
+    for a, b in zip(cpu, gpu):
+        torch.testing.assert_close(a.detach(), b.detach().cpu(), rtol=1e-5, atol=1e-6)
