@@ -16,7 +16,7 @@ Design choices:
   one already kept (including the original) is rejected; at most 5 * num_aug tries. A variant
   is named `{name}_t{tid}_{colour map digits}` where digit c is the new colour of colour c.
 - Two passes keep memory small for 1000 augmentations: plan every puzzle's variants (small
-  lists of transforms), then stream each split to its .npy files puzzle by puzzle.
+  lists of transforms; over `--num-workers` processes, each puzzle on its own seed), then stream each split to its .npy files puzzle by puzzle.
 - Encoding on a 30x30 canvas: PAD 0, EOS 1, colour c -> c + 2; the grid sits at an offset with
   an EOS row under it and an EOS column right of it where they fit (the corner stays PAD). In
   the train split every example but one chosen at random per puzzle gets a random offset (the
@@ -25,9 +25,12 @@ Design choices:
 
 import hashlib
 import json
+import multiprocessing as mp
 import sys
 import zlib
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python dataset/build_arc_dataset.py`: make the repo root importable
@@ -68,6 +71,7 @@ class ArcBuildConfig(BaseModel):
     output_dir: str = Field("data/arc-aug-1000", description="output dataset folder")
     seed: int = Field(42, description="seed of augmentations and translations")
     num_aug: int = Field(1000, description="augmented variants per puzzle")
+    num_workers: int = Field(1, description="processes planning augmentations (output does not depend on it)")
 
 
 Example = tuple[np.ndarray, np.ndarray]  # (input grid, output grid), uint8 colours
@@ -160,20 +164,21 @@ def puzzle_rng(seed: int, key: str, stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(key.encode()), stream])
 
 
-def plan_variants(puzzle: Puzzle, num_aug: int, seed: int) -> None:
-    """Fill `puzzle.variants`: the original, then up to `num_aug` distinct augmentations."""
+def plan_variants(puzzle: Puzzle, num_aug: int, seed: int) -> list[tuple[int, np.ndarray]]:
+    """The original, then up to `num_aug` distinct augmentations: [(dihedral id, colour map)]."""
     rng = puzzle_rng(seed, puzzle.key, 0)
-    puzzle.variants = [(0, IDENTITY_MAP)]
+    variants = [(0, IDENTITY_MAP)]
     seen = {puzzle_hash(puzzle.examples, 0, IDENTITY_MAP)}
     for _ in range(RETRIES_FACTOR * num_aug):
-        if len(puzzle.variants) > num_aug:
+        if len(variants) > num_aug:
             break
         tid = int(rng.integers(0, 8))
         colour_map = np.concatenate([[0], rng.permutation(np.arange(1, 10))]).astype(np.uint8)
         h = puzzle_hash(puzzle.examples, tid, colour_map)
         if h not in seen:
             seen.add(h)
-            puzzle.variants.append((tid, colour_map))
+            variants.append((tid, colour_map))
+    return variants
 
 
 def variant_name(name: str, tid: int, colour_map: np.ndarray) -> str:
@@ -242,13 +247,18 @@ def write_split_arrays(output_dir: Path, split: str, puzzles: list[Puzzle], iden
 
 def main(config: ArcBuildConfig) -> None:
     """Build an ARC dataset (SPEC §8) from folders of ARC puzzle JSON files."""
-    if config.num_aug < 0:
-        raise ValueError(f"--num-aug must be >= 0, got {config.num_aug}")
+    if config.num_aug < 0 or config.num_workers < 1:
+        raise ValueError(f"--num-aug must be >= 0 and --num-workers >= 1, got {config.num_aug}, {config.num_workers}")
     output_dir = Path(config.output_dir)
     files = list_puzzle_files(config.dataset_dirs)
     puzzles = [load_puzzle(path, test_split) for path, test_split in files]  # all input errors before any work
-    for puzzle in tqdm(puzzles, desc="plan augmentations", unit="puzzle"):
-        plan_variants(puzzle, config.num_aug, config.seed)
+    plan = partial(plan_variants, num_aug=config.num_aug, seed=config.seed)
+    with mp.Pool(config.num_workers) if config.num_workers > 1 else nullcontext() as pool:
+        planned = pool.imap(plan, puzzles, chunksize=4) if pool is not None else map(plan, puzzles)
+        for puzzle, variants in tqdm(
+            zip(puzzles, planned), total=len(puzzles), desc="plan augmentations", unit="puzzle"
+        ):
+            puzzle.variants = variants
     short = sum(len(p.variants) < config.num_aug + 1 for p in puzzles)
     if short:
         print(f"{short} of {len(puzzles)} puzzles have fewer than {config.num_aug} distinct augmentations")

@@ -188,7 +188,7 @@ def test_translation_happens_in_train(built):
     assert any(o != (0, 0) for o in offsets)
 
 
-def test_deterministic_and_independent_of_listing_order(layouts, raw_data_dir, tmp_path, monkeypatch):
+def test_deterministic_and_independent_of_listing_order_and_workers(layouts, raw_data_dir, tmp_path, monkeypatch):
     dirs = lambda root: [root / "ARC-AGI/data", root / "ConceptARC/corpus"]  # noqa: E731
     a = build(tmp_path / "a", dirs(layouts), "--num-aug", "2")
     other = copy_layouts(raw_data_dir, tmp_path / "raw2", reverse=True)
@@ -198,9 +198,11 @@ def test_deterministic_and_independent_of_listing_order(layouts, raw_data_dir, t
     b = build(tmp_path / "b", dirs(other), "--num-aug", "2")
     monkeypatch.undo()
     c = build(tmp_path / "c", dirs(layouts), "--num-aug", "2", "--seed", "7")
+    d = build(tmp_path / "d", dirs(layouts), "--num-aug", "2", "--num-workers", "2")
     for split in ("train", "test"):
         for f in FIELDS:
             assert np.array_equal(load(a, split)[f], load(b, split)[f]), (split, f)
+            assert np.array_equal(load(a, split)[f], load(d, split)[f]), (split, f)
     assert (a / "identifiers.json").read_text() == (b / "identifiers.json").read_text()
     assert not np.array_equal(load(a, "train")["inputs"], load(c, "train")["inputs"])
 
