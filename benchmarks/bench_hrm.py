@@ -1,0 +1,252 @@
+"""Time HRM train steps and evaluation batches on synthetic data, through the launcher's own code.
+
+    python benchmarks/bench_hrm.py [--shapes sudoku,maze,arc] [--steps 30] [--eval-batches 3]
+    torchrun --nproc-per-node 2 benchmarks/bench_hrm.py --shapes sudoku   # multi-GPU, same global batch
+
+Design choices:
+- The step timed is `pretrain.train_batch` and the eval batch is `pretrain.eval_batch`, built by
+  `pretrain.init_train_state` from the composed Hydra config: what is measured is what trains.
+- Inputs are random tokens (never zeros, which can run faster than real data), drawn afresh for a
+  pool of batches that the timed steps rotate through.
+- Times are end to end on the host clock between device synchronisations over many steps (so every
+  launch gap and host synchronisation inside a step is counted), after warm-up steps that absorb
+  `torch.compile`.
+- Model FLOPs follow SPEC §9: one train step = the no-grad block applications of the first inner
+  pass, the grad ones times 3 (forward + backward), and the whole target-Q pass; an eval batch =
+  `halt_max_steps` inner passes. Matmuls count 2·m·n·k; attention counts QKᵀ and AV.
+- Prints a table and one JSON line per shape (rank 0); `--json-out` appends the JSON lines to a file.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import pretrain  # noqa: E402
+from dataset.common import PuzzleDatasetMetadata  # noqa: E402
+from utils.distributed import distributed_context  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    seq_len: int
+    vocab_size: int
+    num_puzzle_identifiers: int
+    global_batch_size: int
+    arch: str = "hrm_v1"
+
+
+SHAPES = {
+    "sudoku": Shape("sudoku", seq_len=81, vocab_size=11, num_puzzle_identifiers=1, global_batch_size=768),
+    "maze": Shape("maze", seq_len=900, vocab_size=6, num_puzzle_identifiers=1, global_batch_size=96),
+    "arc": Shape("arc", seq_len=900, vocab_size=12, num_puzzle_identifiers=1000, global_batch_size=96),
+    "hrm3": Shape(
+        "hrm3", seq_len=81, vocab_size=11, num_puzzle_identifiers=1, global_batch_size=768, arch="hrm_3level"
+    ),
+}
+
+
+def compose_config(shape: Shape, global_batch_size: int, extra: list[str]) -> pretrain.PretrainConfig:
+    from hydra import compose, initialize_config_dir
+
+    overrides = [
+        f"arch={shape.arch}",
+        f"global_batch_size={global_batch_size}",
+        "use_wandb=false",
+        "checkpoint_path=/tmp/hrm-bench",
+        "project_name=bench",
+        "run_name=bench",
+        *extra,
+    ]
+    with initialize_config_dir(config_dir=pretrain.CONFIG_DIR, version_base=None):
+        return pretrain.config_from_hydra(compose(config_name="cfg_pretrain", overrides=overrides))
+
+
+def block_flops(tokens: int, seq: int, batch: int, hidden: int, inter: int) -> float:
+    """FLOPs of one transformer block application (projections + attention scores and mixing)."""
+    matmul = 2 * tokens * hidden * (3 * hidden + hidden + 2 * inter) + 2 * tokens * inter * hidden
+    attention = 2 * 2 * batch * seq * seq * hidden
+    return float(matmul + attention)
+
+
+def step_flops(model_cfg, local_batch: int, world_size: int) -> tuple[float, float]:
+    """(train-step FLOPs, eval-batch FLOPs) over the global batch, per SPEC §9."""
+    hidden = model_cfg.hidden_size
+    inter = -(round(model_cfg.expansion * hidden * 2 / 3) // -256) * 256
+    prefix = -(model_cfg.puzzle_emb_ndim // -hidden) if model_cfg.puzzle_emb_ndim > 0 else 0
+    seq = model_cfg.seq_len + prefix
+    batch = local_batch * world_size
+    per_block = block_flops(batch * seq, seq, batch, hidden, inter)
+    per_pass = model_cfg.H_cycles * model_cfg.L_cycles * model_cfg.L_layers + model_cfg.H_cycles * model_cfg.H_layers
+    with_grad = model_cfg.L_layers + model_cfg.H_layers
+    train_blocks = (per_pass - with_grad) + 3 * with_grad + per_pass  # no-grad + fwd/bwd + target-Q pass
+    eval_blocks = model_cfg.halt_max_steps * per_pass
+    return train_blocks * per_block, eval_blocks * per_block
+
+
+def synthetic_batches(shape: Shape, local_batch: int, count: int, device: torch.device, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        inputs = torch.randint(1, shape.vocab_size, (local_batch, shape.seq_len), generator=gen, dtype=torch.int32)
+        labels = torch.randint(1, shape.vocab_size, (local_batch, shape.seq_len), generator=gen, dtype=torch.int32)
+        ids = torch.randint(
+            min(1, shape.num_puzzle_identifiers - 1), shape.num_puzzle_identifiers, (local_batch,), generator=gen
+        ).to(torch.int32)
+        batches.append({"inputs": inputs, "labels": labels, "puzzle_identifiers": ids})
+    if device.type == "cuda":
+        batches = [{k: v.pin_memory() for k, v in b.items()} for b in batches]
+    return batches
+
+
+def eval_batch_fallback(config, state, batch, info) -> None:
+    """Same loop as `pretrain.evaluate` for one batch: a fresh carry, forward until every row halted."""
+    with torch.inference_mode():
+        batch = {k: v.to(info.device, non_blocking=True) for k, v in batch.items()}
+        with torch.device(info.device):
+            carry = state.model.initial_carry(batch)
+        while True:
+            carry, _, _metrics, _preds, all_halted = state.forward(carry=carry, batch=batch, return_keys=[])
+            if all_halted:
+                break
+
+
+def profile_train_steps(config, state, batches, gbs, info, path: str) -> None:
+    """Kernel time table of a few train steps (torch.profiler), written to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if info.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for i in range(3):
+            pretrain.train_batch(config, state, batches[i % len(batches)], gbs, info)
+        synchronize(info.device)
+    sort_by = "cuda_time_total" if info.device.type == "cuda" else "cpu_time_total"
+    with open(path, "w") as f:
+        f.write(prof.key_averages().table(sort_by=sort_by, row_limit=60, max_name_column_width=90))
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_shape(shape: Shape, args, info) -> dict | None:
+    gbs = args.global_batch_size or shape.global_batch_size
+    config = compose_config(shape, gbs, args.override)
+    metadata = PuzzleDatasetMetadata(
+        pad_id=0,
+        ignore_label_id=0,
+        blank_identifier_id=0,
+        vocab_size=shape.vocab_size,
+        seq_len=shape.seq_len,
+        num_puzzle_identifiers=shape.num_puzzle_identifiers,
+        total_groups=1000,
+        mean_puzzle_examples=1000.0,
+        sets=["all"],
+    )
+    torch.manual_seed(config.seed + info.rank)
+    state, _ = pretrain.init_train_state(config, metadata, info)
+    state.total_steps = 10**9  # the schedule never ends inside the benchmark
+    local_batch = gbs // info.world_size
+    batches = synthetic_batches(shape, local_batch, 4, info.device, seed=1234 + info.rank)
+    if info.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(info.device)
+
+    state.model.train()
+    for i in range(args.warmup):
+        pretrain.train_batch(config, state, batches[i % len(batches)], gbs, info)
+    synchronize(info.device)
+    start = time.perf_counter()
+    for i in range(args.steps):
+        pretrain.train_batch(config, state, batches[i % len(batches)], gbs, info)
+    synchronize(info.device)
+    train_ms = (time.perf_counter() - start) * 1000 / args.steps
+
+    if args.profile_dir and info.is_main:
+        profile_train_steps(
+            config, state, batches, gbs, info, os.path.join(args.profile_dir, f"profile_{shape.name}.txt")
+        )
+
+    eval_batch = getattr(pretrain, "eval_batch", eval_batch_fallback)
+    eval_ms = float("nan")
+    if args.eval_batches > 0:
+        state.model.eval()
+        for i in range(1 + args.eval_batches):  # the first one absorbs compilation of the eval graph
+            if i == 1:
+                synchronize(info.device)
+                start = time.perf_counter()
+            eval_batch(config, state, batches[i % len(batches)], info)
+        synchronize(info.device)
+        eval_ms = (time.perf_counter() - start) * 1000 / args.eval_batches
+        state.model.train()
+
+    peak_gib = torch.cuda.max_memory_allocated(info.device) / 2**30 if info.device.type == "cuda" else float("nan")
+    train_flops, eval_flops = step_flops(state.model.model.config, local_batch, info.world_size)
+    if not info.is_main:
+        return None
+    return {
+        "bench": "hrm_train_eval",
+        "shape": shape.name,
+        "arch": shape.arch,
+        "global_batch": gbs,
+        "world_size": info.world_size,
+        "device": torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "cpu",
+        "compile": pretrain.use_compile(config, info.device),
+        "train_ms_per_step": round(train_ms, 2),
+        "train_examples_per_s": round(gbs / train_ms * 1000, 1),
+        "train_tflops": round(train_flops / train_ms / 1e9, 1),
+        "eval_ms_per_batch": round(eval_ms, 2),
+        "eval_tflops": round(eval_flops / eval_ms / 1e9, 1),
+        "peak_mem_gib": round(peak_gib, 2),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "overrides": args.override,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default="sudoku,maze,arc", help=f"comma-separated, from {sorted(SHAPES)}")
+    parser.add_argument("--steps", type=int, default=30, help="timed train steps per shape")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed train steps first (compilation)")
+    parser.add_argument("--eval-batches", type=int, default=3, help="timed eval batches per shape (0: skip)")
+    parser.add_argument("--global-batch-size", type=int, default=None, help="override every shape's batch")
+    parser.add_argument("--json-out", default=None, help="append the JSON lines to this file")
+    parser.add_argument("--profile-dir", default=None, help="write a kernel-time table of 3 train steps per shape here")
+    parser.add_argument("override", nargs="*", help="extra Hydra overrides, e.g. compile=false")
+    args = parser.parse_args()
+    names = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    unknown = [n for n in names if n not in SHAPES]
+    if unknown:
+        parser.exit(2, f"error: unknown shape(s) {unknown}; choose from {sorted(SHAPES)}\n")
+
+    rows = []
+    with distributed_context("auto") as info:
+        for name in names:
+            row = bench_shape(SHAPES[name], args, info)
+            if row is not None:
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                if args.json_out:
+                    with open(args.json_out, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+    if rows:
+        header = f"{'shape':8} {'batch':>5} {'gpus':>4} {'train ms':>9} {'ex/s':>9} {'TFLOP/s':>8} {'eval ms':>8} {'peak GiB':>8}"
+        print(header)
+        for r in rows:
+            print(
+                f"{r['shape']:8} {r['global_batch']:5d} {r['world_size']:4d} {r['train_ms_per_step']:9.2f} "
+                f"{r['train_examples_per_s']:9.1f} {r['train_tflops']:8.1f} {r['eval_ms_per_batch']:8.2f} "
+                f"{r['peak_mem_gib']:8.2f}"
+            )
+
+
+if __name__ == "__main__":
+    main()
