@@ -134,12 +134,14 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, causa
         out = _flash_attn_func(query, key, value, causal=causal)
         # Some FlashAttention releases return (out, softmax_lse).
         return out[0] if isinstance(out, tuple) else out
+    # enable_gqa (torch >= 2.5) only when key/value heads are shared; HRM itself uses num_kv_heads == num_heads.
+    gqa = {"enable_gqa": True} if query.shape[2] != key.shape[2] else {}
     out = F.scaled_dot_product_attention(
         query.transpose(1, 2),  # [B, H, S, D]
         key.transpose(1, 2),
         value.transpose(1, 2),
         is_causal=causal,
-        enable_gqa=query.shape[2] != key.shape[2],
+        **gqa,
     )
     return out.transpose(1, 2)  # [B, S, H, D]
 

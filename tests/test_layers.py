@@ -215,6 +215,15 @@ def test_sdpa_attention_matches_naive(dtype, tol, causal):
     torch.testing.assert_close(out.double(), _naive_attention(q, k, v, causal), rtol=tol, atol=tol)
 
 
+def test_sdpa_grouped_kv_heads_match_repeated_heads():
+    # 4 query heads sharing 2 key/value heads: query head i uses kv head i // 2.
+    torch.manual_seed(0)
+    q = torch.randn(2, 5, 4, 8)
+    k, v = torch.randn(2, 5, 2, 8), torch.randn(2, 5, 2, 8)
+    expected = _naive_attention(q, k.repeat_interleave(2, dim=2), v.repeat_interleave(2, dim=2))
+    torch.testing.assert_close(attention(q, k, v).double(), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_attention_module_matches_naive_composition():
     torch.manual_seed(0)
     b, s, heads, hd = 2, 5, 2, 8
