@@ -1,6 +1,10 @@
 """Tests of the three-level Planner/Decomposer/Executor model (models/hrm/hrm_3level.py)."""
 
+import json
 import math
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -277,6 +281,17 @@ def test_every_parameter_gets_gradient_from_the_loss():
     assert model.puzzle_emb.local_weights.grad is not None
 
 
+def test_confidence_probe_trains_only_itself():
+    model = make_model()
+    head = HierarchicalLossHead(model, lm_loss_weight=0, plan_loss_weight=0, decomp_loss_weight=0, exec_loss_weight=0)
+    batch = random_batch(model.config.model_dump())
+    _, loss, metrics, _, _ = head([], carry=head.initial_carry(batch), batch=batch)
+    assert loss.item() == pytest.approx(0.5 * metrics["q_halt_loss"].item())
+    loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert with_grad == {"q_head.weight", "q_head.bias"}
+
+
 def naive_seq_mean_ce(logits, labels):
     """Sum over sequences of the mean softmax cross entropy over labelled tokens, by explicit loops."""
     total = 0.0
@@ -311,8 +326,20 @@ def test_loss_head_hierarchical_objective_and_metrics():
             expected[name] = naive_seq_mean_ce(readout, labels)
     for name, value in expected.items():
         assert metrics[name].item() == pytest.approx(value, rel=1e-4)
+    # The confidence probe: BCE of q_halt against "the whole sequence is right", written out by hand.
+    seq_right = [bool(((out["logits"][b].argmax(-1) == labels[b]) | (labels[b] == -100)).all()) for b in range(2)]
+    q = out["q_halt_logits"].double()
+    expected["q_halt_loss"] = sum(
+        -math.log(torch.sigmoid(q[b]).item()) if seq_right[b] else -math.log(1 - torch.sigmoid(q[b]).item())
+        for b in range(2)
+    )
+    assert metrics["q_halt_loss"].item() == pytest.approx(expected["q_halt_loss"], rel=1e-4)
     combined = (
-        expected["lm_loss"] + 0.3 * expected["plan_loss"] + 0.2 * expected["decomp_loss"] + 0.1 * expected["exec_loss"]
+        expected["lm_loss"]
+        + 0.3 * expected["plan_loss"]
+        + 0.2 * expected["decomp_loss"]
+        + 0.1 * expected["exec_loss"]
+        + 0.5 * expected["q_halt_loss"]
     )
     assert loss.item() == pytest.approx(combined, rel=1e-4)
 
@@ -322,6 +349,7 @@ def test_loss_head_hierarchical_objective_and_metrics():
     assert metrics["count"].item() == 1 and metrics["steps"].item() == 1
     assert metrics["accuracy"].item() == pytest.approx(acc0)
     assert metrics["exact_accuracy"].item() == int(acc0 == 1.0)
+    assert metrics["q_halt_accuracy"].item() == int((q[0].item() >= 0) == seq_right[0])
 
     # Make sequence 0 exactly right: exact accuracy counts it.
     batch["labels"][0] = torch.where(labelled, preds[0], -100).to(torch.int32)
@@ -353,7 +381,7 @@ def test_arch_yaml_builds_through_the_launcher_identifiers():
     head = loss_cls(model, **loss_cfg)
     assert model.config.puzzle_emb_ndim == model.config.hidden_size == 512
     assert model.config.rope_level_scales == (1.0, 0.1, 0.01)
-    assert head.weights == {"lm_loss": 1.0, "plan_loss": 0.3, "decomp_loss": 0.2, "exec_loss": 0.1}
+    assert head.weights == {"lm_loss": 1.0, "plan_loss": 0.3, "decomp_loss": 0.2, "exec_loss": 0.1, "q_halt_loss": 0.5}
     assert sorted(g["lr_scale"] for g in model.optimizer_param_groups()) == [1.0, 1.0, 1.5, 2.0]
 
 
@@ -447,7 +475,7 @@ def test_trains_on_synthetic_sudoku_with_falling_loss():
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     config = tiny_config(
-        batch_size=32, seq_len=81, vocab_size=11, num_puzzle_identifiers=1, puzzle_emb_ndim=64,
+        batch_size=16, seq_len=81, vocab_size=11, num_puzzle_identifiers=1, puzzle_emb_ndim=64,
         hidden_size=64, num_heads=4, window_size=9, num_global_tokens=1,
     )  # fmt: skip
     model = HierarchicalReasoningModel_3Level(config)
@@ -469,3 +497,62 @@ def test_trains_on_synthetic_sudoku_with_falling_loss():
     assert last < 0.7 * first, (first, last)
     assert np.mean(lm_losses[-5:]) < 1.4, lm_losses
     print(f"sudoku training: loss {first:.3f} -> {last:.3f} in {time.perf_counter() - start:.1f}s")
+
+
+# --- launcher integration ------------------------------------------------------------------------------
+
+
+def write_reverse_dataset(root: Path, seq_len=12, vocab=6, num_train=16, num_test=8):
+    """A dataset in the SPEC §8 on-disk layout, written directly: one example per puzzle and group."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", num_train), ("test", num_test)):
+        inputs = rng.integers(1, vocab, size=(n, seq_len), dtype=np.int32)
+        arrays = {
+            "inputs": inputs,
+            "labels": inputs[:, ::-1].copy(),
+            "puzzle_identifiers": np.full(n, 1 if split == "train" else 0, dtype=np.int32),
+            "puzzle_indices": np.arange(n + 1, dtype=np.int32),
+            "group_indices": np.arange(n + 1, dtype=np.int32),
+        }
+        (root / split).mkdir(parents=True)
+        for key, value in arrays.items():
+            np.save(root / split / f"all__{key}.npy", value)
+        meta = dict(
+            pad_id=0, ignore_label_id=0, blank_identifier_id=0, vocab_size=vocab, seq_len=seq_len,
+            num_puzzle_identifiers=2, total_groups=n, mean_puzzle_examples=1.0, sets=["all"],
+        )  # fmt: skip
+        (root / split / "dataset.json").write_text(json.dumps(meta))
+    (root / "identifiers.json").write_text(json.dumps(["<blank>", "reverse"]))
+
+
+@pytest.mark.slow
+def test_pretrain_trains_and_evaluates_arch_hrm_3level(tmp_path):
+    data, ckpt = tmp_path / "data", tmp_path / "ckpt"
+    write_reverse_dataset(data)
+    cmd = [
+        sys.executable, "pretrain.py", "arch=hrm_3level", f"data_path={data}", f"checkpoint_path={ckpt}",
+        "global_batch_size=8", "epochs=2", "eval_interval=1", "lr=1e-3", "lr_warmup_steps=1", "use_wandb=false",
+        "arch.hidden_size=32", "arch.num_heads=4", "arch.planner_layers=1", "arch.decomposer_layers=1",
+        "arch.executor_layers=1", "arch.window_size=2", "arch.forward_dtype=float32",
+        "eval_save_outputs=[inputs,labels,puzzle_identifiers,logits,q_halt_logits]",
+    ]  # fmt: skip
+    env = {**os.environ, "DISABLE_COMPILE": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    # 2 epochs x 16 examples / batch 8 = 4 steps; the weights load into a freshly built loss head.
+    weights = torch.load(ckpt / "step_4", map_location="cpu")
+    weights = {k.removeprefix("_orig_mod."): v for k, v in weights.items()}
+    config = tiny_config(
+        batch_size=8, seq_len=12, vocab_size=6, num_puzzle_identifiers=2, puzzle_emb_ndim=32, hidden_size=32,
+        num_heads=4, window_size=2, num_global_tokens=8, causal=False,
+    )  # fmt: skip
+    head = HierarchicalLossHead(HierarchicalReasoningModel_3Level(config))
+    head.load_state_dict(weights)  # strict: same keys and shapes
+    assert "model.puzzle_emb.weights" in weights
+    # The sign-SGD optimizer moved the (zero-initialised) puzzle embedding of the one train puzzle.
+    assert weights["model.puzzle_emb.weights"][1].abs().sum() > 0
+
+    preds = torch.load(ckpt / "step_4_all_preds.0", map_location="cpu")
+    assert preds["logits"].shape == (8, 12, 6) and preds["q_halt_logits"].shape == (8,)
+    assert torch.equal(preds["inputs"], torch.from_numpy(np.load(data / "test/all__inputs.npy")))

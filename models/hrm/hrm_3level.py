@@ -45,6 +45,9 @@ Design choices (and where they depart from the seed's sketch, and why):
 - Auxiliary losses (see `HierarchicalLossHead`) are deep supervision: each level's output read out
   through the shared, normalised output head, so each level is pushed to carry answer information
   at its own scale.
+- Not in the seed: a `q_head` confidence probe (HRM's q_halt: "is the whole answer right?") on the
+  detached mean integrated state, so evaluation outputs `q_halt_logits` (ARC scoring ranks tied
+  votes by it) without changing the trunk's hierarchical objective.
 """
 
 import math
@@ -490,6 +493,12 @@ class HierarchicalReasoningModel_3Level(nn.Module):
         self.executor = HierarchicalReasoningModel_3LevelExecutor(config)
         self.integration = CrossLevelIntegration(d, config.rms_norm_eps)
         self.lm_head = CastedLinear(d, config.vocab_size, bias=False)
+        # Confidence probe "is the whole answer right?" (HRM's q_halt), read from a detached mean state:
+        # ARC scoring breaks vote ties with it; detaching keeps the trunk's objective purely hierarchical.
+        self.q_head = CastedLinear(d, 1, bias=True)
+        with torch.no_grad():
+            self.q_head.weight.zero_()
+            self.q_head.bias.fill_(-5)
 
         positions = torch.arange(self.num_positions)
         self.planner_mask = nn.Buffer(
@@ -516,7 +525,10 @@ class HierarchicalReasoningModel_3Level(nn.Module):
     def forward(self, carry: HierarchicalReasoningModel_3LevelCarry, batch: dict):
         levels = self._forward_levels(batch["inputs"], batch.get("puzzle_identifiers"))
         P = self.puzzle_emb_len
-        outputs = {"logits": self.lm_head(levels["integrated"])[:, P:]}
+        outputs = {
+            "logits": self.lm_head(levels["integrated"])[:, P:],
+            "q_halt_logits": self.q_head(levels["integrated"].detach().mean(1)).squeeze(-1).float(),  # [B]
+        }
         outputs.update({k: levels[k][:, P:] for k in ("plan", "decomposition", "execution", "boundaries")})
         new_carry = HierarchicalReasoningModel_3LevelCarry(
             steps=torch.ones_like(carry.steps), halted=torch.ones_like(carry.halted)
@@ -639,6 +651,10 @@ class HierarchicalLossHead(nn.Module):
     short gradient path. The weights fall from planner to executor because the executor output is
     already one gated mix away from the logits, while the planner is furthest from the main loss.
     Every loss is summed over the batch of per-sequence means, as in `ACTLossHead`.
+
+    Besides, `q_halt_loss` (BCE of `q_halt_logits` against "the whole sequence is right", weight
+    `q_halt_loss_weight`) trains the model's confidence probe; its input is detached, so it changes
+    no trunk gradient. It yields `q_halt_accuracy` and the confidence ARC scoring ranks ties by.
     """
 
     def __init__(
@@ -649,6 +665,7 @@ class HierarchicalLossHead(nn.Module):
         plan_loss_weight: float = 0.3,
         decomp_loss_weight: float = 0.2,
         exec_loss_weight: float = 0.1,
+        q_halt_loss_weight: float = 0.5,
     ):
         super().__init__()
         if loss_type not in LOSS_FUNCTIONS:
@@ -660,6 +677,7 @@ class HierarchicalLossHead(nn.Module):
             "plan_loss": plan_loss_weight,
             "decomp_loss": decomp_loss_weight,
             "exec_loss": exec_loss_weight,
+            "q_halt_loss": q_halt_loss_weight,
         }
 
     def initial_carry(self, *args, **kwargs):
@@ -680,6 +698,7 @@ class HierarchicalLossHead(nn.Module):
                 "count": valid.sum(),
                 "accuracy": torch.where(valid, (is_correct.to(torch.float32) / loss_divisor).sum(-1), 0).sum(),
                 "exact_accuracy": (valid & seq_is_correct).sum(),
+                "q_halt_accuracy": (valid & ((outputs["q_halt_logits"] >= 0) == seq_is_correct)).sum(),
                 "steps": torch.where(valid, new_carry.steps, 0).sum(),
             }
 
@@ -691,6 +710,9 @@ class HierarchicalLossHead(nn.Module):
             "plan_loss": token_loss(self.model.readout(outputs["plan"])),
             "decomp_loss": token_loss(self.model.readout(outputs["decomposition"])),
             "exec_loss": token_loss(self.model.readout(outputs["execution"])),
+            "q_halt_loss": F.binary_cross_entropy_with_logits(
+                outputs["q_halt_logits"], seq_is_correct.to(outputs["q_halt_logits"].dtype), reduction="sum"
+            ),
         }
         metrics.update({k: v.detach() for k, v in losses.items()})
         loss = sum(self.weights[k] * v for k, v in losses.items())
