@@ -426,8 +426,11 @@ def test_generate_cached_equals_uncached(puzzle_emb_ndim):
     assert torch.equal(sampled[0], sampled[1])
     assert not torch.equal(sampled[0], greedy[0])  # sampling really sampled
 
+    # seq_len 20 token positions (the puzzle prefix has its own): a 6-token prompt grows by 15, the
+    # last sampled token never being fed back, but not by 16.
+    assert model.generate(prompt, 15, temperature=0, puzzle_identifiers=pids).shape == (2, 21)
     with pytest.raises(ValueError, match="exceeds"):
-        model.generate(prompt, 20, temperature=0)
+        model.generate(prompt, 16, temperature=0)
 
 
 def test_generate_requires_causal():

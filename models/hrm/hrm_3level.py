@@ -142,7 +142,7 @@ class HierarchicalReasoningModel_3LevelCache:
 
 
 def float8_supported(device: torch.device) -> bool:
-    """Whether a float8 e4m3 cast, row gather and cast back work on `device` (probed once per call site)."""
+    """Whether a float8 e4m3 cast, row gather and cast back work on `device` (probed at model construction)."""
     try:
         x = torch.tensor([[0.5, -1.75], [3.0, 0.25]], device=device)
         y = x.to(torch.float8_e4m3fn)[torch.tensor([1, 0], device=device)].to(torch.bfloat16)
@@ -154,7 +154,7 @@ def float8_supported(device: torch.device) -> bool:
 def sparse_attention_mask(
     q_positions: torch.Tensor, k_positions: torch.Tensor, *, window_size: Optional[int], num_global: int, causal: bool
 ) -> torch.Tensor:
-    """Boolean [Q, K] mask, True = may attend. `window_size=None` means dense."""
+    """Boolean [Q, K] mask over absolute positions, True = may attend. `window_size=None` means dense."""
     q = q_positions[:, None]
     k = k_positions[None, :]
     allowed = torch.ones(q.shape[0], k.shape[1], dtype=torch.bool, device=q_positions.device)
@@ -617,9 +617,15 @@ class HierarchicalReasoningModel_3Level(nn.Module):
     ) -> torch.Tensor:
         """Autoregressive sampling (causal models only); returns [B, S + max_new_tokens] token ids."""
         if not self.config.causal:
-            raise ValueError("generate(): the model was built with causal=False; set arch.causal=true")
+            raise ValueError("generate(): the model was built with causal=False; build it with causal=True")
         if temperature < 0 or not 0 < top_p <= 1:
             raise ValueError(f"generate(): need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        needed = self.puzzle_emb_len + input_ids.shape[1] + max_new_tokens - 1  # the last token is never fed
+        if needed > self.num_positions:
+            raise ValueError(
+                f"generate(): prompt {input_ids.shape[1]} + {max_new_tokens} new tokens exceeds the model's "
+                f"{self.num_positions} positions (seq_len + puzzle prefix)"
+            )
         if self.puzzle_emb_len > 0 and puzzle_identifiers is None:
             puzzle_identifiers = torch.zeros(input_ids.shape[0], dtype=torch.int32, device=input_ids.device)
 
