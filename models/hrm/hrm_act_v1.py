@@ -6,7 +6,7 @@ Design choices:
   of each run without gradients and only the final L and H updates are differentiated
   ("1-step gradient", a cheap stand-in for the implicit-function gradient of the paper).
 - The recurrent state (carry) is detached between ACT steps and lives across training batches:
-  a row whose sequence halted is reset to the learned-free initial states `H_init`/`L_init` and
+  a row whose sequence halted is reset to the fixed (not trained) initial states `H_init`/`L_init` and
   loaded with the next example, so the batch always stays full.
 - Halting is a Q-learning problem: `q_head` predicts (halt, continue) values from the first
   position of z_H. In training a sequence halts when q_halt > q_continue (after a random minimum
