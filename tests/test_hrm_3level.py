@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -558,4 +559,22 @@ def test_pretrain_trains_and_evaluates_arch_hrm_3level(tmp_path):
 
     preds = torch.load(ckpt / "step_4_all_preds.0", map_location="cpu")
     assert preds["logits"].shape == (8, 12, 6) and preds["q_halt_logits"].shape == (8,)
-    assert torch.equal(preds["inputs"], torch.from_numpy(np.load(data / "test/all__inputs.npy")))
+    test_inputs = torch.from_numpy(np.load(data / "test/all__inputs.npy"))
+    assert torch.equal(preds["inputs"], test_inputs)
+
+    # evaluate.py on the checkpoint reports the loss the loaded head computes on the 8 test examples.
+    proc = subprocess.run(
+        [sys.executable, "evaluate.py", f"checkpoint={ckpt / 'step_4'}"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reported = float(re.search(r"all/lm_loss\W+([-+0-9.eE]+)", proc.stdout + proc.stderr).group(1))
+    batch = {
+        "inputs": test_inputs,
+        "labels": torch.from_numpy(np.load(data / "test/all__labels.npy")),
+        "puzzle_identifiers": torch.zeros(8, dtype=torch.int32),
+    }
+    head.eval()
+    with torch.no_grad():
+        _, _, metrics, _, _ = head([], carry=head.initial_carry(batch), batch=batch)
+    assert reported == pytest.approx(metrics["lm_loss"].item() / 8, rel=1e-4)
