@@ -34,7 +34,9 @@ def main(paths: list[str]) -> int:
     most_frequent = labels[blank].bincount().max().item() / blank.sum().item()
     baseline = (valid & ~blank).sum().item() / valid.sum().item() + most_frequent * blank.float().mean().item()
     print(f"test puzzles:                  {labels.shape[0]}")
-    print(f"token accuracy:                {100 * token_acc:.1f}%  (copy givens + most frequent digit: {100 * baseline:.1f}%)")
+    print(
+        f"token accuracy:                {100 * token_acc:.1f}%  (copy givens + most frequent digit: {100 * baseline:.1f}%)"
+    )
     print(f"accuracy on blank cells:       {100 * blank_acc:.1f}%  (most frequent digit: {100 * most_frequent:.1f}%)")
     print(f"exact (whole puzzle) accuracy: {100 * exact:.1f}%")
     print("learned beyond the baseline" if blank_acc > most_frequent else "not beyond the baseline yet (train longer)")
