@@ -41,6 +41,8 @@ import os
 
 import torch
 
+from models.layers import Attention, SwiGLU, attention
+
 try:
     import triton
     import triton.language as tl
@@ -432,3 +434,26 @@ def fused_qkv_rope(
     )
     qkv = qkv.view(batch_size, seq_len, total_heads, head_dim)  # [B, S, H+2K, D]
     return qkv[:, :, :num_heads], qkv[:, :, num_heads : num_heads + kv_heads], qkv[:, :, num_heads + kv_heads :]
+
+
+def fused_post_norm_block(
+    attn: Attention,
+    mlp: SwiGLU,
+    cos_sin: tuple[torch.Tensor, torch.Tensor] | None,
+    hidden_states: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """The post-norm HRM block, `x = rms_norm(x + attn(x)); x = rms_norm(x + mlp(x))`, through the fused ops.
+
+    For the no-grad forward only (check `fused_block_supported(hidden_states)` first); attention itself
+    stays `models.layers.attention` (FlashAttention or SDPA).
+    """
+    batch_size, seq_len, _ = hidden_states.shape
+    cos, sin = cos_sin if cos_sin is not None else (None, None)
+    q, k, v = fused_qkv_rope(
+        hidden_states, attn.qkv_proj.weight, cos, sin, attn.num_heads, attn.head_dim, attn.num_key_value_heads
+    )
+    o = attention(q, k, v, causal=attn.causal).reshape(batch_size, seq_len, attn.output_size)  # [B, S, H*D]
+    hidden_states = fused_linear_residual_rmsnorm(o, attn.o_proj.weight, hidden_states, eps)
+    h = fused_gate_up_swiglu(hidden_states, mlp.gate_up_proj.weight)
+    return fused_linear_residual_rmsnorm(h, mlp.down_proj.weight, hidden_states, eps)

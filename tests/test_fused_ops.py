@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from models.fused_ops import HAS_TRITON
-from models.layers import Attention, RotaryEmbedding, SwiGLU, apply_rotary_pos_emb, attention, rms_norm
+from models.layers import Attention, RotaryEmbedding, SwiGLU, apply_rotary_pos_emb, rms_norm
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 ON_CUDA = torch.cuda.is_available()
@@ -30,6 +30,7 @@ if HAS_TRITON:
         fused_block_supported,
         fused_gate_up_swiglu,
         fused_linear_residual_rmsnorm,
+        fused_post_norm_block,
         fused_qkv_rope,
     )
 
@@ -153,14 +154,7 @@ def _reference_block(attn: Attention, mlp: SwiGLU, cos_sin, x: torch.Tensor) -> 
 
 
 def _fused_block(attn: Attention, mlp: SwiGLU, cos_sin, x: torch.Tensor) -> torch.Tensor:
-    """The same block through the fused ops (the wiring suggested for the block's no-grad forward)."""
-    batch_size, seq_len, _ = x.shape
-    cos, sin = cos_sin
-    q, k, v = fused_qkv_rope(x, attn.qkv_proj.weight, cos, sin, attn.num_heads, attn.head_dim)
-    o = attention(q, k, v, causal=attn.causal).reshape(batch_size, seq_len, attn.output_size)  # [B, S, H*D]
-    x = fused_linear_residual_rmsnorm(o, attn.o_proj.weight, x, EPS)
-    h = fused_gate_up_swiglu(x, mlp.gate_up_proj.weight)
-    return fused_linear_residual_rmsnorm(h, mlp.down_proj.weight, x, EPS)
+    return fused_post_norm_block(attn, mlp, cos_sin, x, EPS)
 
 
 def _block_setup(batch_size, seq_len, hidden, num_heads, dtype):
@@ -172,9 +166,11 @@ def _block_setup(batch_size, seq_len, hidden, num_heads, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fused_block_matches_reference_block(dtype):
+@pytest.mark.parametrize("rope", [True, False])
+def test_fused_block_matches_reference_block(dtype, rope):
     torch.manual_seed(5)
     attn, mlp, cos_sin, x = _block_setup(2, 11, 64, 2, dtype)
+    cos_sin = cos_sin if rope else None  # learned position encodings: the block runs without RoPE
     with torch.no_grad():
         ref = _reference_block(attn, mlp, cos_sin, x)
         out = _fused_block(attn, mlp, cos_sin, x)

@@ -1,0 +1,238 @@
+"""Time the fused Triton block ops (models/fused_ops.py) against their unfused PyTorch equivalents.
+
+    python benchmarks/bench_fused_ops.py [--shapes sudoku,arc] [--dtype bfloat16] [--no-compile]
+
+Design choices:
+- Shapes are the HRM block at the paper's batch sizes: Sudoku T = 768 × 82 tokens (81 cells + one
+  puzzle-embedding position), ARC T = 96 × 901; hidden 512, 8 heads × 64, SwiGLU width 1536.
+- Each op is timed three ways: the eager PyTorch composition of models/layers.py (what the model
+  runs today), that composition under torch.compile (Inductor's own fusion, the bar to beat), and the
+  fused op. The whole post-norm block is timed too, since that is what a train step repeats.
+  Weights are fp32 parameters cast per call in every variant, as the model does.
+- Correctness first: before timing, every fused op is compared with the eager reference on fresh
+  random inputs; the max relative error is printed and the script exits with status 1 if it is above
+  bf16 tolerance (a fast wrong kernel is worth nothing).
+- `triton.testing.do_bench` (median of many runs, L2 flushed between runs). TFLOP/s counts the
+  matmul FLOPs (2·T·N·K); GB/s counts the fused op's compulsory HBM traffic (activations read and
+  written once, 16-bit weights read once), for the fused time only.
+- Prints a table and one JSON line per (shape, op); `--json-out` appends the JSON lines to a file.
+"""
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from models.fused_ops import FUSED_OPS_AVAILABLE  # noqa: E402
+from models.layers import Attention, RotaryEmbedding, SwiGLU, apply_rotary_pos_emb, rms_norm  # noqa: E402
+
+EPS = 1e-5
+HIDDEN, NUM_HEADS, EXPANSION = 512, 8, 4.0
+MAX_REL_ERR = {torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    batch_size: int
+    seq_len: int  # including the puzzle-embedding position
+
+
+SHAPES = {"sudoku": Shape("sudoku", 768, 82), "arc": Shape("arc", 96, 901)}
+
+
+@dataclass
+class Case:
+    op: str
+    reference: Callable  # the eager composition of models/layers.py
+    fused: Callable
+    args: tuple
+    flops: float
+    fused_bytes: float | None  # None: not a single-pass op (the whole block)
+
+
+def make_cases(shape: Shape, dtype: torch.dtype, device: torch.device) -> list[Case]:
+    """Fresh random inputs and weights (fp32 parameters, as in the model) for each op and the whole block."""
+    from models.fused_ops import (
+        fused_gate_up_swiglu,
+        fused_linear_residual_rmsnorm,
+        fused_post_norm_block,
+        fused_qkv_rope,
+    )
+
+    B, S, d = shape.batch_size, shape.seq_len, HIDDEN
+    T = B * S
+    head_dim = d // NUM_HEADS
+    attn = Attention(d, head_dim, NUM_HEADS, NUM_HEADS).to(device)
+    mlp = SwiGLU(d, EXPANSION).to(device)
+    m = mlp.down_proj.weight.shape[1]
+    cos, sin = RotaryEmbedding(head_dim, S, base=10000.0, device=device)()
+    x = torch.randn(B, S, d, device=device).to(dtype)
+    o = torch.randn(B, S, d, device=device).to(dtype)
+    h = torch.randn(B, S, m, device=device).to(dtype)
+    el = torch.finfo(dtype).bits // 8  # bytes per activation / cast weight element
+
+    def ref_gate_up(x, w):
+        gate, up = F.linear(x, w.to(x.dtype)).chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def ref_linear_norm(a, w, r):
+        return rms_norm(r + F.linear(a, w.to(a.dtype)), EPS)
+
+    def ref_qkv_rope(x, w, cos, sin):
+        qkv = F.linear(x, w.to(x.dtype)).view(B, S, 3 * NUM_HEADS, head_dim)  # [B, S, 3H, D]
+        q, k = apply_rotary_pos_emb(qkv[:, :, :NUM_HEADS], qkv[:, :, NUM_HEADS : 2 * NUM_HEADS], cos, sin)
+        return q, k, qkv[:, :, 2 * NUM_HEADS :]
+
+    def ref_block(x):
+        x = rms_norm(x + attn(cos_sin=(cos, sin), hidden_states=x), EPS)
+        return rms_norm(x + mlp(x), EPS)
+
+    w_gu, w_o, w_down, w_qkv = (
+        mlp.gate_up_proj.weight,
+        attn.o_proj.weight,
+        mlp.down_proj.weight,
+        attn.qkv_proj.weight,
+    )
+    block_flops = 2 * T * d * (3 * d + d + 3 * m) + 4 * B * S * S * d
+    return [
+        Case(
+            "qkv_rope",
+            ref_qkv_rope,
+            lambda x, w, c, s: fused_qkv_rope(x, w, c, s, NUM_HEADS, head_dim),
+            (x, w_qkv, cos, sin),
+            2 * T * d * 3 * d,
+            el * (T * d + 3 * d * d + T * 3 * d),
+        ),
+        Case(
+            "o_proj_residual_rmsnorm",
+            ref_linear_norm,
+            lambda a, w, r: fused_linear_residual_rmsnorm(a, w, r, EPS),
+            (o, w_o, x),
+            2 * T * d * d,
+            el * (3 * T * d + d * d),
+        ),
+        Case(
+            "gate_up_swiglu",
+            ref_gate_up,
+            fused_gate_up_swiglu,
+            (x, w_gu),
+            2 * T * d * 2 * m,
+            el * (T * d + 2 * m * d + T * m),
+        ),
+        Case(
+            "down_proj_residual_rmsnorm",
+            ref_linear_norm,
+            lambda a, w, r: fused_linear_residual_rmsnorm(a, w, r, EPS),
+            (h, w_down, x),
+            2 * T * m * d,
+            el * (T * m + 2 * T * d + m * d),
+        ),
+        Case(
+            "block",
+            ref_block,
+            lambda x: fused_post_norm_block(attn, mlp, (cos, sin), x, EPS),
+            (x,),
+            block_flops,
+            None,
+        ),
+    ]
+
+
+def max_rel_err(out, ref) -> float:
+    outs, refs = (out, ref) if isinstance(out, tuple) else ((out,), (ref,))
+    errs = []
+    for a, b in zip(outs, refs, strict=True):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            raise RuntimeError(f"shape/dtype mismatch: {tuple(a.shape)} {a.dtype} vs {tuple(b.shape)} {b.dtype}")
+        errs.append(((a.float() - b.float()).abs().max() / b.float().abs().max()).item())
+    return max(errs)
+
+
+def _fmt(value: float | None, width: int, spec: str) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}{spec}}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="sudoku,arc", help=f"comma-separated, from {sorted(SHAPES)}")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd reference")
+    parser.add_argument("--json-out", default=None, help="append the JSON lines to this file")
+    args = parser.parse_args(argv)
+
+    if not FUSED_OPS_AVAILABLE:
+        print("error: the fused ops need Triton and a CUDA device", file=sys.stderr)
+        return 2
+    names = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    unknown = [n for n in names if n not in SHAPES]
+    if unknown:
+        print(f"error: --shapes: unknown {unknown}; choose from {sorted(SHAPES)}", file=sys.stderr)
+        return 2
+    import triton.testing
+
+    device = torch.device("cuda")
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    print(f"device: {torch.cuda.get_device_name(device)}  torch {torch.__version__}  dtype {args.dtype}")
+    header = f"{'shape':<8} {'op':<28} {'eager ms':>9} {'compile ms':>10} {'fused ms':>9} {'x eager':>8} {'x comp':>7} {'TFLOP/s':>8} {'GB/s':>7} {'rel err':>8}"
+    rows, failures = [], []
+    for name in names:
+        shape = SHAPES[name]
+        with torch.inference_mode():
+            for case in make_cases(shape, dtype, device):
+                # Correctness on these fresh inputs before any timing.
+                err = max_rel_err(case.fused(*case.args), case.reference(*case.args))
+                tol = MAX_REL_ERR[dtype] * (3 if case.op == "block" else 1)
+                if not err <= tol:
+                    failures.append(f"{name}/{case.op}: max relative error {err:.3e} > {tol:.0e}")
+                    print(f"CORRECTNESS FAILURE {failures[-1]}", file=sys.stderr, flush=True)
+                eager_ms = triton.testing.do_bench(lambda c=case: c.reference(*c.args), return_mode="median")
+                compiled_ms = None
+                if not args.no_compile:
+                    compiled = torch.compile(case.reference)
+                    compiled(*case.args)
+                    compiled_ms = triton.testing.do_bench(lambda f=compiled, c=case: f(*c.args), return_mode="median")
+                fused_ms = triton.testing.do_bench(lambda c=case: c.fused(*c.args), return_mode="median")
+                row = {
+                    "shape": name,
+                    "op": case.op,
+                    "tokens": shape.batch_size * shape.seq_len,
+                    "dtype": args.dtype,
+                    "eager_ms": eager_ms,
+                    "compiled_ms": compiled_ms,
+                    "fused_ms": fused_ms,
+                    "speedup_vs_eager": eager_ms / fused_ms,
+                    "speedup_vs_compiled": compiled_ms / fused_ms if compiled_ms else None,
+                    "fused_tflops": case.flops / fused_ms / 1e9,
+                    "fused_gbps": case.fused_bytes / fused_ms / 1e6 if case.fused_bytes else None,
+                    "max_rel_err": err,
+                }
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    print()
+    print(header)
+    for r in rows:
+        print(
+            f"{r['shape']:<8} {r['op']:<28} {r['eager_ms']:>9.3f} {_fmt(r['compiled_ms'], 10, '.3f')} "
+            f"{r['fused_ms']:>9.3f} {r['speedup_vs_eager']:>8.2f} {_fmt(r['speedup_vs_compiled'], 7, '.2f')} "
+            f"{r['fused_tflops']:>8.1f} {_fmt(r['fused_gbps'], 7, '.0f')} {r['max_rel_err']:>8.1e}"
+        )
+    if args.json_out:
+        with open(args.json_out, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    if failures:
+        print("FAILED correctness:\n  " + "\n  ".join(failures), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
