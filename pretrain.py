@@ -527,10 +527,13 @@ def restore_train_state(payload: dict[str, Any], path: str, config: PretrainConf
 
 
 def names_from_resume(config: PretrainConfig) -> PretrainConfig:
-    """With resume=PATH and no names given, continue in the saved run's folder under its names."""
-    if config.resume in (None, "auto") or not os.path.isfile(config.resume):
+    """When resuming, names not given on the command line are the saved run's (same folder, same W&B names)."""
+    if config.resume is None or (config.resume == "auto" and config.checkpoint_path is None):
         return config
-    saved = read_train_state(config.resume)["config"]
+    path = resolve_resume_path(config)
+    if path is None:
+        return config
+    saved = read_train_state(path)["config"]
     update = {k: saved.get(k) for k in ("project_name", "run_name", "checkpoint_path") if getattr(config, k) is None}
     return config.model_copy(update=update)
 
@@ -621,10 +624,9 @@ def train(config: PretrainConfig, info: DistInfo, logger: MetricLogger | None = 
             if results is not None:
                 logger.log(flatten_eval_metrics(results), step=state.step)
 
-            if config.checkpoint_every_eval or iter_id == total_iters - 1:
-                if info.is_main:
-                    ckpt.save_weights(state.model, config.checkpoint_path, state.step)
-                save_train_state(config, state, info)
+            if info.is_main and (config.checkpoint_every_eval or iter_id == total_iters - 1):
+                ckpt.save_weights(state.model, config.checkpoint_path, state.step)
+            save_train_state(config, state, info)  # always: a later kill resumes from here at worst
     finally:
         progress.close()
         logger.close()
