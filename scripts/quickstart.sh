@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Quick start: generate a small Sudoku set offline, build it with augmentation, train the tiny HRM
 # config, evaluate the checkpoint and print its accuracy. Needs only Python 3; uses the GPU when
-# there is one (and then trains longer). About 10 minutes on a 2-core CPU.
+# there is one (and then trains longer). About 3 minutes on an idle 2-core CPU, installs included.
 #   VENV=path        virtual environment to use or create (default: .venv in the repository)
 #   TORCH_SPEC=spec  what to install for torch (default: torch==2.13.0)
 #   QS_EPOCHS=N      training epochs (default: 32 on CPU, 400 on GPU)
