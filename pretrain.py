@@ -393,6 +393,28 @@ def train_batch(
 # --------------------------------------------------------------------------------------- evaluation
 
 
+def eval_batch(config: PretrainConfig, state: TrainState, batch: dict[str, torch.Tensor], info: DistInfo):
+    """One test batch from a fresh carry, the head called until every row halted: (batch, metrics, outputs).
+
+    Asking whether all rows halted is a host synchronisation. An ACT model in eval mode halts only at
+    `halt_max_steps`, so the calls before that one are issued without asking and the device never idles.
+    """
+    model_config = getattr(state.model.model, "config", None)
+    calls_before_check = 0 if state.model.training else max(0, getattr(model_config, "halt_max_steps", 1) - 1)
+    with torch.inference_mode():
+        batch = {k: v.to(info.device, non_blocking=True) for k, v in batch.items()}
+        with torch.device(info.device):
+            carry = state.model.initial_carry(batch)
+        calls = 0
+        while True:
+            carry, _, metrics, preds, all_halted = state.forward(
+                carry=carry, batch=batch, return_keys=config.eval_save_outputs
+            )
+            calls += 1
+            if calls > calls_before_check and all_halted:
+                return batch, metrics, preds
+
+
 def evaluate(config: PretrainConfig, state: TrainState, loader: DataLoader, metadata: Any, info: DistInfo):
     """Run every test batch to the end of its ACT steps; per-set metrics (divided by count) on rank 0."""
     set_ids = {name: i for i, name in enumerate(metadata.sets)}
@@ -402,15 +424,7 @@ def evaluate(config: PretrainConfig, state: TrainState, loader: DataLoader, meta
     metric_sums: torch.Tensor | None = None
     with torch.inference_mode():
         for set_name, batch, _global_size in tqdm(loader, desc="eval", disable=not info.is_main, leave=False):
-            batch = {k: v.to(info.device, non_blocking=True) for k, v in batch.items()}
-            with torch.device(info.device):
-                carry = state.model.initial_carry(batch)
-            while True:
-                carry, _, metrics, preds, all_halted = state.forward(
-                    carry=carry, batch=batch, return_keys=config.eval_save_outputs
-                )
-                if all_halted:
-                    break
+            batch, metrics, preds = eval_batch(config, state, batch, info)
             for collection in (batch, preds):
                 for k, v in collection.items():
                     if k in save_keys:
