@@ -76,8 +76,18 @@ def block_flops(tokens: int, seq: int, batch: int, hidden: int, inter: int) -> f
     return float(matmul + attention)
 
 
-def step_flops(model_cfg, local_batch: int, world_size: int) -> tuple[float, float]:
-    """(train-step FLOPs, eval-batch FLOPs) over the global batch, per SPEC §9."""
+def step_flops(model, local_batch: int, world_size: int) -> tuple[float, float]:
+    """(train-step FLOPs, eval-batch FLOPs) over the global batch, per SPEC §9 for HRM ACT-v1.
+
+    A model without H/L cycles (the single-step three-level model) is counted as 2·params per token
+    forward and 3× that for a train step, attention excluded: an approximation, marked so in the docs.
+    """
+    model_cfg = model.config
+    if not hasattr(model_cfg, "H_cycles"):
+        params = sum(p.numel() for p in model.parameters())
+        prefix = -(getattr(model_cfg, "puzzle_emb_ndim", 0) // -model_cfg.hidden_size)
+        tokens = local_batch * world_size * (model_cfg.seq_len + prefix)
+        return 6.0 * params * tokens, 2.0 * params * tokens
     hidden = model_cfg.hidden_size
     inter = -(round(model_cfg.expansion * hidden * 2 / 3) // -256) * 256
     prefix = -(model_cfg.puzzle_emb_ndim // -hidden) if model_cfg.puzzle_emb_ndim > 0 else 0
@@ -188,7 +198,7 @@ def bench_shape(shape: Shape, args, info) -> dict | None:
         state.model.train()
 
     peak_gib = torch.cuda.max_memory_allocated(info.device) / 2**30 if info.device.type == "cuda" else float("nan")
-    train_flops, eval_flops = step_flops(state.model.model.config, local_batch, info.world_size)
+    train_flops, eval_flops = step_flops(state.model.model, local_batch, info.world_size)
     if not info.is_main:
         return None
     return {

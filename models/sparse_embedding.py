@@ -99,11 +99,17 @@ def _sparse_emb_signsgd_dist(
         all_gather(all_weights_grad, local_weights_grad.contiguous())
         all_gather(all_ids, local_ids)
 
-    # Sum gradients of repeated ids, so a row seen several times gets one sign step.
-    grad_ids, inverse = all_ids.unique(return_inverse=True)
-    grad = all_weights_grad.new_zeros((grad_ids.shape[0], dim))
-    grad.scatter_add_(0, inverse.unsqueeze(-1).expand(-1, dim), all_weights_grad)
+    # Sum gradients of repeated ids, so a row seen several times gets one sign step. `unique` would give
+    # a data-dependent shape (a host synchronisation every step); instead sort the ids, number the runs
+    # of equal ids, sum the gradients per run, and let every occurrence write its run's new row: the
+    # copies are identical, so which write lands does not matter. All shapes stay [N] / [N, D].
+    sorted_ids, order = torch.sort(all_ids.to(torch.int64))
+    starts_run = torch.ones_like(sorted_ids, dtype=torch.bool)
+    starts_run[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    run_index = torch.cumsum(starts_run, dim=0) - 1  # [N], run of each sorted occurrence
+    grad = all_weights_grad.new_zeros((sorted_ids.shape[0], dim))
+    grad.index_add_(0, run_index, all_weights_grad[order])  # [N, D], rows past the last run stay 0
 
-    rows = weights[grad_ids]
-    rows.mul_(1.0 - lr * weight_decay).add_(torch.sign(grad), alpha=-lr)
-    weights[grad_ids] = rows
+    rows = weights[sorted_ids]  # [N, D], gathered before any write
+    rows.mul_(1.0 - lr * weight_decay).add_(torch.sign(grad[run_index]), alpha=-lr)
+    weights.index_put_((sorted_ids,), rows)

@@ -1,11 +1,12 @@
 """AdamATan2: Adam with `atan2(m, √v)` in place of `m / (√v + ε)` (Everett et al. 2024), no ε to tune.
 
 Design choices:
-- Two backends with one state layout (`step` as a 0-dim fp32 tensor on the param's device,
+- Three backends with one state layout (`step` as a 0-dim fp32 tensor on the param's device,
   `exp_avg`, `exp_avg_sq`), so optimizer state dicts move freely between them:
   * "fused-cuda": the CUDA kernel of the `adam-atan2` package, used only when its extension imports
     and a tiny step on the GPU matches the reference math. The kernel is called directly: the
     package's Python wrapper calls a torch helper removed in torch 2.11 and crashes there.
+  * "triton": on CUDA without that package, a one-pass Triton kernel per tensor (same math).
   * "foreach": the same math with `torch._foreach_*` ops (per-tensor `atan2`, which has no foreach
     form), on any device. Bias corrections are computed from the step tensors on the device, so a
     step never synchronises with the host.
@@ -14,10 +15,59 @@ Design choices:
 - `lr` is read from the param group at every step (the launcher's schedule rewrites it) and may be 0.
 """
 
+import math
 import os
 
 import torch
 from torch.optim.optimizer import Optimizer, ParamsT
+
+try:  # optional accelerator: a one-pass Triton kernel for CUDA when the adam-atan2 package is absent
+    import triton
+    import triton.language as tl
+    from triton.language.extra import libdevice
+except ImportError:
+    triton = None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _adam_atan2_kernel(
+        p_ptr, g_ptr, m_ptr, v_ptr, step_ptr, n_elements, lr, decay, beta1, beta2, log_beta1, log_beta2,
+        BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        # One read and one write of p, m, v (and one read of g) instead of the nine passes of the
+        # foreach path; the step count stays on the device, so no host synchronisation.
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < n_elements
+        t = tl.load(step_ptr)
+        p = tl.load(p_ptr + offsets, mask=mask)
+        g = tl.load(g_ptr + offsets, mask=mask)
+        m = tl.load(m_ptr + offsets, mask=mask)
+        v = tl.load(v_ptr + offsets, mask=mask)
+        p = p * decay
+        m = m + (1.0 - beta1) * (g - m)  # lerp(m, g, 1 - beta1), weight < 0.5 form
+        v = v + (1.0 - beta2) * (g * g - v)
+        step_size = lr / (1.0 - tl.exp(t * log_beta1))
+        bias_correction2_sqrt = tl.sqrt(1.0 - tl.exp(t * log_beta2))
+        p = p - step_size * libdevice.atan2(m, tl.sqrt(v) / bias_correction2_sqrt)
+        tl.store(p_ptr + offsets, p, mask=mask)
+        tl.store(m_ptr + offsets, m, mask=mask)
+        tl.store(v_ptr + offsets, v, mask=mask)
+
+
+def _triton_adam_atan2_(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, beta1, beta2, weight_decay) -> None:
+    """Same update as `_foreach_adam_atan2_`, one kernel per tensor (contiguous fp32 CUDA tensors)."""
+    decay = 1 - lr * weight_decay  # computed in double on the host, as the foreach path does
+    for p, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
+        n = p.numel()
+        _adam_atan2_kernel[(triton.cdiv(n, 1024),)](
+            p, g, m, v, t, n, lr, decay, beta1, beta2, math.log(beta1), math.log(beta2), BLOCK=1024
+        )
+
+
+def _triton_usable(tensors: list[torch.Tensor]) -> bool:
+    return triton is not None and all(t.is_cuda and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
 
 
 def _foreach_adam_atan2_(
@@ -85,7 +135,17 @@ def _probe_fused_backend():
 
 
 _fused_backend = _probe_fused_backend()
-ADAM_ATAN2_BACKEND = "fused-cuda" if _fused_backend is not None else "foreach"
+_TRITON_ENABLED = (
+    triton is not None
+    and torch.cuda.is_available()
+    and os.environ.get("HRM_ADAM_ATAN2_BACKEND", "").strip().lower() != "foreach"
+)
+if _fused_backend is not None:
+    ADAM_ATAN2_BACKEND = "fused-cuda"
+elif _TRITON_ENABLED:
+    ADAM_ATAN2_BACKEND = "triton"  # CUDA tensors take the Triton kernel; CPU tensors still use foreach
+else:
+    ADAM_ATAN2_BACKEND = "foreach"
 
 
 class AdamATan2(Optimizer):
@@ -139,7 +199,11 @@ class AdamATan2(Optimizer):
 
             for (device, _), (params, grads, exp_avgs, exp_avg_sqs, steps) in buckets.items():
                 torch._foreach_add_(steps, 1)
-                if _fused_backend is not None and device.type == "cuda":
+                if _fused_backend is None and _TRITON_ENABLED and _triton_usable(params + grads):
+                    _triton_adam_atan2_(
+                        params, grads, exp_avgs, exp_avg_sqs, steps, group["lr"], beta1, beta2, group["weight_decay"]
+                    )
+                elif _fused_backend is not None and device.type == "cuda":
                     _fused_backend.adam_atan2_cuda_impl_(
                         params, grads, exp_avgs, exp_avg_sqs, steps, group["lr"], beta1, beta2, group["weight_decay"]
                     )
