@@ -5,7 +5,10 @@ Design choices:
   before iterating); every array is opened lazily on the first `__iter__`, i.e. inside the
   DataLoader worker. `inputs`/`labels` are memory-mapped (`mmap_mode="r"`): only the rows of
   a batch are ever read. The small index arrays are loaded into memory and validated against
-  `dataset.json` (lengths, monotone offsets, seq_len) when opened.
+  `dataset.json` (lengths, monotone offsets, seq_len) when opened. The constructor opens and
+  checks them once too, in the caller's process, so a malformed or empty split is one clear
+  error before any worker starts. Token ids are range-checked per batch (against `vocab_size`)
+  as rows are read, which costs nothing next to a step and never scans the whole file.
 - Training sampling follows the reference exactly, except that the choice of a puzzle's
   examples also uses the Philox generator (the reference draws it from NumPy's global RNG,
   which is not seeded from the config), so one `(seed, iteration)` fixes every batch and a
@@ -98,6 +101,9 @@ class PuzzleDataset(IterableDataset):
                     raise FileNotFoundError(
                         f"{path}: array file listed by {self.split_dir / 'dataset.json'} is missing"
                     )
+        sizes = {name: arrays["inputs"].shape[0] for name, arrays in self._open_arrays().items()}
+        if sum(sizes.values()) == 0:
+            raise ValueError(f"{self.split_dir}: the {split} split has no examples (sets {', '.join(sizes)})")
         self._data: dict[str, dict[str, np.ndarray]] | None = None
         self._iters = 0  # train iterations started so far, counted per set (the Philox seed offset)
         self._skip_batches = 0
@@ -119,8 +125,10 @@ class PuzzleDataset(IterableDataset):
         self._skip_batches = batches_done
 
     def _lazy_load(self) -> None:
-        if self._data is not None:
-            return
+        if self._data is None:
+            self._data = self._open_arrays()
+
+    def _open_arrays(self) -> dict[str, dict[str, np.ndarray]]:
         data = {}
         for set_name in self.metadata.sets:
             arrays = {}
@@ -131,7 +139,23 @@ class PuzzleDataset(IterableDataset):
                     raise ValueError(f"{path}: cannot read .npy file ({e})") from None
             validate_split_arrays(self.split_dir, set_name, self.metadata, arrays)
             data[set_name] = {field: arrays[field] for field in FIELDS}
-        self._data = data
+        return data
+
+    def _check_tokens(self, set_name: str, inputs: np.ndarray, labels: np.ndarray, rows: np.ndarray) -> None:
+        """Token ids of a batch's rows must lie in [0, vocab_size) (labels may also be ignore_label_id)."""
+        vocab = self.metadata.vocab_size
+        ignore = self.metadata.ignore_label_id
+        for field, values in (("inputs", inputs), ("labels", labels)):
+            bad = (values < 0) | (values >= vocab)
+            if field == "labels" and ignore is not None:
+                bad &= values != ignore
+            if bad.any():
+                row, col = np.argwhere(bad)[0]
+                path = split_paths(self.split_dir, set_name)[field]
+                raise ValueError(
+                    f"{path}: row {int(rows[row])}, position {int(col)}: token id {int(values[row, col])} "
+                    f"outside [0, vocab_size={vocab}) of dataset.json"
+                )
 
     def _collate(self, inputs: np.ndarray, labels: np.ndarray, identifiers: np.ndarray) -> dict[str, torch.Tensor]:
         batch = {
@@ -177,9 +201,9 @@ class PuzzleDataset(IterableDataset):
                 examples, puzzles = examples[lo:hi], puzzles[lo:hi]
                 # Sorted, unique row ids read a memory map faster; restore the sampled order after.
                 rows, inverse = np.unique(examples, return_inverse=True)
-                batch = self._collate(
-                    data["inputs"][rows][inverse], data["labels"][rows][inverse], data["puzzle_identifiers"][puzzles]
-                )
+                inputs, labels = data["inputs"][rows], data["labels"][rows]
+                self._check_tokens(set_name, inputs, labels, rows)
+                batch = self._collate(inputs[inverse], labels[inverse], data["puzzle_identifiers"][puzzles])
                 yield set_name, batch, global_effective_batch_size
 
     def _iter_test(self):
@@ -193,7 +217,9 @@ class PuzzleDataset(IterableDataset):
                 hi = min(start + (cfg.rank + 1) * self.local_batch_size, end)
                 # Puzzle of example i: the last puzzle whose first example is <= i.
                 puzzles = np.searchsorted(offsets, np.arange(lo, hi), side="right") - 1
-                batch = self._collate(data["inputs"][lo:hi], data["labels"][lo:hi], data["puzzle_identifiers"][puzzles])
+                inputs, labels = data["inputs"][lo:hi], data["labels"][lo:hi]
+                self._check_tokens(set_name, inputs, labels, np.arange(lo, hi))
+                batch = self._collate(inputs, labels, data["puzzle_identifiers"][puzzles])
                 yield set_name, batch, end - start
 
     def __iter__(self):

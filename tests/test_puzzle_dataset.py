@@ -40,7 +40,7 @@ def make_dataset(root, puzzle_sizes_per_group, seed=0, split="train"):
         pad_id=PAD,
         ignore_label_id=IGNORE,
         blank_identifier_id=BLANK,
-        vocab_size=12,
+        vocab_size=max(12, n),  # inputs[:, 0] holds the example index, a token id below vocab_size
         seq_len=SEQ,
         num_puzzle_identifiers=len(puzzle_sizes) + 1,
         total_groups=len(puzzle_sizes_per_group),

@@ -8,7 +8,12 @@ Design choices:
   optimizer, step, data-loader position, ACT carry and RNG states of every rank, config.
 - Every file is written atomically (temporary file in the same folder, fsync, rename, fsync of
   the folder), so a crash mid-write leaves the previous checkpoint intact and never a truncated
-  one under the final name. The latest train state is found by its zero-padded step in the name.
+  one under the final name. The latest train state is found by its zero-padded step in the name;
+  temporary files (`.<name>.<random>.tmp`) never match that pattern, and the ones a killed writer
+  left behind are removed by the next train-state save.
+- A write that fails (read-only folder, disk full, quota) removes its temporary file and raises
+  `CheckpointWriteError`, one line naming the folder and the OS reason; the file it would have
+  replaced is untouched.
 - The ACT carry is a tree of dataclasses, dicts and tensors; it is stored as plain nested dicts of
   CPU tensors and rebuilt into a template carry made by the model, so a checkpoint never pickles
   model classes.
@@ -16,6 +21,7 @@ Design choices:
   mismatch is one ValueError line naming the first offending key.
 """
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -27,30 +33,52 @@ from typing import Any
 import torch
 
 TRAIN_STATE_PATTERN = re.compile(r"^train_state_step_(\d+)\.pt$")
+TRAIN_STATE_TEMP_PATTERN = re.compile(r"^\.train_state_step_\d+\.pt\..*\.tmp$")
 COMPILE_PREFIX = "_orig_mod."
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint file could not be written; the previous file of that name is intact."""
+
+    exit_code = 4
+
+
+def _write_error(directory: str, error: OSError) -> CheckpointWriteError:
+    reason = error.strerror or str(error) or type(error).__name__
+    failure = CheckpointWriteError(f"cannot write checkpoint to {directory}: {reason}")
+    failure.errno = error.errno  # set after construction: a two-argument OSError prefixes "[Errno N]" to the text
+    return failure
+
+
 def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write `path` via `write(file)` into a temporary sibling, fsync, then rename over `path`."""
+    """Write `path` via `write(file)` into a temporary sibling, fsync, then rename over `path`.
+
+    Raises `CheckpointWriteError` when the folder or the file cannot be written (nothing is left behind).
+    """
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    except OSError as e:
+        raise _write_error(directory, e) from e
     try:
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
+        # Make the rename itself durable.
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
             os.unlink(tmp_path)
+        if isinstance(e, OSError) and not isinstance(e, CheckpointWriteError):
+            raise _write_error(directory, e) from e
         raise
-    # Make the rename itself durable.
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
@@ -73,6 +101,22 @@ def find_latest_train_state(checkpoint_path: str) -> str | None:
     if not found:
         return None
     return os.path.join(checkpoint_path, max(found)[1])
+
+
+def remove_stale_temp_files(checkpoint_path: str) -> list[str]:
+    """Delete train-state temporaries left by a writer that was killed mid-write; returns their names.
+
+    Only rank 0 writes train states, one at a time, so any such file found between saves is stale.
+    """
+    if not os.path.isdir(checkpoint_path):
+        return []
+    stale = sorted(name for name in os.listdir(checkpoint_path) if TRAIN_STATE_TEMP_PATTERN.match(name))
+    for name in stale:
+        try:
+            os.unlink(os.path.join(checkpoint_path, name))
+        except FileNotFoundError:
+            pass
+    return stale
 
 
 def step_from_filename(path: str) -> int:
@@ -188,10 +232,13 @@ def save_code_and_config(checkpoint_path: str, config_dict: dict[str, Any], sour
     """Write `all_config.yaml` and copy the model/loss source files into the run folder."""
     import yaml
 
-    os.makedirs(checkpoint_path, exist_ok=True)
-    for src in source_files:
-        if src and os.path.isfile(src):
-            shutil.copyfile(src, os.path.join(checkpoint_path, os.path.basename(src)))
+    try:
+        os.makedirs(checkpoint_path, exist_ok=True)
+        for src in source_files:
+            if src and os.path.isfile(src):
+                shutil.copyfile(src, os.path.join(checkpoint_path, os.path.basename(src)))
+    except OSError as e:
+        raise _write_error(checkpoint_path, e) from e
     atomic_write(
         os.path.join(checkpoint_path, "all_config.yaml"),
         lambda f: yaml.safe_dump(config_dict, f, sort_keys=False),

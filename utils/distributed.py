@@ -8,10 +8,21 @@ Design choices:
 - `distributed_context` pairs setup with teardown so the group is destroyed even when training
   raises (a leaked NCCL group makes the other ranks hang until their timeout).
 - Gradients are summed with one all-reduce over a flat concatenated buffer: one collective per
-  step instead of one per parameter.
+  step instead of one per parameter. The same buffer carries one extra element that is NaN on a
+  rank whose loss (or other local tensors) is not finite, so after the sum every rank holds the
+  same buffer and reaches the same skip/step decision with no extra collective.
+- Every collective has a bound: the process group gets `timeout_s` (config `dist_timeout_s`,
+  default 600 s, honoured by gloo and by NCCL's watchdog). When a peer dies, gloo fails at once
+  ("connection reset"); when it hangs, the collective fails after the timeout. Either way the
+  surviving ranks leave through `DistributedFailure`: one line naming the rank, exit status 5.
+  Under torchrun the agent also notices a dead worker (every 0.1 s), sends SIGTERM to the
+  others and exits non-zero (or restarts the group with `--max-restarts`).
 """
 
+import datetime
+import math
 import os
+import traceback
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,6 +30,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+DEFAULT_TIMEOUT_S = 600.0
+
+
+class DistributedFailure(RuntimeError):
+    """A collective failed: another rank died, or did not answer within the process-group timeout."""
+
+    exit_code = 5
 
 
 @dataclass(frozen=True)
@@ -50,16 +69,23 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def setup_distributed(device_name: str = "auto") -> DistInfo:
-    """Initialise the process group under torchrun (NCCL on GPU, gloo on CPU); otherwise single process."""
+def setup_distributed(device_name: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> DistInfo:
+    """Initialise the process group under torchrun (NCCL on GPU, gloo on CPU); otherwise single process.
+
+    `timeout_s` bounds every collective (and the initial rendezvous) of the group.
+    """
     if not launched_by_torchrun():
         return DistInfo(rank=0, world_size=1, local_rank=0, device=resolve_device(device_name))
+    if not (math.isfinite(timeout_s) and timeout_s > 0):
+        raise ValueError(f"config key 'dist_timeout_s': must be a positive number of seconds, got {timeout_s}")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout_s)
+        )
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device)
 
 
@@ -68,12 +94,41 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
+def is_collective_failure(error: BaseException) -> bool:
+    """True for an exception raised inside a torch.distributed call (gloo raises plain RuntimeErrors)."""
+    if isinstance(error, dist.DistError):
+        return True
+    if not isinstance(error, RuntimeError):
+        return False
+    frames = traceback.extract_tb(error.__traceback__)
+    return any(os.path.join("torch", "distributed") in frame.filename for frame in frames)
+
+
+def describe_collective_failure(error: BaseException, info: DistInfo, timeout_s: float) -> str:
+    """One line: which rank, why, and the bound that applied."""
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    if first.startswith("[") and "] " in first:  # drop gloo's "[/path/to/file.cc:123] " source prefix
+        first = first.split("] ", 1)[1]
+    first = first.split(". ", 1)[0]
+    return (
+        f"rank {info.rank} of {info.world_size}: a collective failed ({first}); another rank died or did not "
+        f"answer within the process-group timeout (dist_timeout_s={timeout_s:g})"
+    )
+
+
 @contextmanager
-def distributed_context(device_name: str = "auto") -> Iterator[DistInfo]:
-    """setup_distributed / cleanup_distributed as a pair that also tears down on exceptions."""
-    info = setup_distributed(device_name)
+def distributed_context(device_name: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[DistInfo]:
+    """setup_distributed / cleanup_distributed as a pair that also tears down on exceptions.
+
+    A failed collective (a peer died or hung) leaves as `DistributedFailure` with a one-line message.
+    """
+    info = setup_distributed(device_name, timeout_s)
     try:
         yield info
+    except (RuntimeError, dist.DistError) as e:
+        if info.world_size > 1 and not isinstance(e, DistributedFailure) and is_collective_failure(e):
+            raise DistributedFailure(describe_collective_failure(e, info, timeout_s)) from e
+        raise
     finally:
         cleanup_distributed()
 
@@ -94,6 +149,31 @@ def broadcast_module_state(module: torch.nn.Module, src: int = 0) -> None:
         return
     for tensor in list(module.parameters()) + list(module.buffers()):
         dist.broadcast(tensor, src=src)
+
+
+@torch.no_grad()
+def all_reduce_sum_flat_and_check_finite_(
+    tensors: Sequence[torch.Tensor], local_checks: Sequence[torch.Tensor] = ()
+) -> torch.Tensor:
+    """Sum `tensors` across ranks in place (one all-reduce) and return a 0-dim bool tensor, on device,
+    that is True on every rank iff every summed value is finite and every `local_checks` tensor was
+    finite on every rank. Nothing is read back to the host here.
+    """
+    devices = [t.device for t in (*tensors, *local_checks)]
+    if not devices:
+        return torch.ones((), dtype=torch.bool)
+    # One element per rank: 0 when its local checks pass, NaN otherwise; NaN survives the sum.
+    local_ok = torch.stack([torch.isfinite(t).all() for t in local_checks]).all() if local_checks else True
+    marker = torch.where(torch.as_tensor(local_ok, device=devices[0]), 0.0, math.nan).reshape(1)
+    dtype = tensors[0].dtype if tensors else marker.dtype
+    flat = torch.cat([t.reshape(-1) for t in tensors] + [marker.to(dtype)])  # [sum of numels + 1]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flat)
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+    return torch.isfinite(flat).all()
 
 
 @torch.no_grad()
