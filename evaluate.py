@@ -8,6 +8,8 @@ Design choices:
 - Reads our `step_N` files, the reference's (keys with the `_orig_mod.` prefix of a compiled
   module) and our train-state files; the step comes from a `step_N` name (0 otherwise) or from the
   train state. A checkpoint that does not fit the configured model is a one-line error naming the key.
+  A train state of an `ema` run is evaluated with its averaged parameters, as its `step_N` files are.
+- `eval_halting=fixed|learned` overrides the run's setting (README "Research options").
 - Evaluation itself is pretrain.evaluate (SPEC §6); outputs are saved per rank as
   `step_{N}_all_preds.{rank}` beside the checkpoint. When the dataset's identifiers are ARC
   variants (`<id>_t<k>_<perm>`), rank 0 then scores them (utils/arc_scoring) and prints pass@K.
@@ -15,7 +17,7 @@ Design choices:
 
 import os
 import sys
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import hydra
 import torch
@@ -41,6 +43,8 @@ class EvalConfig(BaseModel):
     data_path: Optional[str] = None  # None: the data_path recorded in all_config.yaml
     device: str = "auto"
     compile: Optional[bool] = False  # compiling costs more than it saves for a single evaluation pass
+    dist_timeout_s: float = 600.0  # process-group timeout under torchrun (README "Reliability")
+    eval_halting: Optional[Literal["fixed", "learned"]] = None  # None: the run's own setting
 
 
 ConfigStore.instance().store(
@@ -72,7 +76,9 @@ def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], int, Optional[d
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if ckpt.TRAIN_STATE_PATTERN.match(os.path.basename(path)):
         payload = pretrain.read_train_state(path)
-        return ckpt.strip_compile_prefix(payload["model"]), int(payload["step"]), payload["config"]
+        # A run with `ema` evaluates its averaged parameters, as its step_N files hold them.
+        weights = {**ckpt.strip_compile_prefix(payload["model"]), **payload.get("ema", {})}
+        return weights, int(payload["step"]), payload["config"]
     return ckpt.load_weights_file(path), ckpt.step_from_filename(path), None
 
 
@@ -107,6 +113,8 @@ def build_config(eval_cfg: EvalConfig, saved: Optional[dict[str, Any]]) -> pretr
     }
     if eval_cfg.data_path is not None:
         update["data_path"] = eval_cfg.data_path
+    if eval_cfg.eval_halting is not None:
+        update["eval_halting"] = eval_cfg.eval_halting
     return config.model_copy(update=update)
 
 
@@ -159,7 +167,7 @@ def evaluate_checkpoint(eval_cfg: EvalConfig, info: DistInfo) -> Optional[dict[s
 def main(cfg: DictConfig) -> None:
     with pretrain.bad_input_exits():
         eval_cfg = eval_config_from_hydra(cfg)
-        with distributed_context(eval_cfg.device) as info:
+        with distributed_context(eval_cfg.device, eval_cfg.dist_timeout_s) as info:
             evaluate_checkpoint(eval_cfg, info)
 
 

@@ -15,12 +15,15 @@ Design choices:
   position, ACT carry and RNG of every rank, config) so a stopped run continues bit-exactly.
 """
 
+import dataclasses
 import inspect
+import json
 import math
 import os
 import sys
+from collections import deque
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
@@ -36,11 +39,13 @@ from tqdm import tqdm
 from utils import checkpointing as ckpt
 from utils.distributed import (
     DistInfo,
-    all_reduce_sum_flat_,
+    DistributedFailure,
+    all_reduce_sum_flat_and_check_finite_,
     broadcast_module_state,
     broadcast_object,
     distributed_context,
 )
+from utils.ema import ModelEMA
 from utils.logging_utils import MetricLogger, create_logger
 
 # ------------------------------------------------------------------------------------------- config
@@ -95,6 +100,34 @@ class PretrainConfig(BaseModel):
     resume: Optional[str] = None
     checkpoint_interval_steps: Optional[int] = None
     stop_at_step: Optional[int] = None
+    nonfinite: Literal["skip", "stop"] = "skip"  # README "Reliability"
+    dist_timeout_s: float = 600.0
+
+    # Research options beyond the reference, each off by default (README "Research options").
+    ema: bool = False
+    ema_rate: float = 0.999
+    eval_halting: Literal["fixed", "learned"] = "fixed"
+    early_stop_train_accuracy: Optional[float] = None
+    early_stop_window: int = 100
+    keep_best: Optional[str] = None
+    grad_accum_steps: int = 1
+
+    @model_validator(mode="after")
+    def _check_research_options(self) -> "PretrainConfig":
+        if not 0.0 <= self.ema_rate < 1.0:
+            raise ValueError(f"config key 'ema_rate': must be in [0, 1), got {self.ema_rate}")
+        for key in ("early_stop_window", "grad_accum_steps"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"config key '{key}': must be >= 1, got {getattr(self, key)}")
+        if self.early_stop_train_accuracy is not None and not 0.0 < self.early_stop_train_accuracy <= 1.0:
+            raise ValueError(
+                f"config key 'early_stop_train_accuracy': must be in (0, 1], got {self.early_stop_train_accuracy}"
+            )
+        if self.keep_best is not None and "/" not in self.keep_best:
+            raise ValueError(
+                f"config key 'keep_best': expected an eval metric as '<set>/<metric>', got {self.keep_best!r}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_values(self) -> "PretrainConfig":
@@ -226,10 +259,14 @@ class TrainState:
     data_iters: int = 0  # train loader iterations completed
     data_batches: int = 0  # batches consumed in the current iteration
     pending_carry: Any = None  # a restored carry, filled into a template at the next train batch
+    ema: Optional[ModelEMA] = None  # `ema: true`: the averaged parameters
+    sparse_grads: Optional["SparseEmbeddingGradAccumulator"] = None  # `grad_accum_steps > 1` with a puzzle embedding
+    skipped_steps: int = 0  # updates dropped for a non-finite loss or gradient (in this process)
+    nonfinite_stop: bool = False  # `nonfinite: stop` was hit: the loop saves a train state and exits
 
     def state_dict(self) -> dict[str, Any]:
         """Everything shared by all ranks (the rank-local carry and RNG are added by `save_train_state`)."""
-        return {
+        state = {
             "model": self.model.state_dict(),
             "optimizers": [opt.state_dict() for opt in self.optimizers],
             "step": self.step,
@@ -237,6 +274,9 @@ class TrainState:
             "data_iters": self.data_iters,
             "data_batches": self.data_batches,
         }
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any], source: str) -> None:
         ckpt.load_model_weights(self.model, state["model"], source)
@@ -249,6 +289,12 @@ class TrainState:
         self.step = int(state["step"])
         self.data_iters = int(state["data_iters"])
         self.data_batches = int(state["data_batches"])
+        if self.ema is not None:
+            if "ema" in state:
+                self.ema.load_state_dict(state["ema"], source)
+            else:  # a run without EMA continued with it: start the average from the restored weights
+                self.ema = ModelEMA(self.model, self.ema.rate)
+                print(f"warning: {source} holds no EMA; starting the average from its weights", file=sys.stderr)
 
 
 def use_compile(config: PretrainConfig, device: torch.device) -> bool:
@@ -262,9 +308,14 @@ def model_config_dict(config: PretrainConfig, metadata: Any, world_size: int) ->
         raise ValueError(
             f"config key 'global_batch_size': {config.global_batch_size} is not divisible by the world size {world_size}"
         )
+    local_batch_size = config.global_batch_size // world_size
+    if local_batch_size % config.grad_accum_steps != 0:
+        raise ValueError(
+            f"config key 'grad_accum_steps': the per-rank batch {local_batch_size} is not divisible by {config.grad_accum_steps}"
+        )
     return dict(
         **(config.arch.model_extra or {}),
-        batch_size=config.global_batch_size // world_size,
+        batch_size=local_batch_size // config.grad_accum_steps,  # the model sees one micro-batch at a time
         vocab_size=metadata.vocab_size,
         seq_len=metadata.seq_len,
         num_puzzle_identifiers=metadata.num_puzzle_identifiers,
@@ -286,8 +337,17 @@ def create_model(config: PretrainConfig, metadata: Any, info: DistInfo) -> tuple
     return head, sources
 
 
-def create_optimizers(config: PretrainConfig, head: nn.Module, world_size: int):
-    """[SignSGD on the puzzle embedding (if any)], [AdamATan2 on the parameters], with their base lrs."""
+def create_optimizers(
+    config: PretrainConfig,
+    head: nn.Module,
+    world_size: int,
+    sparse_grads: Optional["SparseEmbeddingGradAccumulator"] = None,
+):
+    """[SignSGD on the puzzle embedding (if any)], [AdamATan2 on the parameters], with their base lrs.
+
+    With `sparse_grads` (gradient accumulation) SignSGD reads the accumulated rows and ids of the whole
+    per-rank batch instead of the embedding's own micro-batch-sized buffers.
+    """
     from models.sparse_embedding import CastedSparseEmbeddingSignSGD_Distributed
     from utils.optimizers import AdamATan2
 
@@ -297,7 +357,10 @@ def create_optimizers(config: PretrainConfig, head: nn.Module, world_size: int):
     if puzzle_emb is not None:
         optimizers.append(
             CastedSparseEmbeddingSignSGD_Distributed(
-                puzzle_emb.buffers(), world_size=world_size, lr=0, weight_decay=config.puzzle_emb_weight_decay
+                puzzle_emb.buffers() if sparse_grads is None else sparse_grads.buffers(),
+                world_size=world_size,
+                lr=0,
+                weight_decay=config.puzzle_emb_weight_decay,
             )
         )
         base_lrs.append(config.puzzle_emb_lr)
@@ -311,17 +374,65 @@ def create_optimizers(config: PretrainConfig, head: nn.Module, world_size: int):
 def init_train_state(config: PretrainConfig, metadata: Any, info: DistInfo) -> tuple[TrainState, list[str]]:
     total_steps = compute_total_steps(config, metadata.total_groups, metadata.mean_puzzle_examples)
     head, sources = create_model(config, metadata, info)
-    optimizers, base_lrs = create_optimizers(config, head, info.world_size)
+    puzzle_emb = getattr(head.model, "puzzle_emb", None)
+    sparse_grads = None
+    if config.grad_accum_steps > 1 and puzzle_emb is not None:
+        sparse_grads = SparseEmbeddingGradAccumulator(puzzle_emb, config.global_batch_size // info.world_size)
+    optimizers, base_lrs = create_optimizers(config, head, info.world_size, sparse_grads)
     forward = torch.compile(head, dynamic=False) if use_compile(config, info.device) else head
-    return TrainState(head, forward, optimizers, base_lrs, total_steps), sources
+    ema = ModelEMA(head, config.ema_rate) if config.ema else None
+    state = TrainState(head, forward, optimizers, base_lrs, total_steps, ema=ema, sparse_grads=sparse_grads)
+    return state, sources
 
 
 # --------------------------------------------------------------------------------------------- step
 
 
-def sync_gradients(model: nn.Module) -> None:
-    """Sum parameter gradients over ranks (the loss is already divided by the global batch)."""
-    all_reduce_sum_flat_([p.grad for p in model.parameters() if p.grad is not None])
+def sync_gradients(model: nn.Module, local_checks: list[torch.Tensor] | tuple = ()) -> torch.Tensor:
+    """Sum parameter gradients over ranks (the loss is already divided by the global batch).
+
+    Returns a 0-dim bool tensor on the device, equal on every rank: every summed gradient is finite and
+    so was every tensor of `local_checks` (the loss, the sparse embedding's gradient) on every rank.
+    """
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return all_reduce_sum_flat_and_check_finite_(grads, local_checks)
+
+
+def sparse_gradients(state: TrainState) -> list[torch.Tensor]:
+    """Gradients the optimizers read that are not parameter gradients (SignSGD's puzzle-embedding rows)."""
+    params = {id(p) for p in state.model.parameters()}
+    return [
+        p.grad
+        for optimizer in state.optimizers
+        for group in optimizer.param_groups
+        for p in group["params"]
+        if p.grad is not None and id(p) not in params
+    ]
+
+
+def skip_nonfinite_step(config: PretrainConfig, state: TrainState, info: DistInfo) -> float:
+    """Drop this step's update: weights, optimizer moments and step counts stay as they were.
+
+    The step still counts (its batch is consumed, the LR schedule moves on). The ACT carry restarts from
+    the next batch, because its hidden states may be the non-finite ones. Returns the scheduled lr.
+    """
+    for optimizer in state.optimizers:
+        optimizer.zero_grad()
+    state.carry = None
+    state.skipped_steps += 1
+    if config.nonfinite == "stop":
+        state.nonfinite_stop = True
+    elif info.is_main:  # through tqdm, so the line is not glued to the progress bar
+        tqdm.write(
+            f"warning: step {state.step}: non-finite loss or gradients, update skipped (nonfinite=skip)", sys.stderr
+        )
+    return cosine_schedule_with_warmup_lr_lambda(
+        state.step,
+        base_lr=state.optimizer_lrs[-1],
+        num_warmup_steps=config.lr_warmup_steps,
+        num_training_steps=state.total_steps,
+        min_ratio=config.lr_min_ratio,
+    )
 
 
 def apply_lr_and_step(config: PretrainConfig, state: TrainState) -> float:
@@ -373,6 +484,98 @@ def ensure_carry(state: TrainState, batch: dict[str, torch.Tensor], device: torc
         state.carry = template
 
 
+class SparseEmbeddingGradAccumulator:
+    """The puzzle embedding's gradient rows and ids for the whole per-rank batch, gathered from its micro-batches.
+
+    The embedding's own `local_weights`/`local_ids` are sized to one micro-batch and overwritten by each
+    forward, so after each micro-batch's backward its rows are copied here, at that micro-batch's place in
+    the batch; SignSGD reads these buffers, so it sees the same rows in the same order as with one full batch.
+    """
+
+    def __init__(self, puzzle_emb: nn.Module, local_batch_size: int):
+        self.puzzle_emb = puzzle_emb
+        weights = puzzle_emb.weights
+        self.local_weights = torch.zeros(
+            (local_batch_size, weights.shape[1]), dtype=weights.dtype, device=weights.device, requires_grad=True
+        )
+        self.local_ids = torch.zeros(local_batch_size, dtype=puzzle_emb.local_ids.dtype, device=weights.device)
+
+    def buffers(self) -> list[torch.Tensor]:
+        return [self.puzzle_emb.weights, self.local_weights, self.local_ids]
+
+    @torch.no_grad()
+    def collect(self, rows: slice) -> None:
+        if self.local_weights.grad is None:  # the optimizer's zero_grad drops it after each step
+            self.local_weights.grad = torch.zeros_like(self.local_weights)
+        grad = self.puzzle_emb.local_weights.grad
+        self.local_weights.grad[rows] = 0 if grad is None else grad
+        self.local_ids[rows] = self.puzzle_emb.local_ids
+        self.puzzle_emb.local_weights.grad = None  # the next micro-batch starts from zero
+
+
+def map_carry(fn: Callable[[torch.Tensor], torch.Tensor], carry: Any) -> Any:
+    """Apply `fn` to every tensor of an ACT carry (a tree of dataclasses, dicts and tensors)."""
+    if isinstance(carry, torch.Tensor):
+        return fn(carry)
+    if dataclasses.is_dataclass(carry):
+        fields = {f.name: map_carry(fn, getattr(carry, f.name)) for f in dataclasses.fields(carry)}
+        return dataclasses.replace(carry, **fields)
+    if isinstance(carry, dict):
+        return {k: map_carry(fn, v) for k, v in carry.items()}
+    return carry
+
+
+def cat_carries(parts: list[Any]) -> Any:
+    """Concatenate carries of consecutive row slices along the batch dimension (inverse of slicing)."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts, dim=0)
+    if dataclasses.is_dataclass(first):
+        fields = {f.name: cat_carries([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(first)}
+        return dataclasses.replace(first, **fields)
+    if isinstance(first, dict):
+        return {k: cat_carries([p[k] for p in parts]) for k in first}
+    return first
+
+
+def forward_backward(
+    state: TrainState,
+    batch: dict[str, torch.Tensor],
+    global_batch_size: int,
+    device: torch.device,
+    grad_accum_steps: int = 1,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward and backward of one per-rank batch; returns the (unscaled, detached) loss and the metric sums.
+
+    With `grad_accum_steps > 1` the batch is cut into that many row slices. One ACT carry still covers the
+    whole batch; each micro-batch runs on its rows of it (rows never interact in the model) with its loss
+    scaled by 1/global batch like the full batch's, so the summed gradients are the full batch's.
+    """
+    ensure_carry(state, batch, device)
+    if grad_accum_steps == 1:
+        state.carry, loss, metrics, _, _ = state.forward(carry=state.carry, batch=batch, return_keys=[])
+        ((1 / global_batch_size) * loss).backward()
+        return loss.detach(), metrics
+    size = batch["inputs"].shape[0] // grad_accum_steps
+    carries, losses, metric_sums = [], [], {}
+    for i in range(grad_accum_steps):
+        rows = slice(i * size, (i + 1) * size)
+        carry, loss, metrics, _, _ = state.forward(
+            carry=map_carry(lambda t, rows=rows: t[rows], state.carry),
+            batch={k: v[rows] for k, v in batch.items()},
+            return_keys=[],
+        )
+        ((1 / global_batch_size) * loss).backward()
+        if state.sparse_grads is not None:
+            state.sparse_grads.collect(rows)
+        carries.append(carry)
+        losses.append(loss.detach())
+        for k, v in metrics.items():  # all metrics are sums over rows
+            metric_sums[k] = metric_sums[k] + v if k in metric_sums else v
+    state.carry = cat_carries(carries)
+    return torch.stack(losses).sum(), metric_sums
+
+
 def train_batch(
     config: PretrainConfig, state: TrainState, batch: dict[str, torch.Tensor], global_batch_size: int, info: DistInfo
 ) -> dict[str, float] | None:
@@ -381,11 +584,16 @@ def train_batch(
     if state.step > state.total_steps:
         return None
     batch = {k: v.to(info.device, non_blocking=True) for k, v in batch.items()}
-    ensure_carry(state, batch, info.device)
-    state.carry, loss, metrics, _, _ = state.forward(carry=state.carry, batch=batch, return_keys=[])
-    ((1 / global_batch_size) * loss).backward()
-    sync_gradients(state.model)
-    lr = apply_lr_and_step(config, state)
+    loss, metrics = forward_backward(state, batch, global_batch_size, info.device, config.grad_accum_steps)
+    all_finite = sync_gradients(state.model, [loss, *sparse_gradients(state)])
+    # The step's one extra host sync: the optimizers have no device-side skip, so whether to step
+    # must be known before they run (a non-finite update would poison weights and moments for good).
+    if all_finite.item():
+        lr = apply_lr_and_step(config, state)
+        if state.ema is not None:
+            state.ema.update(state.model)
+    else:
+        lr = skip_nonfinite_step(config, state, info)
     summed = reduce_metrics_to_main(metrics, info) if metrics else None
     return train_metrics(summed, global_batch_size, lr) if summed is not None else None
 
@@ -399,6 +607,8 @@ def eval_batch(config: PretrainConfig, state: TrainState, batch: dict[str, torch
     Asking whether all rows halted is a host synchronisation. An ACT model in eval mode halts only at
     `halt_max_steps`, so the calls before that one are issued without asking and the device never idles.
     """
+    if config.eval_halting == "learned":
+        return eval_batch_learned_halting(config, state, batch, info)
     model_config = getattr(state.model.model, "config", None)
     calls_before_check = 0 if state.model.training else max(0, getattr(model_config, "halt_max_steps", 1) - 1)
     with torch.inference_mode():
@@ -413,6 +623,64 @@ def eval_batch(config: PretrainConfig, state: TrainState, batch: dict[str, torch
             calls += 1
             if calls > calls_before_check and all_halted:
                 return batch, metrics, preds
+
+
+class ReplayModel(nn.Module):
+    """Stands in for the model inside a loss head: returns a recorded `(carry, outputs)` pair, so the head
+    computes its metrics (and the outputs to save) for predictions recorded earlier."""
+
+    def __init__(self, carry: Any, outputs: dict[str, torch.Tensor]):
+        super().__init__()
+        self.recorded = (carry, outputs)
+
+    def forward(self, **_):
+        return self.recorded
+
+
+def eval_batch_learned_halting(
+    config: PretrainConfig, state: TrainState, batch: dict[str, torch.Tensor], info: DistInfo
+):
+    """`eval_halting: learned`: each row stops at its first step with q_halt > q_continue (or at the model's own
+    halt); like `eval_batch`, returns (batch, metrics, outputs), all taken at each row's stopping step.
+
+    An ACT model in eval mode keeps every row running to halt_max_steps (lockstep batches), so the model
+    is left as it is: after each step the outputs of rows stopping now are frozen, and their step is
+    recorded. Then the loss head computes its usual metrics on the frozen outputs through a `ReplayModel`
+    (steps = each row's stopping step, every row halted), so metric definitions stay in one place. The
+    batch ends as soon as every row has stopped, saving the remaining steps.
+    """
+    from utils.functions import load_model_class
+
+    keys = sorted(set(config.eval_save_outputs) | {"logits", "q_halt_logits", "q_continue_logits"})
+    with torch.inference_mode():
+        batch = {k: v.to(info.device, non_blocking=True) for k, v in batch.items()}
+        with torch.device(info.device):
+            carry = state.model.initial_carry(batch)
+        frozen: dict[str, torch.Tensor] = {}
+        while True:
+            carry, _, metrics, outputs, all_halted = state.forward(carry=carry, batch=batch, return_keys=keys)
+            stop = carry.halted
+            if "q_continue_logits" in outputs:
+                stop = stop | (outputs["q_halt_logits"] > outputs["q_continue_logits"])
+            if not frozen:  # first step: every row's outputs, replaced below for rows stopping later
+                frozen, stop_steps, stopped = dict(outputs), carry.steps.clone(), stop
+            else:
+                new = stop & ~stopped
+                for k, v in outputs.items():
+                    frozen[k] = torch.where(new.view((-1,) + (1,) * (v.ndim - 1)), v, frozen[k])
+                stop_steps = torch.where(new, carry.steps, stop_steps)
+                stopped = stopped | stop
+            if all_halted or bool(stopped.all()):
+                break
+        if all_halted and bool((stop_steps == carry.steps).all()):
+            # Nobody stopped early (e.g. a single-step model): the head's own results are the answer.
+            return batch, metrics, {k: v for k, v in outputs.items() if k in config.eval_save_outputs}
+        final_carry = dataclasses.replace(carry, steps=stop_steps, halted=torch.ones_like(carry.halted))
+        head = load_model_class(config.arch.loss.name)(
+            ReplayModel(final_carry, frozen), **(config.arch.loss.model_extra or {})
+        )
+        _, _, metrics, preds, _ = head(return_keys=config.eval_save_outputs)
+    return batch, metrics, preds
 
 
 def evaluate(config: PretrainConfig, state: TrainState, loader: DataLoader, metadata: Any, info: DistInfo):
@@ -496,6 +764,7 @@ def save_train_state(config: PretrainConfig, state: TrainState, info: DistInfo) 
         m = ckpt.TRAIN_STATE_PATTERN.match(name)
         if m and int(m.group(1)) < state.step:
             os.unlink(os.path.join(config.checkpoint_path, name))
+    ckpt.remove_stale_temp_files(config.checkpoint_path)  # left by a run killed mid-write
     return path
 
 
@@ -523,6 +792,8 @@ def read_train_state(path: str) -> dict[str, Any]:
 
 # Keys that may differ between a run and its resumption without changing what is computed.
 _RESUME_FREE_KEYS = {"resume", "stop_at_step", "checkpoint_interval_steps", "use_wandb", "compile", "device"}
+_RESUME_FREE_KEYS |= {"eval_halting", "early_stop_train_accuracy", "early_stop_window", "keep_best"}
+_RESUME_FREE_KEYS |= {"nonfinite", "dist_timeout_s"}
 
 
 def restore_train_state(payload: dict[str, Any], path: str, config: PretrainConfig, state: TrainState, info: DistInfo):
@@ -574,6 +845,73 @@ def prepare_config(config: PretrainConfig, info: DistInfo) -> PretrainConfig:
     return broadcast_object(config)
 
 
+def averaged_weights(state: TrainState):
+    """Context in which the model holds the EMA weights (when `ema` is on; otherwise changes nothing)."""
+    return state.ema.swapped_in(state.model) if state.ema is not None else nullcontext()
+
+
+class EarlyStopping:
+    """`early_stop_train_accuracy`: stop once the mean of train/exact_accuracy (the fraction of halted
+    sequences entirely right) over the last `window` logged steps reaches `threshold`.
+
+    The window is kept on rank 0 (the only rank with metrics) and the decision broadcast, so every rank
+    stops at the same step. It must be full before it can trigger; a resumed run starts a new window.
+    """
+
+    def __init__(self, threshold: float, window: int):
+        self.threshold = threshold
+        self.recent: deque[float] = deque(maxlen=window)
+
+    def update(self, metrics: dict[str, float] | None, info: DistInfo) -> bool:
+        """Collective: record this step's metrics (rank 0) and say whether to stop."""
+        if metrics is not None:
+            self.recent.append(metrics["train/exact_accuracy"])
+        full = len(self.recent) == self.recent.maxlen
+        reached = info.is_main and full and sum(self.recent) / len(self.recent) >= self.threshold
+        return bool(broadcast_object(reached))
+
+
+class BestCheckpoint:
+    """`keep_best`: the weights with the best value so far of one eval metric (`<set>/<metric>`), kept as
+    `{checkpoint_path}/best` (same format as `step_N`) beside `best.json` (metric, value, step).
+
+    Higher is better, except for metrics ending in `loss`. A resumed run continues from `best.json`.
+    """
+
+    def __init__(self, metric: str, checkpoint_path: str):
+        self.metric = metric
+        self.lower_is_better = metric.endswith("loss")
+        self.weights_path = os.path.join(checkpoint_path, "best")
+        self.json_path = os.path.join(checkpoint_path, "best.json")
+        self.value: float | None = None
+        if os.path.isfile(self.json_path):
+            with open(self.json_path, encoding="utf-8") as f:
+                saved = json.load(f)
+            if saved.get("metric") == metric:
+                self.value = float(saved["value"])
+
+    def is_better(self, value: float) -> bool:
+        if self.value is None:
+            return not math.isnan(value)
+        return value < self.value if self.lower_is_better else value > self.value
+
+    def update(self, results: dict[str, dict[str, float]] | None, state: TrainState, info: DistInfo) -> None:
+        """Collective (for the error only): on rank 0, save the model's weights if the metric improved."""
+        flat = flatten_eval_metrics(results) if results is not None else {}
+        error = None
+        if info.is_main and self.metric not in flat:
+            error = f"config key 'keep_best': {self.metric!r} is not an eval metric (have {', '.join(sorted(flat))})"
+        error = broadcast_object(error)
+        if error is not None:
+            raise ValueError(error)
+        if not info.is_main or not self.is_better(flat[self.metric]):
+            return
+        self.value = flat[self.metric]
+        ckpt.atomic_torch_save(state.model.state_dict(), self.weights_path)
+        record = {"metric": self.metric, "value": self.value, "step": state.step}
+        ckpt.atomic_write(self.json_path, lambda f: json.dump(record, f), mode="w")
+
+
 def train(config: PretrainConfig, info: DistInfo, logger: MetricLogger | None = None) -> TrainState:
     """The whole run; `config` must already carry its names (see `prepare_config`)."""
     assert config.checkpoint_path is not None
@@ -611,18 +949,26 @@ def train(config: PretrainConfig, info: DistInfo, logger: MetricLogger | None = 
     if state.step == 0:
         logger.log({"num_params": num_params}, step=0)
 
+    early_stop = None
+    if config.early_stop_train_accuracy is not None:
+        early_stop = EarlyStopping(config.early_stop_train_accuracy, config.early_stop_window)
+    best = BestCheckpoint(config.keep_best, config.checkpoint_path) if config.keep_best is not None else None
+
     progress = tqdm(total=state.total_steps, initial=min(state.step, state.total_steps), disable=not info.is_main)
     try:
         for iter_id in range(state.data_iters, total_iters):
             if info.is_main:
                 print(f"epoch {iter_id * train_epochs}", file=sys.stderr)
             state.model.train()
+            stopped_early = False
             for _set_name, batch, global_batch_size in train_loader:
                 metrics = train_batch(config, state, batch, global_batch_size, info)
                 state.data_batches += 1
                 if metrics is not None:
                     logger.log(metrics, step=state.step)
                     progress.update(state.step - progress.n)
+                if state.nonfinite_stop:
+                    stop_on_nonfinite(config, state, info)
                 if should_save_periodic(config, state):
                     save_train_state(config, state, info)
                 if config.stop_at_step is not None and state.step >= config.stop_at_step:
@@ -630,17 +976,32 @@ def train(config: PretrainConfig, info: DistInfo, logger: MetricLogger | None = 
                     if info.is_main:
                         print(f"stopped at step {state.step} (stop_at_step)", file=sys.stderr)
                     return state
-            state.data_iters += 1
-            state.data_batches = 0
+                if early_stop is not None and early_stop.update(metrics, info):
+                    stopped_early = True  # the data position stays mid-iteration, so a resume continues exactly
+                    break
+            if not stopped_early:
+                state.data_iters += 1
+                state.data_batches = 0
 
             state.model.eval()
-            results = evaluate(config, state, eval_loader, eval_dataset.metadata, info)
-            if results is not None:
-                logger.log(flatten_eval_metrics(results), step=state.step)
-
-            if info.is_main and (config.checkpoint_every_eval or iter_id == total_iters - 1):
-                ckpt.save_weights(state.model, config.checkpoint_path, state.step)
+            with averaged_weights(state):  # with `ema`, evaluation and the step_N / best files use the average
+                results = evaluate(config, state, eval_loader, eval_dataset.metadata, info)
+                if results is not None:
+                    logger.log(flatten_eval_metrics(results), step=state.step)
+                if info.is_main and (config.checkpoint_every_eval or iter_id == total_iters - 1 or stopped_early):
+                    ckpt.save_weights(state.model, config.checkpoint_path, state.step)
+                if best is not None:
+                    best.update(results, state, info)
             save_train_state(config, state, info)  # always: a later kill resumes from here at worst
+            if stopped_early:
+                if info.is_main:
+                    print(
+                        f"early stop at step {state.step}: mean train/exact_accuracy of the last "
+                        f"{config.early_stop_window} steps >= {config.early_stop_train_accuracy}; evaluated and "
+                        f"saved {ckpt.weights_path(config.checkpoint_path, state.step)} and the train state",
+                        file=sys.stderr,
+                    )
+                return state
     finally:
         progress.close()
         logger.close()
@@ -652,8 +1013,23 @@ def should_save_periodic(config: PretrainConfig, state: TrainState) -> bool:
     return interval is not None and state.step <= state.total_steps and state.step % interval == 0
 
 
+class NonFiniteError(RuntimeError):
+    """`nonfinite: stop` met a non-finite loss or gradient; the train state was saved first."""
+
+    exit_code = 3
+
+
+def stop_on_nonfinite(config: PretrainConfig, state: TrainState, info: DistInfo) -> None:
+    """Collective: save the train state (the bad update already dropped), then leave with NonFiniteError."""
+    save_train_state(config, state, info)
+    raise NonFiniteError(
+        f"non-finite loss or gradients at step {state.step} (nonfinite=stop): update skipped, "
+        f"train state saved in {config.checkpoint_path}"
+    )
+
+
 def run(config: PretrainConfig) -> TrainState:
-    with distributed_context(config.device) as info:
+    with distributed_context(config.device, config.dist_timeout_s) as info:
         return train(prepare_config(config, info), info)
 
 
@@ -662,18 +1038,34 @@ def run(config: PretrainConfig) -> TrainState:
 
 @contextmanager
 def bad_input_exits():
-    """Bad input (config, files) becomes `error: <one line>` on stderr and exit status 2, no traceback."""
+    """Bad input (config, files) becomes `error: <one line>` on stderr and exit status 2, no traceback.
+
+    A run that cannot go on leaves the same way with its own status (README "Reliability"): 3 non-finite
+    loss with `nonfinite: stop`, 4 checkpoint not writable, 5 another rank died or timed out.
+    """
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     try:
         yield
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {error_line(e)}", file=sys.stderr)
         sys.exit(2)
     except (HydraException, OmegaConfBaseException) as e:
         print(f"error: {one_line_config_error(e)}", file=sys.stderr)
         sys.exit(2)
+    except (NonFiniteError, ckpt.CheckpointWriteError, DistributedFailure) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+
+
+def error_line(e: BaseException) -> str:
+    """The message of `e`; for an error re-raised from a DataLoader worker (its text then holds the worker's
+    traceback), the original message, which is the traceback's last line."""
+    text = str(e).strip()
+    if text.startswith("Caught ") and "DataLoader worker" in text.splitlines()[0]:
+        return text.splitlines()[-1].split(": ", 1)[-1]
+    return text
 
 
 def one_line_config_error(e: BaseException) -> str:
