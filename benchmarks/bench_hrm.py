@@ -197,6 +197,15 @@ def bench_shape(shape: Shape, args, info) -> dict | None:
         eval_ms = (time.perf_counter() - start) * 1000 / args.eval_batches
         state.model.train()
 
+    replicas_identical = None
+    if info.world_size > 1:
+        # Every rank must hold the same weights after training: compare exact float64 checksums.
+        import torch.distributed as dist
+
+        checksum = torch.stack([p.detach().double().sum() for p in state.model.parameters()]).sum().reshape(1)
+        gathered = [torch.empty_like(checksum) for _ in range(info.world_size)]
+        dist.all_gather(gathered, checksum)
+        replicas_identical = all(torch.equal(g, gathered[0]) for g in gathered)
     peak_gib = torch.cuda.max_memory_allocated(info.device) / 2**30 if info.device.type == "cuda" else float("nan")
     train_flops, eval_flops = step_flops(state.model.model, local_batch, info.world_size)
     if not info.is_main:
@@ -215,6 +224,7 @@ def bench_shape(shape: Shape, args, info) -> dict | None:
         "eval_ms_per_batch": round(eval_ms, 2),
         "eval_tflops": round(eval_flops / eval_ms / 1e9, 1),
         "peak_mem_gib": round(peak_gib, 2),
+        "replicas_identical": replicas_identical,
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
         "overrides": args.override,

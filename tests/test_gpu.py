@@ -74,12 +74,19 @@ def _models_with_same_weights(**gpu_overrides):
 
 @pytest.mark.parametrize("fused_ops", [False, True])
 def test_bf16_gpu_forward_matches_fp32_cpu(fused_ops):
+    """bf16 tolerance, measured rather than guessed: the same weights run in bf16 on the CPU deviate from
+    the fp32 CPU forward by what bf16 rounding alone does through the recurrence; the GPU's bf16 forward
+    may deviate at most twice that (different kernels round differently, but not more coarsely)."""
     cpu, gpu = _models_with_same_weights(fused_ops=fused_ops)
+    cpu_bf16 = HierarchicalReasoningModel_ACTV1(_config(forward_dtype="bfloat16"))
+    cpu_bf16.load_state_dict({k: v.to(cpu_bf16.state_dict()[k].dtype) for k, v in cpu.state_dict().items()})
     ref = _eval_logits(cpu, "cpu", steps=2)
+    rounding_only = _eval_logits(cpu_bf16, "cpu", steps=2)
     got = _eval_logits(gpu, "cuda", steps=2)
-    for step, (a, b) in enumerate(zip(got, ref)):
-        err = _rel(a, b)
-        assert err < 3e-2, f"ACT step {step}: relative error {err:.3g} beyond bf16 tolerance"
+    for step, (a, r, b) in enumerate(zip(got, rounding_only, ref)):
+        err, budget = _rel(a, b), 2 * _rel(r, b)
+        assert err <= budget, f"ACT step {step}: GPU bf16 error {err:.3g} vs CPU bf16 rounding error {budget / 2:.3g}"
+        assert err < 0.1
     # Same argmax on the overwhelming majority of cells: bf16 noise only flips near-ties.
     agree = (got[0].argmax(-1) == ref[0].argmax(-1)).float().mean().item()
     assert agree > 0.97

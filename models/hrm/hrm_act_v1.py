@@ -77,9 +77,10 @@ class HierarchicalReasoningModel_ACTV1Config(BaseModel):
     halt_exploration_prob: float
 
     forward_dtype: str = "bfloat16"
-    # Beyond the reference: run no-grad block calls through fused Triton kernels where supported (CUDA,
-    # bf16/fp16, Triton importable); same math and roundings, off with `arch.fused_ops=false`.
-    fused_ops: bool = True
+    # Beyond the reference, opt-in: run no-grad block calls through the fused Triton kernels of
+    # models/fused_ops.py (CUDA, bf16/fp16). Same math and roundings, but measured slower than
+    # torch.compile + cuBLAS on an H100 (benchmarks/RESULTS.md), hence off by default.
+    fused_ops: bool = False
 
     @field_validator("pos_encodings")
     @classmethod
