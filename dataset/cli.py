@@ -6,7 +6,8 @@ typed from its annotation: `bool` is a switch, `list[...]` takes one or more val
 accepts a value of type X. The parsed values are validated by the pydantic model itself.
 
 `run_cli` is the entry point wrapper: ValueError / FileNotFoundError from library code become
-`error: <message>` on stderr and exit status 2, without a traceback.
+`error: <message>` on stderr and exit status 2, without a traceback. Flag errors (unknown flag,
+ill-typed value) take the same one-line form instead of argparse's usage block; `--help` is unchanged.
 """
 
 import argparse
@@ -32,8 +33,13 @@ def _base_type(annotation):
     return annotation, False
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise ValueError(message)  # e.g. "argument --num-aug: invalid int value: 'x'"
+
+
 def build_parser(config_cls: type[BaseModel], description: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description or (config_cls.__doc__ or "").strip() or None)
+    parser = OneLineErrorParser(description=description or (config_cls.__doc__ or "").strip() or None)
     for name, field in config_cls.model_fields.items():
         flag = "--" + name.replace("_", "-")
         base, is_list = _base_type(field.annotation)
