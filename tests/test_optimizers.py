@@ -39,7 +39,7 @@ def make_params(seed: int = 0) -> list[torch.nn.Parameter]:
 
 
 def test_backend_flag():
-    assert ADAM_ATAN2_BACKEND in ("fused-cuda", "foreach")
+    assert ADAM_ATAN2_BACKEND in ("fused-cuda", "triton", "foreach")
     if not torch.cuda.is_available():
         assert ADAM_ATAN2_BACKEND == "foreach"
 
