@@ -63,6 +63,29 @@ LOSS_FUNCTIONS = {
 }
 
 
+@torch.no_grad()
+def halted_sequence_metrics(labels: torch.Tensor, outputs: dict[str, torch.Tensor], carry):
+    """Batch sums of the SPEC §4 metrics over halted rows that have labels; also returns the per-row
+    loss divisor `[B, 1]` (labelled tokens, at least 1) and whether each row is entirely correct `[B]`.
+    `carry` provides `halted` and `steps` (`[B]`); `outputs` provides `logits` and `q_halt_logits`."""
+    mask = labels != IGNORE_LABEL_ID
+    loss_counts = mask.sum(-1)
+    loss_divisor = loss_counts.clamp_min(1).unsqueeze(-1)  # [B, 1]
+
+    is_correct = mask & (torch.argmax(outputs["logits"], dim=-1) == labels)
+    seq_is_correct = is_correct.sum(-1) == loss_counts
+
+    valid = carry.halted & (loss_counts > 0)
+    metrics = {
+        "count": valid.sum(),
+        "accuracy": torch.where(valid, (is_correct.to(torch.float32) / loss_divisor).sum(-1), 0).sum(),
+        "exact_accuracy": (valid & seq_is_correct).sum(),
+        "q_halt_accuracy": (valid & ((outputs["q_halt_logits"] >= 0) == seq_is_correct)).sum(),
+        "steps": torch.where(valid, carry.steps, 0).sum(),
+    }
+    return metrics, loss_divisor, seq_is_correct
+
+
 class ACTLossHead(nn.Module):
     """Wraps an ACT model (attribute `model`, an interface for checkpoints) and computes loss + metrics."""
 
@@ -80,23 +103,7 @@ class ACTLossHead(nn.Module):
         new_carry, outputs = self.model(**model_kwargs)
         labels = new_carry.current_data["labels"]
 
-        with torch.no_grad():
-            mask = labels != IGNORE_LABEL_ID
-            loss_counts = mask.sum(-1)
-            loss_divisor = loss_counts.clamp_min(1).unsqueeze(-1)  # [B, 1]
-
-            is_correct = mask & (torch.argmax(outputs["logits"], dim=-1) == labels)
-            seq_is_correct = is_correct.sum(-1) == loss_counts
-
-            valid_metrics = new_carry.halted & (loss_counts > 0)
-            metrics = {
-                "count": valid_metrics.sum(),
-                "accuracy": torch.where(valid_metrics, (is_correct.to(torch.float32) / loss_divisor).sum(-1), 0).sum(),
-                "exact_accuracy": (valid_metrics & seq_is_correct).sum(),
-                "q_halt_accuracy": (valid_metrics & ((outputs["q_halt_logits"] >= 0) == seq_is_correct)).sum(),
-                "steps": torch.where(valid_metrics, new_carry.steps, 0).sum(),
-            }
-
+        metrics, loss_divisor, seq_is_correct = halted_sequence_metrics(labels, outputs, new_carry)
         lm_loss = (self.loss_fn(outputs["logits"], labels, ignore_index=IGNORE_LABEL_ID) / loss_divisor).sum()
         q_halt_loss = F.binary_cross_entropy_with_logits(
             outputs["q_halt_logits"], seq_is_correct.to(outputs["q_halt_logits"].dtype), reduction="sum"

@@ -63,7 +63,7 @@ from torch import nn
 
 from models.common import trunc_normal_init_
 from models.layers import CastedLinear, RotaryEmbedding, SwiGLU, apply_rotary_pos_emb, attention, rms_norm
-from models.losses import IGNORE_LABEL_ID, LOSS_FUNCTIONS
+from models.losses import IGNORE_LABEL_ID, LOSS_FUNCTIONS, halted_sequence_metrics
 from models.sparse_embedding import CastedSparseEmbedding
 
 FLOAT8_E4M3_MAX = 448.0
@@ -693,20 +693,7 @@ class HierarchicalLossHead(nn.Module):
         new_carry, outputs = self.model(**model_kwargs)
         labels = model_kwargs["batch"]["labels"]
 
-        with torch.no_grad():
-            mask = labels != IGNORE_LABEL_ID
-            loss_counts = mask.sum(-1)
-            loss_divisor = loss_counts.clamp_min(1).unsqueeze(-1)  # [B, 1]
-            is_correct = mask & (torch.argmax(outputs["logits"], dim=-1) == labels)
-            seq_is_correct = is_correct.sum(-1) == loss_counts
-            valid = new_carry.halted & (loss_counts > 0)
-            metrics = {
-                "count": valid.sum(),
-                "accuracy": torch.where(valid, (is_correct.to(torch.float32) / loss_divisor).sum(-1), 0).sum(),
-                "exact_accuracy": (valid & seq_is_correct).sum(),
-                "q_halt_accuracy": (valid & ((outputs["q_halt_logits"] >= 0) == seq_is_correct)).sum(),
-                "steps": torch.where(valid, new_carry.steps, 0).sum(),
-            }
+        metrics, loss_divisor, seq_is_correct = halted_sequence_metrics(labels, outputs, new_carry)
 
         def token_loss(logits):
             return (self.loss_fn(logits, labels, ignore_index=IGNORE_LABEL_ID) / loss_divisor).sum()
