@@ -945,6 +945,7 @@ def train(config: PretrainConfig, info: DistInfo, logger: MetricLogger | None = 
             run_name=config.run_name or "",
             config=config.model_dump(),
             jsonl_path=os.path.join(config.checkpoint_path, "metrics.jsonl"),
+            resume_step=state.step if resume_path is not None else None,
         )
     if state.step == 0:
         logger.log({"num_params": num_params}, step=0)

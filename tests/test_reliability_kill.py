@@ -7,6 +7,7 @@ one. Restarting with `resume=auto` after every kill must reach the same final we
 state, bit for bit, as one uninterrupted run of the same command.
 """
 
+import json
 import os
 import random
 import signal
@@ -116,3 +117,11 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
                 assert torch.equal(torch.as_tensor(group["state"][idx][name]), torch.as_tensor(value)), (idx, name)
     # The last save removed whatever temporaries the kills left.
     assert not [n for n in os.listdir(run_dir) if TRAIN_STATE_TEMP_PATTERN.match(n)]
+
+    # The metrics log holds each train step once, as the uninterrupted run's does (replayed steps replace
+    # the lines logged after the last saved state).
+    def train_steps(folder):
+        with open(os.path.join(folder, "metrics.jsonl")) as f:
+            return [r["step"] for r in map(json.loads, f) if "train/lm_loss" in r]
+
+    assert train_steps(run_dir) == train_steps(tmp_path / "reference")

@@ -39,11 +39,17 @@ def _to_json_number(value: Any) -> Any:
 
 
 class JsonlLogger:
-    """Appends one `{"step": N, key: value, ...}` line per call to `path` (appending keeps a resumed run's history)."""
+    """Appends one `{"step": N, key: value, ...}` line per call to `path` (appending keeps a resumed run's history).
 
-    def __init__(self, path: str):
+    A run resumed at step N (`resume_step=N`) replays the steps after N, so lines logged past N before the
+    stop (a kill lands after the last saved train state) are dropped first: each step appears once.
+    """
+
+    def __init__(self, path: str, resume_step: int | None = None):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         self.path = path
+        if resume_step is not None and os.path.exists(path):
+            _drop_lines_after_step(path, resume_step)
         self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
 
     def log(self, metrics: dict[str, float], step: int) -> None:
@@ -53,6 +59,25 @@ class JsonlLogger:
 
     def close(self) -> None:
         self._file.close()
+
+
+def _drop_lines_after_step(path: str, step: int) -> None:
+    """Rewrite `path` (atomically) without the records of steps > `step`; a torn last line is dropped too."""
+    kept = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record_step = int(json.loads(line)["step"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by the kill
+            if record_step <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def wandb_credentials_found() -> bool:
@@ -97,14 +122,21 @@ class MultiLogger:
 
 
 def create_logger(
-    *, is_main: bool, use_wandb: bool, project: str, run_name: str, config: dict[str, Any], jsonl_path: str | None
+    *,
+    is_main: bool,
+    use_wandb: bool,
+    project: str,
+    run_name: str,
+    config: dict[str, Any],
+    jsonl_path: str | None,
+    resume_step: int | None = None,
 ) -> MetricLogger:
     """The logger for this rank: W&B and/or JSON lines on rank 0, a null logger elsewhere."""
     if not is_main:
         return NullLogger()
     loggers: list[MetricLogger] = []
     if jsonl_path is not None:
-        loggers.append(JsonlLogger(jsonl_path))
+        loggers.append(JsonlLogger(jsonl_path, resume_step=resume_step))
     if use_wandb:
         loggers.append(WandbLogger(project, run_name, config))
     return MultiLogger(loggers)
