@@ -313,14 +313,15 @@ def model_config_dict(config: PretrainConfig, metadata: Any, world_size: int) ->
         raise ValueError(
             f"config key 'grad_accum_steps': the per-rank batch {local_batch_size} is not divisible by {config.grad_accum_steps}"
         )
-    return dict(
+    # The launcher's values win over same-named arch keys (an arch yaml may carry `causal` for other uses).
+    return {
         **(config.arch.model_extra or {}),
-        batch_size=local_batch_size // config.grad_accum_steps,  # the model sees one micro-batch at a time
-        vocab_size=metadata.vocab_size,
-        seq_len=metadata.seq_len,
-        num_puzzle_identifiers=metadata.num_puzzle_identifiers,
-        causal=False,  # puzzles are read as a whole
-    )
+        "batch_size": local_batch_size // config.grad_accum_steps,  # the model sees one micro-batch at a time
+        "vocab_size": metadata.vocab_size,
+        "seq_len": metadata.seq_len,
+        "num_puzzle_identifiers": metadata.num_puzzle_identifiers,
+        "causal": False,  # puzzles are read as a whole
+    }
 
 
 def create_model(config: PretrainConfig, metadata: Any, info: DistInfo) -> tuple[nn.Module, list[str]]:

@@ -200,3 +200,16 @@ def test_total_steps_formula():
     # 1000 groups of 1001 one-example puzzles each (1 original + 1000 augmentations, mean examples 1).
     assert compute_total_steps(c, total_groups=1000, mean_puzzle_examples=1.0) == int(20000 * 1000 / 768)
     assert compute_total_steps(c, total_groups=7, mean_puzzle_examples=2.5) == int(20000 * 7 * 2.5 / 768)
+
+
+def test_model_config_takes_launcher_values_over_arch_keys():
+    """An arch yaml may carry keys the launcher sets itself (e.g. `causal`): the launcher's value wins."""
+    from types import SimpleNamespace
+
+    from pretrain import model_config_dict
+
+    config = compose_cli("pretrain.py global_batch_size=8 +arch.causal=true +arch.seq_len=5")
+    metadata = SimpleNamespace(vocab_size=11, seq_len=81, num_puzzle_identifiers=3)
+    values = model_config_dict(config, metadata, world_size=2)
+    assert values["causal"] is False and values["seq_len"] == 81
+    assert values["batch_size"] == 4 and values["hidden_size"] == config.arch.model_extra["hidden_size"]
