@@ -22,7 +22,7 @@ import math
 import os
 import sys
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
@@ -96,6 +96,7 @@ class PretrainConfig(BaseModel):
     # Additions beyond the reference (see config/cfg_pretrain.yaml).
     use_wandb: bool = True
     compile: Optional[bool] = None
+    compile_mode: Optional[Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]] = None
     device: Literal["auto", "cuda", "cpu"] = "auto"
     resume: Optional[str] = None
     checkpoint_interval_steps: Optional[int] = None
@@ -263,6 +264,7 @@ class TrainState:
     sparse_grads: Optional["SparseEmbeddingGradAccumulator"] = None  # `grad_accum_steps > 1` with a puzzle embedding
     skipped_steps: int = 0  # updates dropped for a non-finite loss or gradient (in this process)
     nonfinite_stop: bool = False  # `nonfinite: stop` was hit: the loop saves a train state and exits
+    cuda_graphs: bool = False  # the compiled forward replays CUDA graphs (compile_mode reduce-overhead/max-autotune)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything shared by all ranks (the rank-local carry and RNG are added by `save_train_state`)."""
@@ -380,10 +382,22 @@ def init_train_state(config: PretrainConfig, metadata: Any, info: DistInfo) -> t
     if config.grad_accum_steps > 1 and puzzle_emb is not None:
         sparse_grads = SparseEmbeddingGradAccumulator(puzzle_emb, config.global_batch_size // info.world_size)
     optimizers, base_lrs = create_optimizers(config, head, info.world_size, sparse_grads)
-    forward = torch.compile(head, dynamic=False) if use_compile(config, info.device) else head
+    compiled = use_compile(config, info.device)
+    forward = torch.compile(head, dynamic=False, mode=config.compile_mode) if compiled else head
     ema = ModelEMA(head, config.ema_rate) if config.ema else None
     state = TrainState(head, forward, optimizers, base_lrs, total_steps, ema=ema, sparse_grads=sparse_grads)
+    state.cuda_graphs = compiled and config.compile_mode in ("reduce-overhead", "max-autotune")
     return state, sources
+
+
+def call_head(state: TrainState, carry: Any, batch: dict[str, torch.Tensor], return_keys: Sequence[str]):
+    """One call of the (compiled) loss head. Under CUDA graphs a replay reuses the memory of the previous
+    one's outputs, so the carry that lives on across calls is copied out of it."""
+    if not state.cuda_graphs:
+        return state.forward(carry=carry, batch=batch, return_keys=return_keys)
+    torch.compiler.cudagraph_mark_step_begin()
+    new_carry, loss, metrics, outputs, all_halted = state.forward(carry=carry, batch=batch, return_keys=return_keys)
+    return map_carry(torch.clone, new_carry), loss, metrics, outputs, all_halted
 
 
 # --------------------------------------------------------------------------------------------- step
@@ -554,17 +568,15 @@ def forward_backward(
     """
     ensure_carry(state, batch, device)
     if grad_accum_steps == 1:
-        state.carry, loss, metrics, _, _ = state.forward(carry=state.carry, batch=batch, return_keys=[])
+        state.carry, loss, metrics, _, _ = call_head(state, state.carry, batch, [])
         ((1 / global_batch_size) * loss).backward()
         return loss.detach(), metrics
     size = batch["inputs"].shape[0] // grad_accum_steps
     carries, losses, metric_sums = [], [], {}
     for i in range(grad_accum_steps):
         rows = slice(i * size, (i + 1) * size)
-        carry, loss, metrics, _, _ = state.forward(
-            carry=map_carry(lambda t, rows=rows: t[rows], state.carry),
-            batch={k: v[rows] for k, v in batch.items()},
-            return_keys=[],
+        carry, loss, metrics, _, _ = call_head(
+            state, map_carry(lambda t, rows=rows: t[rows], state.carry), {k: v[rows] for k, v in batch.items()}, []
         )
         ((1 / global_batch_size) * loss).backward()
         if state.sparse_grads is not None:
@@ -618,9 +630,7 @@ def eval_batch(config: PretrainConfig, state: TrainState, batch: dict[str, torch
             carry = state.model.initial_carry(batch)
         calls = 0
         while True:
-            carry, _, metrics, preds, all_halted = state.forward(
-                carry=carry, batch=batch, return_keys=config.eval_save_outputs
-            )
+            carry, _, metrics, preds, all_halted = call_head(state, carry, batch, config.eval_save_outputs)
             calls += 1
             if calls > calls_before_check and all_halted:
                 return batch, metrics, preds
@@ -659,7 +669,7 @@ def eval_batch_learned_halting(
             carry = state.model.initial_carry(batch)
         frozen: dict[str, torch.Tensor] = {}
         while True:
-            carry, _, metrics, outputs, all_halted = state.forward(carry=carry, batch=batch, return_keys=keys)
+            carry, _, metrics, outputs, all_halted = call_head(state, carry, batch, keys)
             stop = carry.halted
             if "q_continue_logits" in outputs:
                 stop = stop | (outputs["q_halt_logits"] > outputs["q_continue_logits"])
