@@ -118,9 +118,10 @@ def test_compiled_train_step_runs_and_matches_eager_loss():
 
 
 def _tiny_train_state(compile_mode: str | None):
+    from hydra import compose, initialize_config_dir
+
     import pretrain
     from dataset.common import PuzzleDatasetMetadata
-    from hydra import compose, initialize_config_dir
     from utils.distributed import DistInfo
 
     overrides = ["arch=hrm_tiny", "++arch.forward_dtype=bfloat16", "global_batch_size=16", "use_wandb=false"]
