@@ -226,6 +226,9 @@ def test_inductor_compiled_block_matches_eager_fused_block():
         ref = _reference_block(attn, mlp, cos_sin, x)
         eager = _fused_block(attn, mlp, cos_sin, x)
         compiled = torch.compile(_fused_block, fullgraph=True)(attn, mlp, cos_sin, x)
-    assert torch.equal(compiled, eager)
+    # Not bit-equal: under Inductor the casts and attention around the custom ops are its own kernels and the
+    # autotuner may pick other tiles (seen on an H100: equal to the printed digits, not bitwise). Two bf16
+    # ulps of agreement is what "the same function" means here.
+    torch.testing.assert_close(compiled.float(), eager.float(), rtol=2 * 2**-8, atol=2 * 2**-8)
     rel = (eager.float() - ref.float()).abs().max().item() / ref.float().abs().max().item()
     assert rel <= 3e-2, f"Sudoku-shaped block: max relative error {rel:.2e}"
