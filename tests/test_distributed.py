@@ -31,13 +31,25 @@ DRIVER = textwrap.dedent(
 )
 
 
-@pytest.mark.slow
-def test_two_rank_gloo_run_keeps_ranks_identical(tmp_path):
-    data = make_tiny_dataset(tmp_path / "data", num_groups=8)
+def run_two_rank_training(tmp_path, overrides: list[str]) -> tuple[dict, dict, dict, dict]:
+    """`pretrain.py OVERRIDES` under torchrun with 2 gloo ranks; returns (rank0, rank1) final state dicts and
+    (meta0, meta1) = each rank's final step and config."""
     out = tmp_path / "out"
     out.mkdir()
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER.format(repo=str(REPO), out=str(out)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(driver)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(cmd + overrides, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    meta0, meta1 = (torch.load(out / f"meta{r}.pt", weights_only=False) for r in (0, 1))
+    return rank0, rank1, meta0, meta1
+
+
+@pytest.mark.slow
+def test_two_rank_gloo_run_keeps_ranks_identical(tmp_path):
+    data = make_tiny_dataset(tmp_path / "data", num_groups=8)
     overrides = [
         *TINY_ARCH,
         f"data_path={data}",
@@ -50,13 +62,7 @@ def test_two_rank_gloo_run_keeps_ranks_identical(tmp_path):
         "use_wandb=false",
         "device=cpu",
     ]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(driver)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run(cmd + overrides, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-
-    rank0, rank1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    meta0, meta1 = (torch.load(out / f"meta{r}.pt", weights_only=False) for r in (0, 1))
+    rank0, rank1, meta0, meta1 = run_two_rank_training(tmp_path, overrides)
     total_steps = 2 * 8 // 4
     assert meta0["step"] == meta1["step"] == total_steps
     # Rank 0 chose the run name (random slug) and broadcast it: both ranks agree.

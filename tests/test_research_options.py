@@ -3,9 +3,6 @@ keep-best, gradient accumulation. Each is checked against an independent expecta
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 import types
 
 import pytest
@@ -16,8 +13,8 @@ import evaluate as evaluate_cli
 import pretrain
 from models.losses import IGNORE_LABEL_ID, ACTLossHead
 from puzzle_dataset import PuzzleDataset, PuzzleDatasetConfig
-from tests.test_distributed import DRIVER
-from tests.test_pretrain_helpers import REPO, TINY_ARCH, make_tiny_dataset, tiny_config
+from tests.test_distributed import run_two_rank_training
+from tests.test_pretrain_helpers import TINY_ARCH, make_tiny_dataset, tiny_config
 from utils.distributed import DistInfo
 from utils.ema import ModelEMA
 
@@ -435,10 +432,6 @@ def test_all_options_on_two_gloo_ranks(tmp_path):
     """Every option on at once over 2 ranks: the collectives (early-stop decision, keep-best check, SignSGD
     over accumulated rows) line up, ranks end identical, and the best file is written."""
     data = make_tiny_dataset(tmp_path / "data", num_groups=16)
-    out = tmp_path / "out"
-    out.mkdir()
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER.format(repo=str(REPO), out=str(out)))
     overrides = [
         *TINY_ARCH,
         f"data_path={data}",
@@ -455,12 +448,8 @@ def test_all_options_on_two_gloo_ranks(tmp_path):
         "keep_best=all/accuracy",
         "grad_accum_steps=2",
     ]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(driver)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run(cmd + overrides, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rank0, rank1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    rank0, rank1, meta0, _ = run_two_rank_training(tmp_path, overrides)
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
-    assert torch.load(out / "meta0.pt", weights_only=False)["step"] == 2 * 16 // 8
+    assert meta0["step"] == 2 * 16 // 8
     record = json.loads((tmp_path / "ckpt" / "best.json").read_text())
     assert record["metric"] == "all/accuracy" and record["step"] in (2, 4)
