@@ -103,6 +103,7 @@ class PretrainConfig(BaseModel):
     stop_at_step: Optional[int] = None
     nonfinite: Literal["skip", "stop"] = "skip"  # README "Reliability"
     dist_timeout_s: float = 600.0
+    async_metrics: Optional[bool] = None  # None: on for CUDA unless nonfinite=stop or early stopping
 
     # Research options beyond the reference, each off by default (README "Research options").
     ema: bool = False
@@ -123,6 +124,11 @@ class PretrainConfig(BaseModel):
         if self.early_stop_train_accuracy is not None and not 0.0 < self.early_stop_train_accuracy <= 1.0:
             raise ValueError(
                 f"config key 'early_stop_train_accuracy': must be in (0, 1], got {self.early_stop_train_accuracy}"
+            )
+        if self.async_metrics and (self.nonfinite == "stop" or self.early_stop_train_accuracy is not None):
+            raise ValueError(
+                "config key 'async_metrics': needs each step's outcome at once, so it cannot be combined with "
+                "nonfinite=stop or early_stop_train_accuracy"
             )
         if self.keep_best is not None and "/" not in self.keep_best:
             raise ValueError(
@@ -425,34 +431,30 @@ def sparse_gradients(state: TrainState) -> list[torch.Tensor]:
     ]
 
 
-def skip_nonfinite_step(config: PretrainConfig, state: TrainState, info: DistInfo) -> float:
-    """Drop this step's update: weights, optimizer moments and step counts stay as they were.
+def record_skipped_step(config: PretrainConfig, state: TrainState, info: DistInfo, step: int) -> None:
+    """Book-keeping for step `step`, whose update the optimizers dropped on the device (non-finite values).
 
-    The step still counts (its batch is consumed, the LR schedule moves on). The ACT carry restarts from
-    the next batch, because its hidden states may be the non-finite ones. Returns the scheduled lr.
+    The step still counts (its batch is consumed, the LR schedule moves on). The ACT carry restarted
+    on the device (every row marked halted); when `step` is the latest step the carry is also dropped
+    here, so a train state saved now holds none.
     """
-    for optimizer in state.optimizers:
-        optimizer.zero_grad()
-    state.carry = None
+    if step == state.step:
+        state.carry = None
     state.skipped_steps += 1
     if config.nonfinite == "stop":
         state.nonfinite_stop = True
     elif info.is_main:  # through tqdm, so the line is not glued to the progress bar
-        tqdm.write(
-            f"warning: step {state.step}: non-finite loss or gradients, update skipped (nonfinite=skip)", sys.stderr
-        )
-    return cosine_schedule_with_warmup_lr_lambda(
-        state.step,
-        base_lr=state.optimizer_lrs[-1],
-        num_warmup_steps=config.lr_warmup_steps,
-        num_training_steps=state.total_steps,
-        min_ratio=config.lr_min_ratio,
-    )
+        tqdm.write(f"warning: step {step}: non-finite loss or gradients, update skipped (nonfinite=skip)", sys.stderr)
 
 
-def apply_lr_and_step(config: PretrainConfig, state: TrainState) -> float:
-    """Set each optimizer's scheduled lr (times a group's `lr_scale`), step, zero grads; returns the last lr."""
+def apply_lr_and_step(config: PretrainConfig, state: TrainState, skip_if: torch.Tensor | None = None) -> float:
+    """Set each optimizer's scheduled lr (times a group's `lr_scale`), step, zero grads; returns the last lr.
+
+    `skip_if`: a 0-dim bool device tensor; where it holds True the optimizers leave everything unchanged.
+    Ours decide that on the device; another optimizer (no `skip_if` argument) is skipped by the host.
+    """
     lr = 0.0
+    host_skip: list[bool] = []
     for optimizer, base_lr in zip(state.optimizers, state.optimizer_lrs):
         lr = cosine_schedule_with_warmup_lr_lambda(
             state.step,
@@ -463,20 +465,56 @@ def apply_lr_and_step(config: PretrainConfig, state: TrainState) -> float:
         )
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
-        optimizer.step()
+        if skip_if is None:
+            optimizer.step()
+        elif "skip_if" in inspect.signature(optimizer.step).parameters:
+            optimizer.step(skip_if=skip_if)
+        else:
+            if not host_skip:
+                host_skip.append(bool(skip_if.item()))
+            if not host_skip[0]:
+                optimizer.step()
         optimizer.zero_grad()
     return lr
 
 
-def reduce_metrics_to_main(metrics: dict[str, torch.Tensor], info: DistInfo) -> dict[str, float] | None:
-    """Sum metric tensors over ranks in sorted-key order; the result exists on rank 0 only."""
-    keys = sorted(metrics)
-    values = torch.stack([metrics[k].detach().to(torch.float32) for k in keys])  # [num_metrics]
-    if info.world_size > 1:
-        dist.reduce(values, dst=0)
-    if not info.is_main:
-        return None
-    return dict(zip(keys, values.cpu().tolist()))
+@dataclass
+class PendingStep:
+    """A launched train step whose metric sums and non-finite flag are on their way to the host."""
+
+    step: int
+    lr: float
+    global_batch_size: int
+    keys: list[str]  # metric names in `values` order; empty on ranks other than 0
+    values: torch.Tensor  # host tensor [len(keys) + 1]: the metric sums over ranks, then 1.0 iff all finite
+    ready: Optional[torch.cuda.Event]  # recorded after the device-to-host copy; None if the copy was synchronous
+
+    @classmethod
+    def launch(cls, step, lr, global_batch_size, metrics, all_finite, info: DistInfo) -> "PendingStep":
+        """Sum the metrics onto rank 0 and start copying them (and the flag) to the host, without waiting."""
+        keys = sorted(metrics)
+        flag = all_finite.to(torch.float32).reshape(1)
+        if keys:
+            values = torch.stack([metrics[k].detach().to(torch.float32) for k in keys])  # [num_metrics]
+            if info.world_size > 1:
+                dist.reduce(values, dst=0)
+            payload = torch.cat([values, flag]) if info.is_main else flag
+        else:
+            payload = flag
+        if not info.is_main:
+            keys = []
+        if payload.device.type != "cuda":
+            return cls(step, lr, global_batch_size, keys, payload, None)
+        host = torch.empty(payload.shape, dtype=payload.dtype, pin_memory=True)
+        host.copy_(payload, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return cls(step, lr, global_batch_size, keys, host, ready)
+
+    def wait(self) -> list[float]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.values.tolist()
 
 
 def train_metrics(summed: dict[str, float], global_batch_size: int, lr: float) -> dict[str, float]:
@@ -589,26 +627,63 @@ def forward_backward(
     return torch.stack(losses).sum(), metric_sums
 
 
-def train_batch(
+def use_async_metrics(config: PretrainConfig, info: DistInfo) -> bool:
+    """Whether the train loop reads each step's metrics one step late (never waiting for the device)."""
+    if config.async_metrics is not None:
+        return config.async_metrics
+    return info.device.type == "cuda" and config.nonfinite == "skip" and config.early_stop_train_accuracy is None
+
+
+def mark_carry_halted(carry: Any, flag: torch.Tensor) -> None:
+    """Where `flag` (0-dim bool) holds True, mark every row of the ACT carry halted: the next step restarts
+    them from the initial state and the next batch, as a fresh carry would, without a host decision."""
+    halted = getattr(carry, "halted", None)
+    if isinstance(halted, torch.Tensor):
+        halted.logical_or_(flag)
+
+
+def launch_train_step(
     config: PretrainConfig, state: TrainState, batch: dict[str, torch.Tensor], global_batch_size: int, info: DistInfo
-) -> dict[str, float] | None:
-    """One optimisation step; returns the logged metrics on rank 0 (None elsewhere or past the last step)."""
+) -> PendingStep | None:
+    """Issue one optimisation step without waiting for the device; None past the last step.
+
+    A non-finite loss or gradient on any rank makes the optimizers drop the update on the device, and
+    marks the carry's rows halted; the host learns of it from the returned `PendingStep`, which
+    `finish_train_step` reads.
+    """
     state.step += 1
     if state.step > state.total_steps:
         return None
     batch = {k: v.to(info.device, non_blocking=True) for k, v in batch.items()}
     loss, metrics = forward_backward(state, batch, global_batch_size, info.device, config.grad_accum_steps)
     all_finite = sync_gradients(state.model, [loss, *sparse_gradients(state)])
-    # The step's one extra host sync: the optimizers have no device-side skip, so whether to step
-    # must be known before they run (a non-finite update would poison weights and moments for good).
-    if all_finite.item():
-        lr = apply_lr_and_step(config, state)
-        if state.ema is not None:
-            state.ema.update(state.model)
-    else:
-        lr = skip_nonfinite_step(config, state, info)
-    summed = reduce_metrics_to_main(metrics, info) if metrics else None
-    return train_metrics(summed, global_batch_size, lr) if summed is not None else None
+    skip = ~all_finite
+    lr = apply_lr_and_step(config, state, skip_if=skip)
+    # EMA (opt-in) averages only applied updates; reading the flag here is its one host synchronisation.
+    if state.ema is not None and bool(all_finite.item()):
+        state.ema.update(state.model)
+    mark_carry_halted(state.carry, skip)
+    return PendingStep.launch(state.step, lr, global_batch_size, metrics, all_finite, info)
+
+
+def finish_train_step(
+    config: PretrainConfig, state: TrainState, pending: PendingStep, info: DistInfo
+) -> dict[str, float] | None:
+    """Wait for a launched step's results; returns its logged metrics on rank 0 (None elsewhere)."""
+    values = pending.wait()
+    if values[-1] == 0.0:
+        record_skipped_step(config, state, info, pending.step)
+    if not pending.keys:
+        return None
+    return train_metrics(dict(zip(pending.keys, values[:-1])), pending.global_batch_size, pending.lr)
+
+
+def train_batch(
+    config: PretrainConfig, state: TrainState, batch: dict[str, torch.Tensor], global_batch_size: int, info: DistInfo
+) -> dict[str, float] | None:
+    """One optimisation step, waited for; returns the logged metrics on rank 0 (None elsewhere or past the last step)."""
+    pending = launch_train_step(config, state, batch, global_batch_size, info)
+    return None if pending is None else finish_train_step(config, state, pending, info)
 
 
 # --------------------------------------------------------------------------------------- evaluation
@@ -802,7 +877,15 @@ def read_train_state(path: str) -> dict[str, Any]:
 
 
 # Keys that may differ between a run and its resumption without changing what is computed.
-_RESUME_FREE_KEYS = {"resume", "stop_at_step", "checkpoint_interval_steps", "use_wandb", "compile", "device"}
+_RESUME_FREE_KEYS = {
+    "resume",
+    "stop_at_step",
+    "checkpoint_interval_steps",
+    "use_wandb",
+    "compile",
+    "device",
+    "async_metrics",
+}
 _RESUME_FREE_KEYS |= {"eval_halting", "early_stop_train_accuracy", "early_stop_window", "keep_best"}
 _RESUME_FREE_KEYS |= {"nonfinite", "dist_timeout_s"}
 
@@ -967,6 +1050,22 @@ def train(config: PretrainConfig, info: DistInfo, logger: MetricLogger | None = 
     best = BestCheckpoint(config.keep_best, config.checkpoint_path) if config.keep_best is not None else None
 
     progress = tqdm(total=state.total_steps, initial=min(state.step, state.total_steps), disable=not info.is_main)
+    # With async metrics, step N's metrics are read (and logged) after step N + 1 has been issued, so the
+    # host never waits for the device between steps; every save and evaluation reads them first.
+    async_metrics = use_async_metrics(config, info)
+    pending: PendingStep | None = None
+
+    def finish_pending() -> dict[str, float] | None:
+        nonlocal pending
+        if pending is None:
+            return None
+        done, pending = pending, None
+        metrics = finish_train_step(config, state, done, info)
+        if metrics is not None:
+            logger.log(metrics, step=done.step)
+            progress.update(done.step - progress.n)
+        return metrics
+
     try:
         for iter_id in range(state.data_iters, total_iters):
             if info.is_main:
@@ -974,11 +1073,13 @@ def train(config: PretrainConfig, info: DistInfo, logger: MetricLogger | None = 
             state.model.train()
             stopped_early = False
             for _set_name, batch, global_batch_size in train_loader:
-                metrics = train_batch(config, state, batch, global_batch_size, info)
+                launched = launch_train_step(config, state, batch, global_batch_size, info)
                 state.data_batches += 1
-                if metrics is not None:
-                    logger.log(metrics, step=state.step)
-                    progress.update(state.step - progress.n)
+                metrics = finish_pending()  # the previous step's, when async
+                pending = launched
+                at_stop = config.stop_at_step is not None and state.step >= config.stop_at_step
+                if not async_metrics or at_stop or should_save_periodic(config, state):
+                    metrics = finish_pending()
                 if state.nonfinite_stop:
                     stop_on_nonfinite(config, state, info)
                 if should_save_periodic(config, state):
@@ -991,6 +1092,7 @@ def train(config: PretrainConfig, info: DistInfo, logger: MetricLogger | None = 
                 if early_stop is not None and early_stop.update(metrics, info):
                     stopped_early = True  # the data position stays mid-iteration, so a resume continues exactly
                     break
+            finish_pending()
             if not stopped_early:
                 state.data_iters += 1
                 state.data_batches = 0

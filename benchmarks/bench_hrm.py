@@ -4,7 +4,9 @@
     torchrun --nproc-per-node 2 benchmarks/bench_hrm.py --shapes sudoku   # multi-GPU, same global batch
 
 Design choices:
-- The step timed is `pretrain.train_batch` and the eval batch is `pretrain.eval_batch`, built by
+- The steps timed are issued as the train loop issues them (`pretrain.launch_train_step`, with the
+  previous step's metrics read back after the next one is launched when `async_metrics` is on, else
+  `pretrain.train_batch`), and the eval batch is `pretrain.eval_batch`, built by
   `pretrain.init_train_state` from the composed Hydra config: what is measured is what trains.
 - Inputs are random tokens (never zeros, which can run faster than real data), drawn afresh for a
   pool of batches that the timed steps rotate through.
@@ -14,6 +16,8 @@ Design choices:
 - Model FLOPs follow SPEC §9: one train step = the no-grad block applications of the first inner
   pass, the grad ones times 3 (forward + backward), and the whole target-Q pass; an eval batch =
   `halt_max_steps` inner passes. Matmuls count 2·m·n·k; attention counts QKᵀ and AV.
+- `train_host_ms_per_step` is the host's time to issue the steps (before the final device
+  synchronisation): close to `train_ms_per_step` when the host, not the GPU, sets the pace.
 - Prints a table and one JSON line per shape (rank 0); `--json-out` appends the JSON lines to a file.
 """
 
@@ -128,18 +132,71 @@ def eval_batch_fallback(config, state, batch, info) -> None:
                 break
 
 
+def run_train_steps(config, state, batches, gbs, info, count: int, finish_last: bool = True):
+    """`count` train steps issued like the train loop does (see the module doc). With async metrics the
+    last step is read back here, or returned unread (`finish_last=False`) for the caller to finish."""
+    async_metrics = pretrain.use_async_metrics(config, info)
+    pending = None
+    for i in range(count):
+        batch = batches[i % len(batches)]
+        if not async_metrics:
+            pretrain.train_batch(config, state, batch, gbs, info)
+            continue
+        launched = pretrain.launch_train_step(config, state, batch, gbs, info)
+        if pending is not None:
+            pretrain.finish_train_step(config, state, pending, info)
+        pending = launched
+    if pending is not None and finish_last:
+        pretrain.finish_train_step(config, state, pending, info)
+        pending = None
+    return pending
+
+
 def profile_train_steps(config, state, batches, gbs, info, path: str) -> None:
-    """Kernel time table of a few train steps (torch.profiler), written to `path`."""
+    """Kernel time table of a few train steps (torch.profiler), written to `path` (plus a Chrome trace)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if info.device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        for i in range(3):
-            pretrain.train_batch(config, state, batches[i % len(batches)], gbs, info)
+        run_train_steps(config, state, batches, gbs, info, 3)
         synchronize(info.device)
+    prof.export_chrome_trace(path.replace(".txt", ".json"))
     sort_by = "cuda_time_total" if info.device.type == "cuda" else "cpu_time_total"
     with open(path, "w") as f:
         f.write(prof.key_averages().table(sort_by=sort_by, row_limit=60, max_name_column_width=90))
+
+
+def report_host_syncs(config, state, batches, gbs, info) -> None:
+    """Run 3 train steps with CUDA's sync debug mode on; print where each host synchronisation came from."""
+    import traceback
+    import warnings
+
+    seen: dict[str, int] = {}
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-1] if "warnings" not in f.filename]
+        where = " <- ".join(f"{os.path.basename(f.filename)}:{f.lineno}" for f in reversed(frames[-6:]))
+        key = f"{message} @ {where}"
+        seen[key] = seen.get(key, 0) + 1
+
+    previous = warnings.showwarning
+    warnings.showwarning = record
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                pending = run_train_steps(config, state, batches, gbs, info, 3, finish_last=False)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    finally:
+        warnings.showwarning = previous
+    if pending is not None:
+        pretrain.finish_train_step(config, state, pending, info)
+    print(f"rank {info.rank}: {sum(seen.values())} host synchronisations in 3 train steps", flush=True)
+    for key, count in sorted(seen.items(), key=lambda kv: -kv[1]):
+        print(f"  {count}x {key}", flush=True)
 
 
 def synchronize(device: torch.device) -> None:
@@ -170,14 +227,18 @@ def bench_shape(shape: Shape, args, info) -> dict | None:
         torch.cuda.reset_peak_memory_stats(info.device)
 
     state.model.train()
-    for i in range(args.warmup):
-        pretrain.train_batch(config, state, batches[i % len(batches)], gbs, info)
+    run_train_steps(config, state, batches, gbs, info, args.warmup)
     synchronize(info.device)
     start = time.perf_counter()
-    for i in range(args.steps):
-        pretrain.train_batch(config, state, batches[i % len(batches)], gbs, info)
+    pending = run_train_steps(config, state, batches, gbs, info, args.steps, finish_last=False)
+    host_ms = (time.perf_counter() - start) * 1000 / args.steps
     synchronize(info.device)
     train_ms = (time.perf_counter() - start) * 1000 / args.steps
+    if pending is not None:
+        pretrain.finish_train_step(config, state, pending, info)
+
+    if args.sync_debug and info.device.type == "cuda":
+        report_host_syncs(config, state, batches, gbs, info)
 
     if args.profile_dir and info.is_main:
         profile_train_steps(
@@ -219,6 +280,8 @@ def bench_shape(shape: Shape, args, info) -> dict | None:
         "device": torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "cpu",
         "compile": pretrain.use_compile(config, info.device),
         "train_ms_per_step": round(train_ms, 2),
+        "train_host_ms_per_step": round(host_ms, 2),
+        "async_metrics": pretrain.use_async_metrics(config, info),
         "train_examples_per_s": round(gbs / train_ms * 1000, 1),
         "train_tflops": round(train_flops / train_ms / 1e9, 1),
         "eval_ms_per_batch": round(eval_ms, 2),
@@ -240,6 +303,9 @@ def main() -> None:
     parser.add_argument("--global-batch-size", type=int, default=None, help="override every shape's batch")
     parser.add_argument("--json-out", default=None, help="append the JSON lines to this file")
     parser.add_argument("--profile-dir", default=None, help="write a kernel-time table of 3 train steps per shape here")
+    parser.add_argument(
+        "--sync-debug", action="store_true", help="report the host synchronisations of 3 train steps (CUDA)"
+    )
     parser.add_argument("override", nargs="*", help="extra Hydra overrides, e.g. compile=false")
     args = parser.parse_args()
     names = [s.strip() for s in args.shapes.split(",") if s.strip()]

@@ -10,6 +10,8 @@ Design choices:
   The copy is a fixed-shape `copy_`, so the forward has no host synchronisation.
 - The optimizer all-gathers gradients and ids across ranks, sums gradients of repeated ids
   once, and applies sign-SGD with decoupled weight decay to the touched rows only.
+- `step(skip_if=flag)` writes the rows back unchanged when the 0-dim bool tensor `flag` holds True,
+  decided on the device (no host synchronisation), so a launcher can drop a non-finite step cheaply.
 """
 
 import torch
@@ -52,7 +54,8 @@ class CastedSparseEmbeddingSignSGD_Distributed(Optimizer):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, world_size=world_size))
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, skip_if: torch.Tensor | None = None):
+        """One update; with `skip_if` (a 0-dim bool tensor) holding True, no row changes."""
         for group in self.param_groups:
             local_weights_grad = local_ids = weights = None
             if len(group["params"]) != 3:
@@ -78,6 +81,7 @@ class CastedSparseEmbeddingSignSGD_Distributed(Optimizer):
                 lr=group["lr"],
                 weight_decay=group["weight_decay"],
                 world_size=group["world_size"],
+                skip_if=skip_if,
             )
 
 
@@ -88,6 +92,7 @@ def _sparse_emb_signsgd_dist(
     lr: float,
     weight_decay: float,
     world_size: int,
+    skip_if: torch.Tensor | None = None,
 ) -> None:
     n, dim = local_weights_grad.shape
     all_weights_grad, all_ids = local_weights_grad, local_ids
@@ -110,6 +115,8 @@ def _sparse_emb_signsgd_dist(
     grad = all_weights_grad.new_zeros((sorted_ids.shape[0], dim))
     grad.index_add_(0, run_index, all_weights_grad[order])  # [N, D], rows past the last run stay 0
 
-    rows = weights[sorted_ids]  # [N, D], gathered before any write
-    rows.mul_(1.0 - lr * weight_decay).add_(torch.sign(grad[run_index]), alpha=-lr)
+    old_rows = weights[sorted_ids]  # [N, D], gathered before any write
+    rows = (old_rows * (1.0 - lr * weight_decay)).add_(torch.sign(grad[run_index]), alpha=-lr)
+    if skip_if is not None:
+        rows = torch.where(skip_if.to(rows.device), old_rows, rows)
     weights.index_put_((sorted_ids,), rows)

@@ -204,3 +204,40 @@ def test_triton_kernel_matches_foreach_update():
     for a, b in zip(moments[0][1], moments[1][1]):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-9)
     assert not torch.equal(states[1][0].cpu(), params[0])  # the update did move the weights
+
+
+def _snapshot(opt: AdamATan2, params) -> list[torch.Tensor]:
+    state = [t.clone() for p in params for t in opt.state[p].values()] if opt.state else []
+    return [p.detach().clone() for p in params] + state
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_skip_if_true_changes_nothing_and_false_is_a_normal_step(device):
+    """`skip_if` (a device flag): True leaves weights, moments and step counts bit-identical; False steps
+    exactly like a call without it. On CUDA this exercises the Triton kernel's on-device skip."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    guarded = [torch.nn.Parameter(p.detach().to(device)) for p in make_params(seed=4)]
+    plain = [torch.nn.Parameter(p.detach().clone()) for p in guarded]
+    opt_guarded = AdamATan2(guarded, lr=0.02, betas=BETAS, weight_decay=0.1)
+    opt_plain = AdamATan2(plain, lr=0.02, betas=BETAS, weight_decay=0.1)
+    gen = torch.Generator().manual_seed(5)
+    for step, skip in enumerate([False, True, False, True, True, False]):
+        grads = [torch.randn(p.shape, generator=gen).to(device) for p in guarded]
+        if skip:
+            grads[0] = grads[0] * float("nan")  # what the guard is for
+        for p, g in zip(guarded, grads):
+            p.grad = g.clone()
+        before = _snapshot(opt_guarded, guarded)
+        opt_guarded.step(skip_if=torch.tensor(skip, device=device))
+        if skip:
+            after = _snapshot(opt_guarded, guarded)
+            assert len(after) == len(before) and all(torch.equal(a, b) for a, b in zip(after, before)), step
+            continue
+        for p, g in zip(plain, grads):
+            p.grad = g.clone()
+        opt_plain.step()
+        for a, b in zip(guarded, plain):
+            assert torch.equal(a.detach(), b.detach()), step
+    counts = [float(opt_guarded.state[p]["step"]) for p in guarded]
+    assert counts == [3.0] * len(guarded)  # three applied steps of six

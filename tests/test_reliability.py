@@ -103,6 +103,31 @@ def test_skip_then_training_goes_on(data, tmp_path, monkeypatch):
     assert all(float(s) == 6 - 1 for s in adam_steps)  # 6 steps, one skipped
 
 
+@pytest.mark.parametrize("where", ["loss", "sparse_grad"])
+def test_async_metrics_run_equals_waited_run(data, tmp_path, monkeypatch, capsys, where):
+    """`async_metrics` (read each step's outcome one step late; the GPU default) changes nothing: with a
+    poisoned step, the run ends with the same weights, optimizer state, metric lines and warning as a run
+    that waits for every step. The skipped step restarts the carry on the device, not by the host."""
+    runs = {}
+    for mode in ("false", "true"):
+        monkeypatch.undo()
+        poison(monkeypatch, where, BAD_STEP)
+        path = tmp_path / f"async_{mode}"
+        runs[mode] = pretrain.run(tiny_config(data, path, f"async_metrics={mode}"))
+        warnings = [line for line in capsys.readouterr().err.splitlines() if "non-finite" in line]
+        assert warnings == [f"warning: step {BAD_STEP}: non-finite loss or gradients, update skipped (nonfinite=skip)"]
+        assert runs[mode].step == 6 and runs[mode].skipped_steps == 1
+    assert_same_state(runs["true"], runs["false"])
+    lines = {mode: (tmp_path / f"async_{mode}" / "metrics.jsonl").read_text().splitlines() for mode in runs}
+    assert len(lines["true"]) > 6 and lines["true"] == lines["false"]
+
+
+def test_async_metrics_refuses_options_that_need_each_step_at_once(data, tmp_path):
+    for extra in ("nonfinite=stop", "early_stop_train_accuracy=0.5"):
+        with pytest.raises(ValueError, match="config key 'async_metrics'"):
+            tiny_config(data, tmp_path, "async_metrics=true", extra)
+
+
 def test_stop_saves_train_state_and_names_the_step(data, clean_before_bad_step, tmp_path, monkeypatch):
     poison(monkeypatch, "loss", BAD_STEP)
     with pytest.raises(pretrain.NonFiniteError, match=rf"^non-finite loss or gradients at step {BAD_STEP} "):

@@ -25,16 +25,16 @@ DRIVER = textwrap.dedent(
     sys.path.insert(0, {repo!r})
     import pretrain
 
-    original = pretrain.train_batch
+    original = pretrain.launch_train_step
 
-    def train_batch(config, state, batch, global_batch_size, info):
+    def launch_train_step(config, state, batch, global_batch_size, info):
         if info.rank == 1 and state.step == 2:  # about to run step 3
             if {mode!r} == "die":
                 os._exit(9)
             time.sleep(600)
         return original(config, state, batch, global_batch_size, info)
 
-    pretrain.train_batch = train_batch
+    pretrain.launch_train_step = launch_train_step
     pretrain.cli(pretrain.main)
     """
 )

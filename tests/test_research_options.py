@@ -122,10 +122,10 @@ def test_ema_by_hand_over_a_run(data, tmp_path, monkeypatch):
     recorded = []
     original_step = pretrain.apply_lr_and_step
 
-    def recording_step(cfg, state):
+    def recording_step(cfg, state, **kwargs):
         if not recorded:
             recorded.append({k: v.detach().clone() for k, v in state.model.named_parameters()})
-        lr = original_step(cfg, state)
+        lr = original_step(cfg, state, **kwargs)
         recorded.append({k: v.detach().clone() for k, v in state.model.named_parameters()})
         return lr
 

@@ -169,3 +169,20 @@ def test_two_process_gloo_equals_single_process_on_concatenated_batch(tmp_path):
     init = _initial_weights()
     assert single[1, 0].item() == pytest.approx(init[1, 0].item() * (1 - LR * WD) + LR)  # global sum -1 -> sign -1
     assert torch.equal(single[4], init[4])  # no rank touched id 4
+
+
+def test_signsgd_skip_if_leaves_rows_and_false_matches_plain_step():
+    """`skip_if=True` (decided on the device) leaves every row; `skip_if=False` is the normal update."""
+    ids = torch.tensor([1, 3, 1, 4], dtype=torch.int32)
+    grad = torch.tensor([[2.0, -1.0], [0.5, 0.0], [-1.0, -3.0], [0.0, 0.0]])
+    results = []
+    for skip in (None, False, True):
+        emb = make_embedding().train()
+        before = emb.weights.clone()
+        (emb(ids) * grad).sum().backward()
+        opt = CastedSparseEmbeddingSignSGD_Distributed(emb.buffers(), world_size=1, lr=0.1, weight_decay=0.5)
+        opt.step() if skip is None else opt.step(skip_if=torch.tensor(skip))
+        results.append((before, emb.weights.clone()))
+    (before, plain), (_, not_skipped), (before_skip, skipped) = results
+    assert not torch.equal(plain, before) and torch.equal(not_skipped, plain)
+    assert torch.equal(skipped, before_skip)

@@ -13,6 +13,10 @@ Design choices:
 - The probe runs once at import, on the GPU of `LOCAL_RANK` (the one torchrun assigns), so ranks do
   not all create a context on GPU 0. `HRM_ADAM_ATAN2_BACKEND=foreach` forces the portable path.
 - `lr` is read from the param group at every step (the launcher's schedule rewrites it) and may be 0.
+- `step(skip_if=flag)` drops the update when the 0-dim bool tensor `flag` holds True: weights, moments
+  and step counts stay as they were. The Triton kernel reads the flag on the device, so a launcher can
+  guard against a non-finite gradient without waiting for the device; the other backends read it once
+  on the host (a synchronisation, as before the guard existed).
 """
 
 import math
@@ -33,13 +37,15 @@ if triton is not None:
 
     @triton.jit
     def _adam_atan2_kernel(
-        p_ptr, g_ptr, m_ptr, v_ptr, step_ptr, n_elements, lr, decay, beta1, beta2, log_beta1, log_beta2,
-        BLOCK: tl.constexpr,
+        p_ptr, g_ptr, m_ptr, v_ptr, step_ptr, skip_ptr, n_elements, lr, decay, beta1, beta2, log_beta1, log_beta2,
+        HAS_SKIP: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
         # One read and one write of p, m, v (and one read of g) instead of the nine passes of the
         # foreach path; the step count stays on the device, so no host synchronisation.
         offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offsets < n_elements
+        if HAS_SKIP:  # a skipped step masks every load and store: nothing is read or written
+            mask = mask & (tl.load(skip_ptr) == 0)
         t = tl.load(step_ptr)
         p = tl.load(p_ptr + offsets, mask=mask)
         g = tl.load(g_ptr + offsets, mask=mask)
@@ -56,14 +62,21 @@ if triton is not None:
         tl.store(v_ptr + offsets, v, mask=mask)
 
 
-def _triton_adam_atan2_(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, beta1, beta2, weight_decay) -> None:
-    """Same update as `_foreach_adam_atan2_`, one kernel per tensor (contiguous fp32 CUDA tensors)."""
+def _triton_adam_atan2_(
+    params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, beta1, beta2, weight_decay, skip=None
+) -> None:
+    """Same update as `_foreach_adam_atan2_`, one kernel per tensor (contiguous fp32 CUDA tensors).
+
+    `skip`: None, or a 0-dim uint8 tensor on the device; when nonzero every kernel leaves its tensors as
+    they are (the caller keeps the step counts unchanged too).
+    """
     decay = 1 - lr * weight_decay  # computed in double on the host, as the foreach path does
     for p, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
         n = p.numel()
         _adam_atan2_kernel[(triton.cdiv(n, 1024),)](
-            p, g, m, v, t, n, lr, decay, beta1, beta2, math.log(beta1), math.log(beta2), BLOCK=1024
-        )
+            p, g, m, v, t, t if skip is None else skip, n, lr, decay, beta1, beta2, math.log(beta1), math.log(beta2),
+            HAS_SKIP=skip is not None, BLOCK=1024,
+        )  # fmt: skip
 
 
 def _triton_usable(tensors: list[torch.Tensor]) -> bool:
@@ -170,11 +183,13 @@ class AdamATan2(Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, skip_if: torch.Tensor | None = None):
+        """One update; with `skip_if` (a 0-dim bool tensor) holding True, nothing changes (see module doc)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        host_skip: list[bool] = []  # the flag read back once, by the first backend that cannot read it on device
 
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
@@ -198,8 +213,24 @@ class AdamATan2(Optimizer):
                     lst.append(t)
 
             for (device, _), (params, grads, exp_avgs, exp_avg_sqs, steps) in buckets.items():
+                use_triton = _fused_backend is None and _TRITON_ENABLED and _triton_usable(params + grads)
+                if skip_if is not None and use_triton:
+                    skip = skip_if.to(device=device, dtype=torch.uint8)
+                    # t stays put on a skipped step. A list operand: the 0-dim-tensor overload reads it on the host.
+                    keep = (1 - skip).to(steps[0].dtype)
+                    torch._foreach_add_(steps, [keep] * len(steps))
+                    _triton_adam_atan2_(
+                        params, grads, exp_avgs, exp_avg_sqs, steps, group["lr"], beta1, beta2, group["weight_decay"],
+                        skip,
+                    )  # fmt: skip
+                    continue
+                if skip_if is not None:
+                    if not host_skip:
+                        host_skip.append(bool(skip_if.item()))
+                    if host_skip[0]:
+                        continue
                 torch._foreach_add_(steps, 1)
-                if _fused_backend is None and _TRITON_ENABLED and _triton_usable(params + grads):
+                if use_triton:
                     _triton_adam_atan2_(
                         params, grads, exp_avgs, exp_avg_sqs, steps, group["lr"], beta1, beta2, group["weight_decay"]
                     )
