@@ -35,6 +35,18 @@ Each kernel is a PyTorch custom op (`torch.library.triton_op`, namespace `hrm::`
 over a few Hopper-friendly configs keyed on the shape; the interpreter uses one small config so the
 tests exercise row/column/K tails and multi-step K loops.
 
+On Hopper (sm_90) and later, `fused_gate_up_swiglu` runs a second kernel for the same math: persistent
+(one program per SM looping over output tiles) with TMA tensor-descriptor loads and stores. With only
+K = 512 (8 k-steps) per tile, the per-tile pipeline fill and epilogue of the one-tile-per-program kernel
+dominate; the persistent TMA kernel measured 0.384 ms against 0.489 ms for cuBLAS + Inductor's SwiGLU
+kernel and 0.49 ms for the first kernel (H100, 62,976 tokens, benchmarks/RESULTS.md). It is a plain
+`torch.library.custom_op` (opaque to Inductor), because in-kernel TMA descriptors need Triton's global
+scratch allocator at launch time. The QKV-RoPE and residual-RMSNorm kernels measured slower than
+Inductor's own fusion next to cuBLAS, and persistent TMA versions of them (benchmarks/exp_tma_gemm.py)
+did not help a whole train step (QKV-RoPE: 0.229 vs 0.286 ms alone, no change per step) or were
+slower (residual-RMSNorm: 0.27 vs 0.20 ms), so `fused_post_norm_block` uses only the SwiGLU kernel.
+The first kernels stay here, tested and benchmarked (benchmarks/bench_fused_ops.py).
+
 Triton is an optional accelerator: without it this module still imports, `FUSED_OPS_AVAILABLE` is
 False and the model keeps its unfused path (`fused_block_supported(x)` says which path to take).
 """
@@ -43,7 +55,7 @@ import os
 
 import torch
 
-from models.layers import Attention, SwiGLU, attention
+from models.layers import Attention, SwiGLU, rms_norm
 
 try:
     import triton
@@ -215,6 +227,53 @@ if HAS_TRITON:
         )  # fmt: skip
         return h
 
+    # Persistent TMA variant (Hopper+). Measured on an H100 at T = 62,976, N = 1536, K = 512: 128x128x64
+    # dual tiles, 8 warps, 3 stages, no loop flattening 0.384 ms; flattening the tile and k loops 0.41 ms;
+    # 64-wide tiles or 4 warps 0.6-1.5 ms. The autotuner picks among the best few per shape.
+    _GATE_UP_TMA_CONFIGS = [
+        ({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, 8, 3),
+        ({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, 8, 4),
+        ({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 16}, 8, 3),
+        ({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, 8, 2),
+    ]
+
+    @triton.autotune(
+        configs=[triton.Config(meta, num_warps=w, num_stages=st) for meta, w, st in _GATE_UP_TMA_CONFIGS],
+        key=["T", "N", "K"],
+    )
+    @triton.jit
+    def _gate_up_swiglu_tma_kernel(
+        x_ptr, w_ptr, h_ptr, T, N, K,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ):  # fmt: skip
+        # TMA boxes: out-of-range rows and columns load as zeros and are not stored.
+        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[T, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[2 * N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
+        h_desc = tl.make_tensor_descriptor(h_ptr, shape=[T, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N])
+        num_m = tl.cdiv(T, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0)):
+            # Grouped order: GROUP_M row blocks sweep every column block together, so their x rows
+            # stay in L2 (the 3 MiB weight always does).
+            group = GROUP_M * num_n
+            first_m = (tile // group) * GROUP_M
+            size_m = tl.minimum(num_m - first_m, GROUP_M)
+            om = (first_m + (tile % group) % size_m) * BLOCK_M
+            on = ((tile % group) // size_m) * BLOCK_N
+            gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k in range(0, tl.cdiv(K, BLOCK_K)):
+                a = x_desc.load([om, k * BLOCK_K])
+                # The gate rows of these output columns and, N rows further, their up rows.
+                gate = tl.dot(a, w_desc.load([on, k * BLOCK_K]).T, gate)
+                up = tl.dot(a, w_desc.load([N + on, k * BLOCK_K]).T, up)
+            out_ty = h_ptr.dtype.element_ty
+            # Same roundings as the first kernel (F.linear, then silu and the product in out_ty).
+            gate = gate.to(out_ty).to(tl.float32)
+            up = up.to(out_ty).to(tl.float32)
+            act = (gate * tl.sigmoid(gate)).to(out_ty).to(tl.float32)
+            h_desc.store([om, on], (act * up).to(out_ty))
+
     # One [BM, BLOCK_N = full row] accumulator: at d = 512, BM = 64 with 8 warps (two warpgroups splitting
     # the row) builds to 199-234 registers without spills; BM = 128 cannot fit, BM = 32 loses wgmma.
     # Smem per stage is (BM + BLOCK_N)·BK·2 bytes (37 KiB at BK 32, 74 KiB at BK 64).
@@ -340,10 +399,51 @@ if HAS_TRITON:
         return out
 
 
+def _hopper_tma_supported() -> bool:
+    if not FUSED_OPS_AVAILABLE or _INTERPRET or not hasattr(tl, "make_tensor_descriptor"):
+        return False
+    # Hopper and datacenter Blackwell: the tiles need ~150 KiB of shared memory per program. The GPU asked
+    # is torchrun's LOCAL_RANK one (all ranks' GPUs are alike), so no rank touches another's device.
+    return torch.cuda.get_device_capability(_local_gpu())[0] in (9, 10)
+
+
+def _local_gpu() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0")) % max(1, torch.cuda.device_count())
+
+
+TMA_KERNELS_AVAILABLE = _hopper_tma_supported()
+
+if TMA_KERNELS_AVAILABLE:
+
+    def _tma_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+        """Global memory Triton asks for at launch, for the tensor descriptors a kernel builds."""
+        return torch.empty(size, device="cuda", dtype=torch.int8)
+
+    triton.set_allocator(_tma_scratch)
+    _NUM_SMS = torch.cuda.get_device_properties(_local_gpu()).multi_processor_count
+
+    @torch.library.custom_op("hrm::gate_up_swiglu_tma", mutates_args=())
+    def _gate_up_swiglu_tma_op(x: torch.Tensor, w_gate_up: torch.Tensor) -> torch.Tensor:
+        # TMA needs 16-byte aligned bases (row strides are, for d % 8 == 0): a view at an odd offset is copied.
+        x, w_gate_up = (t if t.data_ptr() % 16 == 0 else t.clone() for t in (x, w_gate_up))
+        T, K = x.shape
+        N = w_gate_up.shape[0] // 2
+        h = torch.empty((T, N), device=x.device, dtype=x.dtype)
+        grid = lambda meta: (min(_NUM_SMS, triton.cdiv(T, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
+        with torch.cuda.device(x.device):
+            _gate_up_swiglu_tma_kernel[grid](x, w_gate_up, h, T, N, K)
+        return h
+
+    @_gate_up_swiglu_tma_op.register_fake
+    def _(x: torch.Tensor, w_gate_up: torch.Tensor) -> torch.Tensor:
+        return x.new_empty((x.shape[0], w_gate_up.shape[0] // 2))
+
+
 def fused_gate_up_swiglu(x: torch.Tensor, w_gate_up: torch.Tensor) -> torch.Tensor:
     """silu(x @ Wg^T) * (x @ Wu^T) for x [..., d], w_gate_up [2m, d] (gate rows first); returns [..., m].
 
-    `w_gate_up` may be the fp32 parameter: it is cast to x's dtype here.
+    `w_gate_up` may be the fp32 parameter: it is cast to x's dtype here. On Hopper the persistent TMA
+    kernel runs (16-bit inputs, d and m multiples of 8), elsewhere the first kernel.
     """
     _require_triton()
     _check_dtype("fused_gate_up_swiglu: x", x)
@@ -353,7 +453,15 @@ def fused_gate_up_swiglu(x: torch.Tensor, w_gate_up: torch.Tensor) -> torch.Tens
             f"for x of shape {tuple(x.shape)}"
         )
     rows = _as_rows("fused_gate_up_swiglu: x", x)
-    h = torch.ops.hrm.gate_up_swiglu(rows, w_gate_up.to(x.dtype).contiguous())
+    weight = w_gate_up.to(x.dtype).contiguous()
+    use_tma = (
+        TMA_KERNELS_AVAILABLE
+        and rows.is_cuda
+        and rows.dtype in _SUPPORTED_DTYPES
+        and rows.shape[1] % 8 == 0  # 16-byte row strides for TMA (contiguous 16-bit rows)
+        and (weight.shape[0] // 2) % 8 == 0
+    )
+    h = torch.ops.hrm.gate_up_swiglu_tma(rows, weight) if use_tma else torch.ops.hrm.gate_up_swiglu(rows, weight)
     return h.view(*x.shape[:-1], h.shape[-1])  # [..., m]
 
 
@@ -447,15 +555,10 @@ def fused_post_norm_block(
 ) -> torch.Tensor:
     """The post-norm HRM block, `x = rms_norm(x + attn(x)); x = rms_norm(x + mlp(x))`, through the fused ops.
 
-    For the no-grad forward only (check `fused_block_supported(hidden_states)` first); attention itself
-    stays `models.layers.attention` (FlashAttention or SDPA).
+    For the no-grad forward only (check `fused_block_supported(hidden_states)` first). Only the SwiGLU
+    projection is fused: the attention half and the down projection's residual + RMSNorm run as in
+    models/layers.py, where torch.compile's kernels next to cuBLAS match or beat the fused ones (module doc).
     """
-    batch_size, seq_len, _ = hidden_states.shape
-    cos, sin = cos_sin if cos_sin is not None else (None, None)
-    q, k, v = fused_qkv_rope(
-        hidden_states, attn.qkv_proj.weight, cos, sin, attn.num_heads, attn.head_dim, attn.num_key_value_heads
-    )
-    o = attention(q, k, v, causal=attn.causal).reshape(batch_size, seq_len, attn.output_size)  # [B, S, H*D]
-    hidden_states = fused_linear_residual_rmsnorm(o, attn.o_proj.weight, hidden_states, eps)
+    hidden_states = rms_norm(hidden_states + attn(cos_sin=cos_sin, hidden_states=hidden_states), eps)
     h = fused_gate_up_swiglu(hidden_states, mlp.gate_up_proj.weight)
-    return fused_linear_residual_rmsnorm(h, mlp.down_proj.weight, hidden_states, eps)
+    return rms_norm(hidden_states + mlp.down_proj(h), eps)

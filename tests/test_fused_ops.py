@@ -81,6 +81,26 @@ def test_gate_up_swiglu_column_tail_and_2d_input():
     _check_close(fused_gate_up_swiglu(x, w), F.silu(gate) * up, "gate_up_swiglu m=96")
 
 
+@pytest.mark.parametrize("tokens,d,m", [(1000, 512, 1536), (300, 64, 96), (128, 512, 1536)])
+def test_persistent_tma_gate_up_kernel_matches_first_kernel_and_reference(tokens, d, m):
+    """On Hopper `fused_gate_up_swiglu` takes the persistent TMA kernel: row tails (T % 128), a column
+    tail (m = 96 < one tile, where a gate tile reads up rows that must be dropped) and more tiles than SMs."""
+    from models.fused_ops import TMA_KERNELS_AVAILABLE
+
+    if not TMA_KERNELS_AVAILABLE:
+        pytest.skip("needs a Hopper (sm_90+) GPU and Triton tensor descriptors")
+    torch.manual_seed(tokens)
+    x = _randn(tokens, d, dtype=torch.bfloat16)
+    w = _randn(2 * m, d, dtype=torch.bfloat16, scale=d**-0.5)
+    gate, up = F.linear(x, w).chunk(2, dim=-1)
+    ref = F.silu(gate) * up
+    tma = torch.ops.hrm.gate_up_swiglu_tma(x, w)
+    first = torch.ops.hrm.gate_up_swiglu(x, w)
+    _check_close(tma, ref, f"gate_up_swiglu_tma T={tokens} m={m}")
+    _check_close(tma, first, f"gate_up_swiglu_tma vs first kernel T={tokens} m={m}")
+    _check_close(fused_gate_up_swiglu(x, w), tma, "dispatch")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", [32, 64, 128, 256, 512])
 def test_linear_residual_rmsnorm_matches_reference(d, dtype):
@@ -226,9 +246,13 @@ def test_inductor_compiled_block_matches_eager_fused_block():
         ref = _reference_block(attn, mlp, cos_sin, x)
         eager = _fused_block(attn, mlp, cos_sin, x)
         compiled = torch.compile(_fused_block, fullgraph=True)(attn, mlp, cos_sin, x)
-    # Not bit-equal: under Inductor the casts and attention around the custom ops are its own kernels and the
-    # autotuner may pick other tiles (seen on an H100: equal to the printed digits, not bitwise). Two bf16
-    # ulps of agreement is what "the same function" means here.
-    torch.testing.assert_close(compiled.float(), eager.float(), rtol=2 * 2**-8, atol=2 * 2**-8)
+        compiled_ref = torch.compile(_reference_block, fullgraph=True)(attn, mlp, cos_sin, x)
+    # Not bit-equal: Inductor compiles the attention half and the norms around the custom op without the
+    # eager path's intermediate bf16 roundings. Compiling must move the fused block no further than it
+    # moves the reference block (plus one bf16 ulp of the output scale for the luck of the draw).
+    drift = (compiled.float() - eager.float()).abs().max().item()
+    drift_ref = (compiled_ref.float() - ref.float()).abs().max().item()
+    ulp = 2**-8 * ref.float().abs().max().item()
+    assert drift <= 2 * drift_ref + ulp, f"compiled vs eager fused block {drift:.3e}; reference block {drift_ref:.3e}"
     rel = (eager.float() - ref.float()).abs().max().item() / ref.float().abs().max().item()
     assert rel <= 3e-2, f"Sudoku-shaped block: max relative error {rel:.2e}"
