@@ -78,3 +78,35 @@ def test_two_rank_gloo_run_keeps_ranks_identical(tmp_path):
     assert rank0["model.inner.puzzle_emb.weights"].abs().sum() > 0  # zero-initialised, so SignSGD stepped it
     # Eval predictions were not requested; metrics went to rank 0's JSON lines only.
     assert (tmp_path / "ckpt" / "metrics.jsonl").read_text().count("all/accuracy") == 2
+
+
+@pytest.mark.slow
+def test_two_rank_async_metrics_run_equals_waited_run(tmp_path):
+    """`async_metrics` (the GPU default: each step's metric sums are reduced to rank 0 and read one step late)
+    gives the same weights on both ranks and the same metric lines as waiting for every step."""
+    data = make_tiny_dataset(tmp_path / "data", num_groups=8)
+    results = {}
+    for mode in ("false", "true"):
+        run_dir = tmp_path / mode
+        run_dir.mkdir()
+        overrides = [
+            *TINY_ARCH,
+            f"data_path={data}",
+            f"checkpoint_path={run_dir / 'ckpt'}",
+            "run_name=same",
+            "global_batch_size=4",
+            "epochs=2",
+            "eval_interval=1",
+            "lr=1e-3",
+            "lr_warmup_steps=1",
+            "use_wandb=false",
+            "device=cpu",
+            f"async_metrics={mode}",
+        ]
+        rank0, rank1, _, _ = run_two_rank_training(run_dir, overrides)
+        results[mode] = (rank0, rank1, (run_dir / "ckpt" / "metrics.jsonl").read_text().splitlines())
+    (w0, w1, lines_waited), (a0, a1, lines_async) = results["false"], results["true"]
+    assert all(torch.equal(w1[key], w0[key]) for key in w0)
+    for key in w0:
+        assert torch.equal(a0[key], w0[key]) and torch.equal(a1[key], w0[key]), key
+    assert len(lines_async) > 4 and lines_async == lines_waited
