@@ -20,7 +20,7 @@ if [ "$cmd" = start ]; then
   runs=""
   for v in "${variants[@]}"; do
     ov=""; [ "$v" = default ] || ov=${v//,/ }
-    tag=${v//[^A-Za-z0-9=_-]/_}
+    tag=${v//[^A-Za-z0-9_-]/_}
     bench="benchmarks/bench_hrm.py --shapes sudoku --steps 40 --warmup 6 --eval-batches 0 --json-out '$work/results.jsonl'"
     runs+="python3 $bench $ov > '$work/1gpu_$tag.log' 2>&1 || echo '1gpu $tag failed' >> '$work/failures';"
     runs+="torchrun --standalone --nproc-per-node $nproc $bench $ov > '$work/${nproc}gpu_$tag.log' 2>&1 || echo '${nproc}gpu $tag failed' >> '$work/failures';"
