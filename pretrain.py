@@ -16,6 +16,7 @@ Design choices:
 """
 
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -447,6 +448,12 @@ def record_skipped_step(config: PretrainConfig, state: TrainState, info: DistInf
         tqdm.write(f"warning: step {step}: non-finite loss or gradients, update skipped (nonfinite=skip)", sys.stderr)
 
 
+@functools.cache
+def _steps_with_skip_if(optimizer_cls: type) -> bool:
+    """Whether an optimizer class's `step` takes `skip_if` (asked once per class, not every step)."""
+    return "skip_if" in inspect.signature(optimizer_cls.step).parameters
+
+
 def apply_lr_and_step(config: PretrainConfig, state: TrainState, skip_if: torch.Tensor | None = None) -> float:
     """Set each optimizer's scheduled lr (times a group's `lr_scale`), step, zero grads; returns the last lr.
 
@@ -467,7 +474,7 @@ def apply_lr_and_step(config: PretrainConfig, state: TrainState, skip_if: torch.
             group["lr"] = lr * group.get("lr_scale", 1.0)
         if skip_if is None:
             optimizer.step()
-        elif "skip_if" in inspect.signature(optimizer.step).parameters:
+        elif _steps_with_skip_if(type(optimizer)):
             optimizer.step(skip_if=skip_if)
         else:
             if not host_skip:
@@ -1078,13 +1085,14 @@ def train(config: PretrainConfig, info: DistInfo, logger: MetricLogger | None = 
                 metrics = finish_pending()  # the previous step's, when async
                 pending = launched
                 at_stop = config.stop_at_step is not None and state.step >= config.stop_at_step
-                if not async_metrics or at_stop or should_save_periodic(config, state):
+                save_now = should_save_periodic(config, state)
+                if not async_metrics or at_stop or save_now:
                     metrics = finish_pending()
                 if state.nonfinite_stop:
                     stop_on_nonfinite(config, state, info)
-                if should_save_periodic(config, state):
+                if save_now:
                     save_train_state(config, state, info)
-                if config.stop_at_step is not None and state.step >= config.stop_at_step:
+                if at_stop:
                     save_train_state(config, state, info)
                     if info.is_main:
                         print(f"stopped at step {state.step} (stop_at_step)", file=sys.stderr)

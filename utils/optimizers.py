@@ -214,26 +214,23 @@ class AdamATan2(Optimizer):
 
             for (device, _), (params, grads, exp_avgs, exp_avg_sqs, steps) in buckets.items():
                 use_triton = _fused_backend is None and _TRITON_ENABLED and _triton_usable(params + grads)
+                skip = None  # the flag on the device, for the Triton kernel
                 if skip_if is not None and use_triton:
                     skip = skip_if.to(device=device, dtype=torch.uint8)
-                    # t stays put on a skipped step. A list operand: the 0-dim-tensor overload reads it on the host.
-                    keep = (1 - skip).to(steps[0].dtype)
-                    torch._foreach_add_(steps, [keep] * len(steps))
-                    _triton_adam_atan2_(
-                        params, grads, exp_avgs, exp_avg_sqs, steps, group["lr"], beta1, beta2, group["weight_decay"],
-                        skip,
-                    )  # fmt: skip
-                    continue
-                if skip_if is not None:
+                elif skip_if is not None:
                     if not host_skip:
                         host_skip.append(bool(skip_if.item()))
                     if host_skip[0]:
                         continue
-                torch._foreach_add_(steps, 1)
+                if skip is None:
+                    torch._foreach_add_(steps, 1)
+                else:  # t stays put on a skipped step. A list operand: the 0-dim-tensor overload reads it on the host.
+                    torch._foreach_add_(steps, [(1 - skip).to(steps[0].dtype)] * len(steps))
                 if use_triton:
                     _triton_adam_atan2_(
-                        params, grads, exp_avgs, exp_avg_sqs, steps, group["lr"], beta1, beta2, group["weight_decay"]
-                    )
+                        params, grads, exp_avgs, exp_avg_sqs, steps, group["lr"], beta1, beta2, group["weight_decay"],
+                        skip,
+                    )  # fmt: skip
                 elif _fused_backend is not None and device.type == "cuda":
                     _fused_backend.adam_atan2_cuda_impl_(
                         params, grads, exp_avgs, exp_avg_sqs, steps, group["lr"], beta1, beta2, group["weight_decay"]
