@@ -257,6 +257,25 @@ def rel_err(a, b):
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
+def baseline(op: str, reference, gemm_only) -> tuple[torch.Tensor, float]:
+    """Time the compiled reference and its plain cuBLAS GEMM, print them; returns (reference output, its ms)."""
+    t_ref = do_bench(reference)
+    print(json.dumps({"op": op, "compiled_ms": t_ref, "cublas_gemm_only_ms": do_bench(gemm_only)}), flush=True)
+    return reference(), t_ref
+
+
+def sweep(op: str, run, configs, want: torch.Tensor, t_ref: float, flops: float) -> None:
+    """One JSON line per tile config of `run(cfg)`: time, TFLOP/s, error against `want`, speed-up (or the error)."""
+    for cfg in configs:
+        try:
+            err = rel_err(run(cfg), want)
+            t = do_bench(lambda cfg=cfg: run(cfg))
+            row = {"op": op, "cfg": cfg, "ms": t, "tflops": flops / t / 1e9, "rel_err": err, "vs_compiled": t_ref / t}
+        except Exception as e:  # noqa: BLE001 - a config that does not fit (e.g. shared memory) is a result too
+            row = {"op": op, "cfg": cfg, "error": str(e)[:300]}
+        print(json.dumps(row), flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=768 * 82)
@@ -267,6 +286,8 @@ def main():
     x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
     w_gu = (torch.randn(2 * m, d, device="cuda") / d**0.5).to(torch.bfloat16)
     w_qkv = (torch.randn(3 * d, d, device="cuda") / d**0.5).to(torch.bfloat16)
+    w_down = (torch.randn(d, m, device="cuda") / m**0.5).to(torch.bfloat16)
+    h_in = torch.randn(T, m, device="cuda", dtype=torch.bfloat16)
     inv = 1.0 / (10000 ** (torch.arange(0, D, 2, device="cuda").float() / D))
     freqs = torch.outer(torch.arange(args.seq, device="cuda").float(), inv)
     emb = torch.cat([freqs, freqs], -1)
@@ -276,6 +297,10 @@ def main():
         g, u = F.linear(x, w).chunk(2, -1)
         return F.silu(g) * u
 
+    def ref_down_norm(a, w, r):
+        s = r + F.linear(a, w)
+        return (s.float() * torch.rsqrt(s.float().pow(2).mean(-1, keepdim=True) + 1e-5)).to(a.dtype)
+
     def ref_qkv_rope(x, w):
         qkv = F.linear(x, w).view(-1, args.seq, 3 * heads, D)
         qk, v = qkv[:, :, : 2 * heads], qkv[:, :, 2 * heads :]
@@ -284,102 +309,37 @@ def main():
         qk = (qk.float() * cos[:, None] + rot * sin[:, None]).to(x.dtype)
         return torch.cat([qk, v], 2).view(-1, 3 * d)
 
-    c_swiglu = torch.compile(ref_swiglu)
-    c_qkv = torch.compile(ref_qkv_rope)
-    gemm_only = lambda: F.linear(x, w_gu)  # noqa: E731
-    rows = []
-    t_ref = do_bench(lambda: c_swiglu(x, w_gu))
-    t_gemm = do_bench(gemm_only)
-    want = c_swiglu(x, w_gu)
-    print(json.dumps({"op": "swiglu", "compiled_ms": t_ref, "cublas_gemm_only_ms": t_gemm}), flush=True)
-    flops = 2 * T * 2 * m * d
-    for cfg in [(128, 128, 64, 8, 8, 3, False), (128, 128, 64, 16, 8, 3, False), (128, 128, 64, 8, 8, 4, False)]:
-        try:
-            got = swiglu_tma(x, w_gu, cfg)
-            err = rel_err(got, want)
-            t = do_bench(lambda cfg=cfg: swiglu_tma(x, w_gu, cfg))
-            row = {
-                "op": "swiglu",
-                "cfg": cfg,
-                "ms": t,
-                "tflops": flops / t / 1e9,
-                "rel_err": err,
-                "vs_compiled": t_ref / t,
-            }
-        except Exception as e:  # noqa: BLE001
-            row = {"op": "swiglu", "cfg": cfg, "error": str(e)[:300]}
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+    c_swiglu, c_down, c_qkv = (torch.compile(f) for f in (ref_swiglu, ref_down_norm, ref_qkv_rope))
 
-    w_down = (torch.randn(d, m, device="cuda") / m**0.5).to(torch.bfloat16)
-    h_in = torch.randn(T, m, device="cuda", dtype=torch.bfloat16)
+    want, t_ref = baseline("swiglu", lambda: c_swiglu(x, w_gu), lambda: F.linear(x, w_gu))
+    configs = [(128, 128, 64, 8, 8, 3, False), (128, 128, 64, 16, 8, 3, False), (128, 128, 64, 8, 8, 4, False)]
+    sweep("swiglu", lambda cfg: swiglu_tma(x, w_gu, cfg), configs, want, t_ref, 2 * T * 2 * m * d)
 
-    def ref_down_norm(a, w, r):
-        s = r + F.linear(a, w)
-        return (s.float() * torch.rsqrt(s.float().pow(2).mean(-1, keepdim=True) + 1e-5)).to(a.dtype)
-
-    c_down = torch.compile(ref_down_norm)
-    t_ref = do_bench(lambda: c_down(h_in, w_down, x))
-    want = c_down(h_in, w_down, x)
-    t_gemm = do_bench(lambda: F.linear(h_in, w_down))
-    print(json.dumps({"op": "down_norm", "compiled_ms": t_ref, "cublas_gemm_only_ms": t_gemm}), flush=True)
-    flops = 2 * T * m * d
-    for cfg in [(64, 64, 8, 8, 3), (64, 64, 8, 8, 2), (64, 32, 8, 8, 4), (64, 64, 8, 4, 3)]:
-        try:
-            got = down_norm_tma(h_in, w_down, x, cfg)
-            err = rel_err(got, want)
-            t = do_bench(lambda cfg=cfg: down_norm_tma(h_in, w_down, x, cfg))
-            row = {
-                "op": "down_norm",
-                "cfg": cfg,
-                "ms": t,
-                "tflops": flops / t / 1e9,
-                "rel_err": err,
-                "vs_compiled": t_ref / t,
-            }
-        except Exception as e:  # noqa: BLE001
-            row = {"op": "down_norm", "cfg": cfg, "error": str(e)[:300]}
-        print(json.dumps(row), flush=True)
+    want, t_ref = baseline("down_norm", lambda: c_down(h_in, w_down, x), lambda: F.linear(h_in, w_down))
+    configs = [(64, 64, 8, 8, 3), (64, 64, 8, 8, 2), (64, 32, 8, 8, 4), (64, 64, 8, 4, 3)]
+    sweep("down_norm", lambda cfg: down_norm_tma(h_in, w_down, x, cfg), configs, want, t_ref, 2 * T * m * d)
 
     w_perm = permute_qkv_weight(w_qkv, D)
     cos_half, sin_half = cos[:, : D // 2].contiguous(), sin[:, : D // 2].contiguous()
-    t_ref = do_bench(lambda: c_qkv(x, w_qkv))
-    want = c_qkv(x, w_qkv)
-    t_gemm = do_bench(lambda: F.linear(x, w_qkv))
-    print(json.dumps({"op": "qkv_rope", "compiled_ms": t_ref, "cublas_gemm_only_ms": t_gemm}), flush=True)
+    want, t_ref = baseline("qkv_rope", lambda: c_qkv(x, w_qkv), lambda: F.linear(x, w_qkv))
     flops = 2 * T * 3 * d * d
-    for cfg in [(128, 128, 64, 8, 8, 3, False), (128, 64, 64, 8, 4, 4, False), (128, 128, 64, 8, 8, 4, False)]:
-        try:
-            got = qkv_rope_tma2(x, w_perm, cos_half, sin_half, args.seq, 2 * heads, D, cfg)
-            err = rel_err(got, want)
-            t = do_bench(lambda cfg=cfg: qkv_rope_tma2(x, w_perm, cos_half, sin_half, args.seq, 2 * heads, D, cfg))
-            row = {
-                "op": "qkv_rope_v2",
-                "cfg": cfg,
-                "ms": t,
-                "tflops": flops / t / 1e9,
-                "rel_err": err,
-                "vs_compiled": t_ref / t,
-            }
-        except Exception as e:  # noqa: BLE001
-            row = {"op": "qkv_rope_v2", "cfg": cfg, "error": str(e)[:300]}
-        print(json.dumps(row), flush=True)
-    for cfg in [(128, 64, 64, 8, 8, 4, True)]:
-        try:
-            got = qkv_rope_tma(x, w_perm, cos, sin, args.seq, 2 * heads, D, cfg)
-            err = rel_err(got, want)
-            t = do_bench(lambda cfg=cfg: qkv_rope_tma(x, w_perm, cos, sin, args.seq, 2 * heads, D, cfg))
-            row = {
-                "op": "qkv_rope",
-                "cfg": cfg,
-                "ms": t,
-                "tflops": flops / t / 1e9,
-                "rel_err": err,
-                "vs_compiled": t_ref / t,
-            }
-        except Exception as e:  # noqa: BLE001
-            row = {"op": "qkv_rope", "cfg": cfg, "error": str(e)[:300]}
-        print(json.dumps(row), flush=True)
+    configs = [(128, 128, 64, 8, 8, 3, False), (128, 64, 64, 8, 4, 4, False), (128, 128, 64, 8, 8, 4, False)]
+    sweep(
+        "qkv_rope_v2",
+        lambda cfg: qkv_rope_tma2(x, w_perm, cos_half, sin_half, args.seq, 2 * heads, D, cfg),
+        configs,
+        want,
+        t_ref,
+        flops,
+    )
+    sweep(
+        "qkv_rope",
+        lambda cfg: qkv_rope_tma(x, w_perm, cos, sin, args.seq, 2 * heads, D, cfg),
+        [(128, 64, 64, 8, 8, 4, True)],
+        want,
+        t_ref,
+        flops,
+    )
 
 
 if __name__ == "__main__":
