@@ -287,6 +287,7 @@ def main(config: ArcBuildConfig) -> None:
             num_puzzle_identifiers=len(names),
             total_groups=groups,
             mean_puzzle_examples=total / max(1, num_puzzles),
+            total_puzzles=num_puzzles,
             sets=[SET_NAME],
         )
         write_split(split_dir, meta, {SET_NAME: arrays})

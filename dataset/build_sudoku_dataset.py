@@ -122,6 +122,7 @@ def build_split(split_dir: Path, q: np.ndarray, a: np.ndarray, num_aug: int, rng
         num_puzzle_identifiers=1,
         total_groups=n,
         mean_puzzle_examples=1.0,
+        total_puzzles=total,
         sets=[SET_NAME],
     )
     write_split(split_dir, meta, {SET_NAME: arrays})

@@ -1,8 +1,8 @@
 """Shared pieces of the puzzle datasets: metadata schema, on-disk layout, dihedral transforms.
 
 Design choices:
-- `PuzzleDatasetMetadata` has exactly the reference's fields, so `dataset.json` files move
-  between the reference and this library both ways.
+- `PuzzleDatasetMetadata` has the reference's fields plus TRM's `total_puzzles` (in TRM's key
+  order), so `dataset.json` files move between the reference, TRM and this library both ways.
 - Array files follow the reference: `inputs`/`labels` are written as uint8 (every vocabulary
   here is < 256 tokens; the loader casts to int32, so any integer dtype loads identically),
   the three index arrays as int32.
@@ -39,6 +39,9 @@ class PuzzleDatasetMetadata(BaseModel):
     num_puzzle_identifiers: int
     total_groups: int
     mean_puzzle_examples: float
+    # TRM's field (its loader requires it, the reference's ignores it): puzzles in the split. Optional on
+    # read, so the reference's dataset.json files load; every builder here writes it.
+    total_puzzles: int | None = None
     sets: list[str]
 
 

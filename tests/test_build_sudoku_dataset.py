@@ -70,6 +70,7 @@ def test_on_disk_format(tmp_path, puzzles):
             "num_puzzle_identifiers": 1,
             "total_groups": n,
             "mean_puzzle_examples": 1.0,
+            "total_puzzles": n * per,
             "sets": ["all"],
         }
     assert json.loads((out / "identifiers.json").read_text()) == ["<blank>"]
