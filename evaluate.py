@@ -10,7 +10,7 @@ Design choices:
   train state. A checkpoint that does not fit the configured model is a one-line error naming the key.
   A train state of an `ema` run is evaluated with its averaged parameters, as its `step_N` files are.
 - `eval_halting=fixed|learned` overrides the run's setting (README "Research options").
-- Evaluation itself is pretrain.evaluate (SPEC §6); outputs are saved per rank as
+- Evaluation itself is utils/evaluation.py's, the same as training's (SPEC §6); outputs are saved per rank as
   `step_{N}_all_preds.{rank}` beside the checkpoint. When the dataset's identifiers are ARC
   variants (`<id>_t<k>_<perm>`), rank 0 then scores them (utils/arc_scoring) and prints pass@K.
 """
@@ -27,10 +27,14 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-import pretrain
 from utils import arc_scoring
 from utils import checkpointing as ckpt
+from utils.build import create_dataloader, create_model, print_backends, use_compile
+from utils.cli import bad_input_exits, run_hydra_entry
+from utils.config import PretrainConfig, config_from_dict, format_validation_error
 from utils.distributed import DistInfo, distributed_context
+from utils.evaluation import evaluate, flatten_eval_metrics
+from utils.train_state import TrainState, read_train_state
 
 DEFAULT_SAVE_OUTPUTS = ["inputs", "labels", "puzzle_identifiers", "logits", "q_halt_logits", "q_continue_logits"]
 
@@ -67,7 +71,7 @@ def eval_config_from_hydra(cfg: DictConfig) -> EvalConfig:
     try:
         return EvalConfig(**values)  # type: ignore[arg-type]
     except ValidationError as e:
-        raise ValueError(pretrain._format_validation_error(e)) from None
+        raise ValueError(format_validation_error(e)) from None
 
 
 def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], int, Optional[dict[str, Any]]]:
@@ -75,7 +79,7 @@ def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], int, Optional[d
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if ckpt.TRAIN_STATE_PATTERN.match(os.path.basename(path)):
-        payload = pretrain.read_train_state(path)
+        payload = read_train_state(path)
         # A run with `ema` evaluates its averaged parameters, as its step_N files hold them.
         weights = {**ckpt.strip_compile_prefix(payload["model"]), **payload.get("ema", {})}
         return weights, int(payload["step"]), payload["config"]
@@ -98,10 +102,10 @@ def load_run_config(checkpoint: str, saved: Optional[dict[str, Any]]) -> dict[st
     return values
 
 
-def build_config(eval_cfg: EvalConfig, saved: Optional[dict[str, Any]]) -> pretrain.PretrainConfig:
+def build_config(eval_cfg: EvalConfig, saved: Optional[dict[str, Any]]) -> PretrainConfig:
     values = load_run_config(eval_cfg.checkpoint, saved)
     try:
-        config = pretrain.config_from_dict(values)
+        config = config_from_dict(values)
     except ValueError as e:
         raise ValueError(f"config of {eval_cfg.checkpoint}: {e}") from None
     update: dict[str, Any] = {
@@ -118,7 +122,7 @@ def build_config(eval_cfg: EvalConfig, saved: Optional[dict[str, Any]]) -> pretr
     return config.model_copy(update=update)
 
 
-def score_arc_outputs(config: pretrain.PretrainConfig, step: int, world_size: int) -> Optional[arc_scoring.ArcScore]:
+def score_arc_outputs(config: PretrainConfig, step: int, world_size: int) -> Optional[arc_scoring.ArcScore]:
     """pass@K over every rank's saved outputs, when the dataset is ARC and the needed outputs were saved."""
     saved = set(config.eval_save_outputs)
     if not {"inputs", "labels", "puzzle_identifiers", "q_halt_logits"} <= saved or not {"logits", "preds"} & saved:
@@ -138,25 +142,25 @@ def evaluate_checkpoint(eval_cfg: EvalConfig, info: DistInfo) -> Optional[dict[s
     weights, step, saved_config = read_checkpoint(eval_cfg.checkpoint)
     config = build_config(eval_cfg, saved_config)
     torch.manual_seed(config.seed + info.rank)
-    pretrain.print_backends(info)
+    print_backends(info)
 
-    train_dataset, _ = pretrain.create_dataloader(config, "train", info, test_set_mode=False, epochs=1)
-    eval_dataset, eval_loader = pretrain.create_dataloader(config, "test", info, test_set_mode=True, epochs=1)
-    head, _ = pretrain.create_model(config, train_dataset.metadata, info)
+    train_dataset, _ = create_dataloader(config, "train", info, test_set_mode=False, epochs=1)
+    eval_dataset, eval_loader = create_dataloader(config, "test", info, test_set_mode=True, epochs=1)
+    head, _ = create_model(config, train_dataset.metadata, info)
     ckpt.load_model_weights(head, weights, eval_cfg.checkpoint)
-    forward = torch.compile(head, dynamic=False) if pretrain.use_compile(config, info.device) else head
-    state = pretrain.TrainState(model=head, forward=forward, optimizers=[], optimizer_lrs=[], total_steps=0, step=step)
+    forward = torch.compile(head, dynamic=False) if use_compile(config, info.device) else head
+    state = TrainState(model=head, forward=forward, optimizers=[], optimizer_lrs=[], total_steps=0, step=step)
     head.eval()
 
     if info.is_main:
         print(f"evaluating {eval_cfg.checkpoint} (step {step}) on {config.data_path}", file=sys.stderr)
-    results = pretrain.evaluate(config, state, eval_loader, eval_dataset.metadata, info)
+    results = evaluate(config, state, eval_loader, eval_dataset.metadata, info)
     if info.world_size > 1:
         dist.barrier()  # every rank's outputs are on disk before rank 0 scores them
     if not info.is_main or results is None:
         return None
     arc = score_arc_outputs(config, step, info.world_size)
-    for key, value in pretrain.flatten_eval_metrics(results).items():
+    for key, value in flatten_eval_metrics(results).items():
         print(f"{key}: {value:.6g}")
     if arc is not None:
         print(arc_scoring.format_table(arc))
@@ -165,11 +169,11 @@ def evaluate_checkpoint(eval_cfg: EvalConfig, info: DistInfo) -> Optional[dict[s
 
 @hydra.main(config_path=None, config_name="cfg_eval", version_base=None)
 def main(cfg: DictConfig) -> None:
-    with pretrain.bad_input_exits():
+    with bad_input_exits():
         eval_cfg = eval_config_from_hydra(cfg)
         with distributed_context(eval_cfg.device, eval_cfg.dist_timeout_s) as info:
             evaluate_checkpoint(eval_cfg, info)
 
 
 if __name__ == "__main__":
-    pretrain.cli(main)
+    run_hydra_entry(main, EvalConfig.model_fields)

@@ -4,9 +4,9 @@
     torchrun --nproc-per-node 2 benchmarks/bench_hrm.py --shapes sudoku   # multi-GPU, same global batch
 
 Design choices:
-- The steps timed are issued as the train loop issues them (`pretrain.launch_train_step`, with the
+- The steps timed are issued as the train loop issues them (`train_step.launch_train_step`, with the
   previous step's metrics read back after the next one is launched when `async_metrics` is on, else
-  `pretrain.train_batch`), and the eval batch is `pretrain.eval_batch`, built by
+  `train_step.train_batch`), and the eval batch is `evaluation.eval_batch`, built by
   `pretrain.init_train_state` from the composed Hydra config: what is measured is what trains.
 - Inputs are random tokens (never zeros, which can run faster than real data), drawn afresh for a
   pool of batches that the timed steps rotate through.
@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import pretrain  # noqa: E402
 from dataset.common import PuzzleDatasetMetadata  # noqa: E402
+from utils import build, train_step
 from utils.distributed import distributed_context  # noqa: E402
 
 
@@ -135,19 +136,19 @@ def eval_batch_fallback(config, state, batch, info) -> None:
 def run_train_steps(config, state, batches, gbs, info, count: int, finish_last: bool = True):
     """`count` train steps issued like the train loop does (see the module doc). With async metrics the
     last step is read back here, or returned unread (`finish_last=False`) for the caller to finish."""
-    async_metrics = pretrain.use_async_metrics(config, info)
+    async_metrics = train_step.use_async_metrics(config, info)
     pending = None
     for i in range(count):
         batch = batches[i % len(batches)]
         if not async_metrics:
             pretrain.train_batch(config, state, batch, gbs, info)
             continue
-        launched = pretrain.launch_train_step(config, state, batch, gbs, info)
+        launched = train_step.launch_train_step(config, state, batch, gbs, info)
         if pending is not None:
-            pretrain.finish_train_step(config, state, pending, info)
+            train_step.finish_train_step(config, state, pending, info)
         pending = launched
     if pending is not None and finish_last:
-        pretrain.finish_train_step(config, state, pending, info)
+        train_step.finish_train_step(config, state, pending, info)
         pending = None
     return pending
 
@@ -193,7 +194,7 @@ def report_host_syncs(config, state, batches, gbs, info) -> None:
     finally:
         warnings.showwarning = previous
     if pending is not None:
-        pretrain.finish_train_step(config, state, pending, info)
+        train_step.finish_train_step(config, state, pending, info)
     print(f"rank {info.rank}: {sum(seen.values())} host synchronisations in 3 train steps", flush=True)
     for key, count in sorted(seen.items(), key=lambda kv: -kv[1]):
         print(f"  {count}x {key}", flush=True)
@@ -235,7 +236,7 @@ def bench_shape(shape: Shape, args, info) -> dict | None:
     synchronize(info.device)
     train_ms = (time.perf_counter() - start) * 1000 / args.steps
     if pending is not None:
-        pretrain.finish_train_step(config, state, pending, info)
+        train_step.finish_train_step(config, state, pending, info)
 
     if args.sync_debug and info.device.type == "cuda":
         report_host_syncs(config, state, batches, gbs, info)
@@ -278,10 +279,10 @@ def bench_shape(shape: Shape, args, info) -> dict | None:
         "global_batch": gbs,
         "world_size": info.world_size,
         "device": torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "cpu",
-        "compile": pretrain.use_compile(config, info.device),
+        "compile": build.use_compile(config, info.device),
         "train_ms_per_step": round(train_ms, 2),
         "train_host_ms_per_step": round(host_ms, 2),
-        "async_metrics": pretrain.use_async_metrics(config, info),
+        "async_metrics": train_step.use_async_metrics(config, info),
         "train_examples_per_s": round(gbs / train_ms * 1000, 1),
         "train_tflops": round(train_flops / train_ms / 1e9, 1),
         "eval_ms_per_batch": round(eval_ms, 2),

@@ -42,9 +42,10 @@ dominate; the persistent TMA kernel measured 0.384 ms against 0.489 ms for cuBLA
 kernel and 0.49 ms for the first kernel (H100, 62,976 tokens, benchmarks/RESULTS.md). It is a plain
 `torch.library.custom_op` (opaque to Inductor), because in-kernel TMA descriptors need Triton's global
 scratch allocator at launch time. The QKV-RoPE and residual-RMSNorm kernels measured slower than
-Inductor's own fusion next to cuBLAS, and persistent TMA versions of them (benchmarks/exp_tma_gemm.py)
-did not help a whole train step (QKV-RoPE: 0.229 vs 0.286 ms alone, no change per step) or were
-slower (residual-RMSNorm: 0.27 vs 0.20 ms), so `fused_post_norm_block` uses only the SwiGLU kernel.
+Inductor's own fusion next to cuBLAS, and persistent TMA versions of them (an experiment script, in git
+history: `git show b067f7f:benchmarks/exp_tma_gemm.py`) did not help a whole train step (QKV-RoPE: 0.229
+vs 0.286 ms alone, no change per step) or were slower (residual-RMSNorm: 0.27 vs 0.20 ms), so
+`fused_post_norm_block` uses only the SwiGLU kernel.
 The first kernels stay here, tested and benchmarked (benchmarks/bench_fused_ops.py).
 
 Triton is an optional accelerator: without it this module still imports, `FUSED_OPS_AVAILABLE` is

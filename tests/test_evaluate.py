@@ -15,6 +15,7 @@ import evaluate
 import pretrain
 from tests.test_arc_scoring import build_outputs
 from tests.test_pretrain_helpers import REPO, make_tiny_dataset, tiny_config
+from utils import evaluation
 from utils.distributed import DistInfo
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -44,7 +45,7 @@ def test_matches_training_evaluation(trained):
     _, ckpt, logged = trained
     for step in (3, 6):
         result = run_eval(ckpt / f"step_{step}")
-        flat = pretrain.flatten_eval_metrics(result["metrics"])
+        flat = evaluation.flatten_eval_metrics(result["metrics"])
         assert flat.keys() == logged[step].keys()
         for key, value in logged[step].items():
             assert flat[key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
@@ -62,10 +63,10 @@ def test_reference_style_compiled_keys_and_train_state(trained, tmp_path):
     weights = torch.load(ckpt / "step_6", weights_only=True)
     shutil.copy(ckpt / "all_config.yaml", tmp_path / "all_config.yaml")
     torch.save({f"_orig_mod.{k}": v for k, v in weights.items()}, tmp_path / "step_6")
-    flat = pretrain.flatten_eval_metrics(run_eval(tmp_path / "step_6", save_outputs=[])["metrics"])
+    flat = evaluation.flatten_eval_metrics(run_eval(tmp_path / "step_6", save_outputs=[])["metrics"])
     assert flat["all/accuracy"] == pytest.approx(logged[6]["all/accuracy"])
     # A train-state file carries its own step and config.
-    flat = pretrain.flatten_eval_metrics(run_eval(ckpt / "train_state_step_000006.pt", save_outputs=[])["metrics"])
+    flat = evaluation.flatten_eval_metrics(run_eval(ckpt / "train_state_step_000006.pt", save_outputs=[])["metrics"])
     assert flat["all/lm_loss"] == pytest.approx(logged[6]["all/lm_loss"], rel=1e-6)
 
 

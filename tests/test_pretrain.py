@@ -11,8 +11,8 @@ from torch import nn
 
 import pretrain
 from tests.test_pretrain_helpers import make_tiny_dataset, tiny_config
+from utils import build, logging_utils, train_state, train_step
 from utils import checkpointing as ckpt
-from utils import logging_utils
 from utils.distributed import DistInfo
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -21,13 +21,13 @@ CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 def test_compile_switch(tmp_path, monkeypatch):
     monkeypatch.delenv("DISABLE_COMPILE", raising=False)
     config = tiny_config(tmp_path, tmp_path)  # compile: null
-    assert pretrain.use_compile(config, torch.device("cpu")) is False
-    assert pretrain.use_compile(config, torch.device("cuda", 0)) is True
+    assert build.use_compile(config, torch.device("cpu")) is False
+    assert build.use_compile(config, torch.device("cuda", 0)) is True
     forced = config.model_copy(update={"compile": True})
-    assert pretrain.use_compile(forced, torch.device("cpu")) is True
-    assert pretrain.use_compile(config.model_copy(update={"compile": False}), torch.device("cuda", 0)) is False
+    assert build.use_compile(forced, torch.device("cpu")) is True
+    assert build.use_compile(config.model_copy(update={"compile": False}), torch.device("cuda", 0)) is False
     monkeypatch.setenv("DISABLE_COMPILE", "1")  # the reference's switch still works
-    assert pretrain.use_compile(forced, torch.device("cuda", 0)) is False
+    assert build.use_compile(forced, torch.device("cuda", 0)) is False
 
 
 class RecordingSGD(torch.optim.SGD):
@@ -61,7 +61,7 @@ def test_train_batch_scales_loss_schedules_both_optimizers_and_reduces_metrics(t
     head = QuadraticHead()
     first = RecordingSGD([{"params": [head.w], "lr_scale": 0.5}], lr=0.0)
     second = RecordingSGD([head.v], lr=0.0)
-    state = pretrain.TrainState(head, head, [first, second], [0.4, 0.8], total_steps=3)
+    state = train_state.TrainState(head, head, [first, second], [0.4, 0.8], total_steps=3)
     batch = {"inputs": torch.zeros(2, 3, dtype=torch.int32)}
 
     metrics = pretrain.train_batch(config, state, batch, global_batch_size=16, info=CPU)
@@ -88,7 +88,7 @@ def test_train_batch_scales_loss_schedules_both_optimizers_and_reduces_metrics(t
 
 
 def test_train_metrics_with_no_halted_sequence():
-    out = pretrain.train_metrics({"count": 0.0, "q_halt_loss": 4.0, "steps": 0.0}, 8, 0.1)
+    out = train_step.train_metrics({"count": 0.0, "q_halt_loss": 4.0, "steps": 0.0}, 8, 0.1)
     assert out == {"train/count": 0.0, "train/q_halt_loss": 0.5, "train/steps": 0.0, "train/lr": 0.1}
 
 

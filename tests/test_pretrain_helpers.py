@@ -6,8 +6,8 @@ import numpy as np
 from hydra import compose, initialize_config_dir
 
 from dataset.common import PuzzleDatasetMetadata, write_identifiers, write_split
-from pretrain import PretrainConfig, config_from_hydra
 from puzzle_dataset import PuzzleDataset, PuzzleDatasetConfig
+from utils.config import PretrainConfig, config_from_hydra
 
 REPO = Path(__file__).resolve().parent.parent
 SEQ_LEN = 8

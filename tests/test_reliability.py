@@ -19,6 +19,7 @@ import pretrain
 from models.losses import ACTLossHead
 from tests.test_pretrain_helpers import REPO, TINY_ARCH, make_tiny_dataset, tiny_config
 from utils import checkpointing as ckpt
+from utils import train_state, train_step
 
 BAD_STEP = 2  # tiny config: 6 steps, 3 per loader iteration; step 2 is mid-iteration
 
@@ -50,7 +51,7 @@ def poison(monkeypatch, where: str, at_step: int) -> None:
 
         monkeypatch.setattr(ACTLossHead, "forward", poisoned_forward)
         return
-    sync, calls = pretrain.sync_gradients, [0]
+    sync, calls = train_step.sync_gradients, [0]
 
     def poisoned_sync(model, local_checks=()):
         calls[0] += 1
@@ -62,7 +63,7 @@ def poison(monkeypatch, where: str, at_step: int) -> None:
                 local_checks[1][0, 0] = float("inf")
         return sync(model, local_checks)
 
-    monkeypatch.setattr(pretrain, "sync_gradients", poisoned_sync)
+    monkeypatch.setattr(train_step, "sync_gradients", poisoned_sync)
 
 
 def assert_same_state(state, expected):
@@ -89,7 +90,7 @@ def test_skip_leaves_weights_and_optimizer_state_unchanged(
     warnings = [line for line in capsys.readouterr().err.splitlines() if "non-finite" in line]
     assert warnings == [f"warning: step {BAD_STEP}: non-finite loss or gradients, update skipped (nonfinite=skip)"]
     # The ACT carry restarts after a skipped step (its hidden states may be the bad ones).
-    saved = pretrain.read_train_state(ckpt.find_latest_train_state(str(tmp_path / "ckpt")))
+    saved = train_state.read_train_state(ckpt.find_latest_train_state(str(tmp_path / "ckpt")))
     assert saved["ranks"][0]["carry"] is None
 
 
@@ -130,11 +131,11 @@ def test_async_metrics_refuses_options_that_need_each_step_at_once(data, tmp_pat
 
 def test_stop_saves_train_state_and_names_the_step(data, clean_before_bad_step, tmp_path, monkeypatch):
     poison(monkeypatch, "loss", BAD_STEP)
-    with pytest.raises(pretrain.NonFiniteError, match=rf"^non-finite loss or gradients at step {BAD_STEP} "):
+    with pytest.raises(train_step.NonFiniteError, match=rf"^non-finite loss or gradients at step {BAD_STEP} "):
         pretrain.run(tiny_config(data, tmp_path / "ckpt", "nonfinite=stop"))
     path = ckpt.find_latest_train_state(str(tmp_path / "ckpt"))
     assert path is not None and path.endswith(f"train_state_step_{BAD_STEP:06d}.pt")
-    saved = pretrain.read_train_state(path)
+    saved = train_state.read_train_state(path)
     expected = clean_before_bad_step.model.state_dict()
     for key, value in expected.items():
         assert torch.equal(saved["model"][key], value), key
@@ -150,6 +151,7 @@ POISON_DRIVER = textwrap.dedent(
     import sys
     sys.path.insert(0, {repo!r})
     import pretrain
+    from utils.cli import run_hydra_entry
     from models.losses import ACTLossHead
 
     forward, calls = ACTLossHead.forward, [0]
@@ -163,7 +165,7 @@ POISON_DRIVER = textwrap.dedent(
         return carry, loss, *rest
 
     ACTLossHead.forward = poisoned_forward
-    pretrain.cli(pretrain.main)
+    run_hydra_entry(pretrain.launch, pretrain.PretrainConfig.model_fields)
     """
 )
 
@@ -278,6 +280,7 @@ DISK_FULL_DRIVER = textwrap.dedent(
     import errno, sys
     sys.path.insert(0, {repo!r})
     import pretrain
+    from utils.cli import run_hydra_entry
     from utils import checkpointing as ckpt
 
     original, writes = ckpt.atomic_torch_save, [0]
@@ -293,7 +296,7 @@ DISK_FULL_DRIVER = textwrap.dedent(
         return original(obj, path)
 
     ckpt.atomic_torch_save = filling_disk
-    pretrain.cli(pretrain.main)
+    run_hydra_entry(pretrain.launch, pretrain.PretrainConfig.model_fields)
     """
 )
 
@@ -313,7 +316,7 @@ def test_full_disk_from_command_line_exits_4_and_keeps_previous_state(data, tmp_
     # The second save (step 2) is the newest complete state; it loads, and no temporary file remains.
     latest = ckpt.find_latest_train_state(str(run_dir))
     assert latest is not None and latest.endswith("train_state_step_000002.pt")
-    assert pretrain.read_train_state(latest)["step"] == 2
+    assert train_state.read_train_state(latest)["step"] == 2
     assert not [name for name in os.listdir(run_dir) if name.endswith(".tmp")]
 
 

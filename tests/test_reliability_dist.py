@@ -24,6 +24,7 @@ DRIVER = textwrap.dedent(
     import os, sys, time
     sys.path.insert(0, {repo!r})
     import pretrain
+    from utils.cli import run_hydra_entry
 
     original = pretrain.launch_train_step
 
@@ -34,8 +35,8 @@ DRIVER = textwrap.dedent(
             time.sleep(600)
         return original(config, state, batch, global_batch_size, info)
 
-    pretrain.launch_train_step = launch_train_step
-    pretrain.cli(pretrain.main)
+    pretrain.launch_train_step = launch_train_step  # the name the train loop calls
+    run_hydra_entry(pretrain.launch, pretrain.PretrainConfig.model_fields)
     """
 )
 

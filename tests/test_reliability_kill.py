@@ -18,9 +18,9 @@ import time
 import pytest
 import torch
 
-from pretrain import read_train_state
 from tests.test_pretrain_helpers import REPO, TINY_ARCH, make_tiny_dataset
 from utils.checkpointing import TRAIN_STATE_TEMP_PATTERN, find_latest_train_state
+from utils.train_state import read_train_state
 
 TOTAL_STEPS = 48  # epochs=32 x 6 groups / global batch 4
 KILLS = 5

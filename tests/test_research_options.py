@@ -15,6 +15,7 @@ from models.losses import IGNORE_LABEL_ID, ACTLossHead
 from puzzle_dataset import PuzzleDataset, PuzzleDatasetConfig
 from tests.test_distributed import run_two_rank_training
 from tests.test_pretrain_helpers import TINY_ARCH, make_tiny_dataset, tiny_config
+from utils import build, train_state, train_step, training_options
 from utils.distributed import DistInfo
 from utils.ema import ModelEMA
 
@@ -45,7 +46,7 @@ def test_options_are_off_by_default_and_validated(tmp_path):
     # The per-rank batch (4) must split into whole micro-batches.
     config = tiny_config(tmp_path, tmp_path / "ckpt", "grad_accum_steps=3")
     with pytest.raises(ValueError, match="config key 'grad_accum_steps': the per-rank batch 4 is not divisible by 3"):
-        pretrain.model_config_dict(config, types.SimpleNamespace(vocab_size=6, seq_len=8, num_puzzle_identifiers=3), 1)
+        build.model_config_dict(config, types.SimpleNamespace(vocab_size=6, seq_len=8, num_puzzle_identifiers=3), 1)
 
 
 # --------------------------------------------------------------------------------------------------- EMA
@@ -77,10 +78,10 @@ def eval_logits(config, weights):
     """Evaluate a freshly built model holding `weights`; the logits it saves, in eval order."""
     train_ds, _ = pretrain.create_dataloader(config, "train", CPU, test_set_mode=False, epochs=1)
     eval_ds, loader = pretrain.create_dataloader(config, "test", CPU, test_set_mode=True, epochs=1)
-    head, _ = pretrain.create_model(config, train_ds.metadata, CPU)
+    head, _ = build.create_model(config, train_ds.metadata, CPU)
     head.load_state_dict(weights)
     head.eval()
-    state = pretrain.TrainState(model=head, forward=head, optimizers=[], optimizer_lrs=[], total_steps=0, step=999)
+    state = train_state.TrainState(model=head, forward=head, optimizers=[], optimizer_lrs=[], total_steps=0, step=999)
     pretrain.evaluate(config, state, loader, eval_ds.metadata, CPU)
     return torch.load(f"{config.checkpoint_path}/step_999_all_preds.0")["logits"]
 
@@ -90,7 +91,7 @@ def test_ema_is_used_for_evaluation_and_step_files(data, tmp_path):
     config = tiny_config(data, ckpt, "ema=true", "ema_rate=0.5", "epochs=2", "eval_save_outputs=[logits]")
     state = pretrain.run(config)
     assert state.step == 3
-    payload = pretrain.read_train_state(str(ckpt / "train_state_step_000003.pt"))
+    payload = train_state.read_train_state(str(ckpt / "train_state_step_000003.pt"))
     live, averaged = payload["model"], payload["ema"]
     step_file = torch.load(ckpt / "step_3", weights_only=True)
 
@@ -120,7 +121,7 @@ def test_ema_by_hand_over_a_run(data, tmp_path, monkeypatch):
     """The EMA after two steps equals rate²·w0 + rate(1−rate)·w1 + (1−rate)·w2 of the recorded weights."""
     config = tiny_config(data, tmp_path / "ckpt", "ema=true", "ema_rate=0.75", "stop_at_step=2")
     recorded = []
-    original_step = pretrain.apply_lr_and_step
+    original_step = train_step.apply_lr_and_step
 
     def recording_step(cfg, state, **kwargs):
         if not recorded:
@@ -129,7 +130,7 @@ def test_ema_by_hand_over_a_run(data, tmp_path, monkeypatch):
         recorded.append({k: v.detach().clone() for k, v in state.model.named_parameters()})
         return lr
 
-    monkeypatch.setattr(pretrain, "apply_lr_and_step", recording_step)
+    monkeypatch.setattr(train_step, "apply_lr_and_step", recording_step)
     state = pretrain.run(config)
     w0, w1, w2 = recorded
     r = 0.75
@@ -203,7 +204,7 @@ def scripted_eval(tmp_path, halting, model, batch):
         tmp_path, tmp_path / "ckpt", f"eval_halting={halting}", "eval_save_outputs=[logits,puzzle_identifiers]"
     )
     head = ACTLossHead(model, "stablemax_cross_entropy")  # the loss of the tiny config
-    state = pretrain.TrainState(model=head, forward=head, optimizers=[], optimizer_lrs=[], total_steps=0, step=7)
+    state = train_state.TrainState(model=head, forward=head, optimizers=[], optimizer_lrs=[], total_steps=0, step=7)
     head.eval()
     model.calls = 0
     metadata = types.SimpleNamespace(sets=["all"])
@@ -289,7 +290,7 @@ def test_learned_halting_on_the_real_model(data, tmp_path):
 
 
 def test_early_stopping_window(monkeypatch):
-    stopper = pretrain.EarlyStopping(threshold=0.9, window=3)
+    stopper = training_options.EarlyStopping(threshold=0.9, window=3)
     seq = [1.0, 1.0, 0.5, 1.0, 1.0, 1.0]
     decisions = [stopper.update({"train/exact_accuracy": v}, CPU) for v in seq]
     # Means of the full windows: (1,1,.5)=.83, (1,.5,1)=.83, (.5,1,1)=.83, (1,1,1)=1 → stop at the 6th step.
@@ -298,21 +299,21 @@ def test_early_stopping_window(monkeypatch):
 
 
 def test_early_stop_saves_and_says_so(data, tmp_path, monkeypatch, capsys):
-    original = pretrain.train_metrics
+    original = train_step.train_metrics
 
     def perfect_from_step_1(summed, global_batch_size, lr):
         out = original(summed, global_batch_size, lr)
         out["train/exact_accuracy"] = 1.0
         return out
 
-    monkeypatch.setattr(pretrain, "train_metrics", perfect_from_step_1)
+    monkeypatch.setattr(train_step, "train_metrics", perfect_from_step_1)
     ckpt = tmp_path / "ckpt"
     state = pretrain.run(
         tiny_config(data, ckpt, "early_stop_train_accuracy=0.99", "early_stop_window=2", "checkpoint_every_eval=false")
     )
     assert state.step == 2  # window of 2 full at step 2, mid-way through the first iteration
     assert (ckpt / "step_2").is_file()
-    payload = pretrain.read_train_state(str(ckpt / "train_state_step_000002.pt"))
+    payload = train_state.read_train_state(str(ckpt / "train_state_step_000002.pt"))
     assert (payload["data_iters"], payload["data_batches"]) == (0, 2)
     assert "early stop at step 2" in capsys.readouterr().err
     logged = [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines()]
@@ -337,11 +338,11 @@ def test_keep_best_by_eval_metric(data, tmp_path):
 
 
 def test_keep_best_direction_and_unknown_metric(data, tmp_path):
-    best = pretrain.BestCheckpoint("all/exact_accuracy", str(tmp_path))
+    best = training_options.BestCheckpoint("all/exact_accuracy", str(tmp_path))
     assert best.is_better(0.1) and not best.is_better(float("nan"))
     best.value = 0.5
     assert best.is_better(0.6) and not best.is_better(0.5)
-    loss = pretrain.BestCheckpoint("all/lm_loss", str(tmp_path))
+    loss = training_options.BestCheckpoint("all/lm_loss", str(tmp_path))
     loss.value = 0.5
     assert loss.is_better(0.4) and not loss.is_better(0.6)
     with pytest.raises(ValueError, match="config key 'keep_best': 'all/nope' is not an eval metric"):
@@ -395,8 +396,8 @@ def test_two_micro_batches_give_the_full_batch_gradients_and_update(data, tmp_pa
 
     config = tiny_config(data, tmp_path / "a", *common)
     for batch in train_batches(config, 3):  # the carries persist over 3 steps
-        _, metrics_full = pretrain.forward_backward(full, batch, 4, CPU.device, 1)
-        _, metrics_accum = pretrain.forward_backward(accum, batch, 4, CPU.device, 2)
+        _, metrics_full = train_step.forward_backward(full, batch, 4, CPU.device, 1)
+        _, metrics_accum = train_step.forward_backward(accum, batch, 4, CPU.device, 2)
         for k in metrics_full:
             torch.testing.assert_close(metrics_accum[k].double(), metrics_full[k].double(), rtol=1e-6, atol=1e-6)
         for (name, p), q in zip(full.model.named_parameters(), accum.model.parameters()):
@@ -408,7 +409,7 @@ def test_two_micro_batches_give_the_full_batch_gradients_and_update(data, tmp_pa
 
         for state in (full, accum):
             state.step += 1
-            pretrain.apply_lr_and_step(config, state)
+            train_step.apply_lr_and_step(config, state)
         for key, value in full.model.state_dict().items():
             torch.testing.assert_close(accum.model.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
         for a, b in zip(dataclasses.astuple(full.carry.inner_carry), dataclasses.astuple(accum.carry.inner_carry)):

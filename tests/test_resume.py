@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 
-from pretrain import read_train_state, run
+from pretrain import run
 from tests.test_pretrain_helpers import make_tiny_dataset, tiny_config
 from utils.checkpointing import find_latest_train_state
+from utils.train_state import read_train_state
 
 # epochs=4, eval_interval=2, 6 groups, global batch 4 → 3 steps per iteration, 6 steps in all.
 TOTAL_STEPS = 6

@@ -1,0 +1,90 @@
+"""One-line errors for every command-line entry point (pretrain.py, evaluate.py, the dataset builders).
+
+Design choices:
+- Bad input (config keys, files, flags) becomes `error: <one line>` on stderr and exit status 2, with no
+  traceback: `ValueError` and `FileNotFoundError` raised anywhere in library code carry a message that
+  names the key, file or line, and this module only prints it.
+- A run that cannot go on leaves the same way with its own status: any exception class with an
+  `exit_code` attribute (3 non-finite loss with `nonfinite: stop`, 4 checkpoint not writable, 5 another
+  rank died or timed out; README "Reliability"). This module imports nothing of the project, so every
+  layer can raise such errors without importing the launchers.
+- Hydra and OmegaConf composition errors span several lines; only the first line of each part is kept,
+  and the repeated "config:"-style prefixes are dropped.
+- The reference and TRM spell some overrides `+run_name=...` because their YAML lacks those keys; ours
+  declares them, where Hydra would refuse `+` ("already at"). `normalize_overrides` turns `+key=value`
+  into `key=value` for keys the primary config already has, so their command lines work unchanged.
+"""
+
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+
+BAD_INPUT_STATUS = 2
+
+
+def error_line(e: BaseException) -> str:
+    """The message of `e`; for an error re-raised from a DataLoader worker (its text then holds the worker's
+    traceback), the original message, which is the traceback's last line."""
+    text = str(e).strip()
+    if text.startswith("Caught ") and "DataLoader worker" in text.splitlines()[0]:
+        return text.splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
+def one_line_config_error(e: BaseException) -> str:
+    """Hydra/OmegaConf composition errors span several lines; keep the first line of each part."""
+    parts = [str(e).strip().splitlines()[0].rstrip(".")] if str(e).strip() else [type(e).__name__]
+    if e.__cause__ is not None and str(e.__cause__).strip():
+        parts.append(str(e.__cause__).strip().splitlines()[0])
+    return ": ".join(parts)
+
+
+def describe_error(e: BaseException) -> tuple[str, int] | None:
+    """(one-line message, exit status) for an error that is reported rather than raised; None otherwise."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    status = getattr(type(e), "exit_code", None)
+    if isinstance(status, int):
+        return str(e), status
+    if isinstance(e, (ValueError, FileNotFoundError)):
+        return error_line(e), BAD_INPUT_STATUS
+    if isinstance(e, (HydraException, OmegaConfBaseException)):
+        return one_line_config_error(e), BAD_INPUT_STATUS
+    return None
+
+
+@contextmanager
+def bad_input_exits() -> Iterator[None]:
+    """Report the errors `describe_error` knows as `error: <line>` on stderr and exit with their status."""
+    try:
+        yield
+    except Exception as e:
+        described = describe_error(e)
+        if described is None:
+            raise
+        message, status = described
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(status)
+
+
+def normalize_overrides(argv: list[str], declared: Iterable[str]) -> list[str]:
+    """`+key=value` → `key=value` for top-level keys the primary config declares (see module docstring)."""
+    declared = set(declared)
+    out = []
+    for arg in argv:
+        key = arg[1:].split("=", 1)[0]
+        if arg.startswith("+") and not arg.startswith("++") and "=" in arg and key in declared:
+            arg = arg[1:]
+        out.append(arg)
+    return out
+
+
+def run_hydra_entry(entry: Callable[[], None], declared_keys: Iterable[str] = ()) -> None:
+    """Run a Hydra entry point with one-line composition errors (the entry handles its own errors)."""
+    # Let composition errors propagate to us instead of Hydra printing them over several lines.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    sys.argv[1:] = normalize_overrides(sys.argv[1:], declared_keys)
+    with bad_input_exits():
+        entry()

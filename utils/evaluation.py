@@ -1,0 +1,152 @@
+"""Evaluation (SPEC §6): every test batch run to the end of its ACT steps, per-set metrics, saved outputs.
+
+Used by both launchers: pretrain.py after each training iteration and evaluate.py on a checkpoint.
+
+Design choices:
+- Each test batch starts from a fresh carry and calls the loss head until every row halted. An ACT
+  model in eval mode halts only at `halt_max_steps`, so the calls before that one are issued without
+  asking the host whether all rows halted, and the device never idles.
+- `eval_halting: learned` (a research option) leaves the model untouched: the outputs of each row are
+  frozen at its first step with q_halt > q_continue, and the loss head then computes its usual
+  metrics on the frozen outputs through a `ReplayModel`, so the metric definitions stay in one place.
+- Metrics are summed per set in sorted-key order, reduced to rank 0 and divided by `count`;
+  requested outputs are concatenated and saved per rank as `step_{N}_all_preds.{rank}`.
+"""
+
+import dataclasses
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from utils import checkpointing as ckpt
+from utils.config import PretrainConfig
+from utils.distributed import DistInfo
+from utils.train_state import TrainState
+
+
+def eval_batch(config: PretrainConfig, state: TrainState, batch: dict[str, torch.Tensor], info: DistInfo):
+    """One test batch from a fresh carry, the head called until every row halted: (batch, metrics, outputs).
+
+    Asking whether all rows halted is a host synchronisation. An ACT model in eval mode halts only at
+    `halt_max_steps`, so the calls before that one are issued without asking and the device never idles.
+    """
+    if config.eval_halting == "learned":
+        return eval_batch_learned_halting(config, state, batch, info)
+    model_config = getattr(state.model.model, "config", None)
+    calls_before_check = 0 if state.model.training else max(0, getattr(model_config, "halt_max_steps", 1) - 1)
+    with torch.inference_mode():
+        batch = {k: v.to(info.device, non_blocking=True) for k, v in batch.items()}
+        with torch.device(info.device):
+            carry = state.model.initial_carry(batch)
+        calls = 0
+        while True:
+            carry, _, metrics, preds, all_halted = state.call(carry, batch, config.eval_save_outputs)
+            calls += 1
+            if calls > calls_before_check and all_halted:
+                return batch, metrics, preds
+
+
+class ReplayModel(nn.Module):
+    """Stands in for the model inside a loss head: returns a recorded `(carry, outputs)` pair, so the head
+    computes its metrics (and the outputs to save) for predictions recorded earlier."""
+
+    def __init__(self, carry: Any, outputs: dict[str, torch.Tensor]):
+        super().__init__()
+        self.recorded = (carry, outputs)
+
+    def forward(self, **_):
+        return self.recorded
+
+
+def eval_batch_learned_halting(
+    config: PretrainConfig, state: TrainState, batch: dict[str, torch.Tensor], info: DistInfo
+):
+    """`eval_halting: learned`: each row stops at its first step with q_halt > q_continue (or at the model's own
+    halt); like `eval_batch`, returns (batch, metrics, outputs), all taken at each row's stopping step.
+
+    An ACT model in eval mode keeps every row running to halt_max_steps (lockstep batches), so the model
+    is left as it is: after each step the outputs of rows stopping now are frozen, and their step is
+    recorded. Then the loss head computes its usual metrics on the frozen outputs through a `ReplayModel`
+    (steps = each row's stopping step, every row halted), so metric definitions stay in one place. The
+    batch ends as soon as every row has stopped, saving the remaining steps.
+    """
+    from utils.functions import load_model_class
+
+    keys = sorted(set(config.eval_save_outputs) | {"logits", "q_halt_logits", "q_continue_logits"})
+    with torch.inference_mode():
+        batch = {k: v.to(info.device, non_blocking=True) for k, v in batch.items()}
+        with torch.device(info.device):
+            carry = state.model.initial_carry(batch)
+        frozen: dict[str, torch.Tensor] = {}
+        while True:
+            carry, _, metrics, outputs, all_halted = state.call(carry, batch, keys)
+            stop = carry.halted
+            if "q_continue_logits" in outputs:
+                stop = stop | (outputs["q_halt_logits"] > outputs["q_continue_logits"])
+            if not frozen:  # first step: every row's outputs, replaced below for rows stopping later
+                frozen, stop_steps, stopped = dict(outputs), carry.steps.clone(), stop
+            else:
+                new = stop & ~stopped
+                for k, v in outputs.items():
+                    frozen[k] = torch.where(new.view((-1,) + (1,) * (v.ndim - 1)), v, frozen[k])
+                stop_steps = torch.where(new, carry.steps, stop_steps)
+                stopped = stopped | stop
+            if all_halted or bool(stopped.all()):
+                break
+        if all_halted and bool((stop_steps == carry.steps).all()):
+            # Nobody stopped early (e.g. a single-step model): the head's own results are the answer.
+            return batch, metrics, {k: v for k, v in outputs.items() if k in config.eval_save_outputs}
+        final_carry = dataclasses.replace(carry, steps=stop_steps, halted=torch.ones_like(carry.halted))
+        head = load_model_class(config.arch.loss.name)(
+            ReplayModel(final_carry, frozen), **(config.arch.loss.model_extra or {})
+        )
+        _, _, metrics, preds, _ = head(return_keys=config.eval_save_outputs)
+    return batch, metrics, preds
+
+
+def evaluate(config: PretrainConfig, state: TrainState, loader: DataLoader, metadata: Any, info: DistInfo):
+    """Run every test batch to the end of its ACT steps; per-set metrics (divided by count) on rank 0."""
+    set_ids = {name: i for i, name in enumerate(metadata.sets)}
+    save_keys = set(config.eval_save_outputs)
+    saved: dict[str, list[torch.Tensor]] = {}
+    metric_keys: list[str] = []
+    metric_sums: torch.Tensor | None = None
+    with torch.inference_mode():
+        for set_name, batch, _global_size in tqdm(loader, desc="eval", disable=not info.is_main, leave=False):
+            batch, metrics, preds = eval_batch(config, state, batch, info)
+            for collection in (batch, preds):
+                for k, v in collection.items():
+                    if k in save_keys:
+                        saved.setdefault(k, []).append(v.cpu())
+            if metric_sums is None:
+                metric_keys = sorted(metrics)
+                metric_sums = torch.zeros((len(set_ids), len(metric_keys)), dtype=torch.float32, device=info.device)
+            metric_sums[set_ids[set_name]] += torch.stack([metrics[k].to(torch.float32) for k in metric_keys])
+
+    if saved:
+        assert config.checkpoint_path is not None
+        path = os.path.join(config.checkpoint_path, f"step_{state.step}_all_preds.{info.rank}")
+        ckpt.atomic_torch_save({k: torch.cat(v, dim=0) for k, v in saved.items()}, path)
+
+    if metric_sums is None:
+        return None
+    if info.world_size > 1:
+        dist.reduce(metric_sums, dst=0)
+    if not info.is_main:
+        return None
+    sums = metric_sums.cpu().numpy()
+    results = {}
+    for set_name, set_id in set_ids.items():
+        values = dict(zip(metric_keys, sums[set_id].tolist()))
+        count = values.pop("count")
+        results[set_name] = {k: v / max(count, 1) for k, v in values.items()}
+    return results
+
+
+def flatten_eval_metrics(results: dict[str, dict[str, float]]) -> dict[str, float]:
+    return {f"{set_name}/{k}": v for set_name, metrics in results.items() for k, v in metrics.items()}
