@@ -115,6 +115,21 @@ def compute_total_steps(config: PretrainConfig, total_groups: int, mean_puzzle_e
     return int(config.epochs * total_groups * mean_puzzle_examples / config.global_batch_size)
 
 
+def check_batches_per_iteration(config: PretrainConfig, metadata: Any) -> None:
+    """A global batch that one training iteration cannot fill would train nothing (the loader drops the last,
+    short batch): refuse it before any work, naming the numbers."""
+    epochs = epochs_per_iter(config)
+    examples = epochs * metadata.total_groups * metadata.mean_puzzle_examples
+    if examples < config.global_batch_size:
+        interval = f"eval_interval={epochs}" if config.eval_interval is not None else f"epochs={epochs}"
+        raise ValueError(
+            f"config key 'global_batch_size': {config.global_batch_size} is more than one training iteration holds "
+            f"({interval} epochs x {metadata.total_groups} groups x {metadata.mean_puzzle_examples:g} examples = "
+            f"{examples:g} examples per iteration), so no step would run; lower global_batch_size or raise "
+            f"{interval.split('=')[0]}"
+        )
+
+
 def create_optimizers(
     config: PretrainConfig,
     head: nn.Module,
@@ -198,6 +213,7 @@ def train(config: PretrainConfig, info: DistInfo, logger: MetricLogger | None = 
     total_iters = config.epochs // train_epochs
     train_dataset, train_loader = create_dataloader(config, "train", info, test_set_mode=False, epochs=train_epochs)
     eval_dataset, eval_loader = create_dataloader(config, "test", info, test_set_mode=True, epochs=1)
+    check_batches_per_iteration(config, train_dataset.metadata)
 
     # Model and optimizers, or the saved train state of this run.
     state, sources = init_train_state(config, train_dataset.metadata, info)

@@ -1,4 +1,4 @@
-"""Weight initialisation shared by every model file.
+"""Weight initialisation and the config base class shared by every model file.
 
 `trunc_normal_init_` follows JAX's `truncated_normal` initialiser rather than
 `torch.nn.init.trunc_normal_`: torch truncates a normal of the requested std, which leaves
@@ -8,8 +8,10 @@ curves assume it.
 """
 
 import math
+from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 
 def _truncated_standard_normal_variance(lower: float, upper: float) -> float:
@@ -38,3 +40,45 @@ def trunc_normal_init_(tensor: torch.Tensor, std: float = 1.0, lower: float = -2
         tensor.mul_(math.sqrt(2) * c)
         tensor.clip_(lower * c, upper * c)
     return tensor
+
+
+# ---------------------------------------------------------------------------------- model configs
+
+# Keys a model config may receive besides its own fields: what the launcher adds (utils/build.py) and the
+# `arch` section's own `name` and `loss` (dropped by the launcher, but kept by callers passing the whole section).
+LAUNCHER_KEYS = frozenset({"causal", "name", "loss"})
+
+
+class ModelConfig(BaseModel):
+    """Base of the models' pydantic configs: an unknown key (a misspelled `+arch.<key>=...`) is an error.
+
+    The launcher passes the whole `arch` section (minus `name` and `loss`) plus its own keys; those of
+    `LAUNCHER_KEYS` that a model does not declare are dropped, every other unknown key is refused.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_launcher_keys(cls, values: Any) -> Any:
+        if isinstance(values, dict):
+            return {k: v for k, v in values.items() if k in cls.model_fields or k not in LAUNCHER_KEYS}
+        return values
+
+
+def build_model_config(config_cls: type[BaseModel], values: dict[str, Any], model_name: str):
+    """Validate `values` into `config_cls`; every problem becomes one ValueError line naming the `arch` key."""
+    try:
+        return config_cls(**values)
+    except ValidationError as err:
+        parts = []
+        for e in err.errors():
+            key = ".".join(str(x) for x in e["loc"])
+            if e["type"] == "extra_forbidden":
+                parts.append(f"unknown key 'arch.{key}' ({model_name} has no such config field)")
+            elif e["type"] == "missing":
+                parts.append(f"key 'arch.{key}' is required")
+            else:
+                msg = e["msg"].removeprefix("Value error, ")
+                parts.append(f"arch.{key}: {msg}" if key else msg)
+        raise ValueError(f"{model_name} config: " + "; ".join(parts)) from None

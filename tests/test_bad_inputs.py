@@ -219,6 +219,15 @@ CASES = [
     Case("ill_typed_arch_override", with_overrides("arch.hidden_size=wide"), ("hidden_size", "valid integer")),
     Case("bad_value_override", with_overrides("eval_interval=3"), ("config key 'eval_interval'", "divisible")),
     Case("bad_choice_override", with_overrides("nonfinite=ignore"), ("config key 'nonfinite'", "'ignore'")),
+    Case("misspelled_arch_key", with_overrides("+arch.L_cylces=3"),
+         ("HierarchicalReasoningModel_ACTV1 config: unknown key 'arch.L_cylces'",)),
+    Case("model_rule_broken", with_overrides("arch.num_heads=3"),
+         ("error: HierarchicalReasoningModel_ACTV1 config: hidden_size (32) must be divisible by num_heads (3)",)),
+    Case("override_parse_error", with_overrides("lr==1"), ("override 'lr==1'", "extraneous input '='")),
+    Case("override_bad_interpolation", with_overrides("lr=${nope}"), ("Interpolation key 'nope'", "(key 'lr')")),
+    # 6 groups x 2 epochs per iteration = 12 examples: a batch of 16 is never filled, no step would run.
+    Case("batch_larger_than_iteration", with_overrides("global_batch_size=16"),
+         ("config key 'global_batch_size': 16", "eval_interval=2 epochs x 6 groups x 1 examples = 12", "no step")),
     # checkpoints: resume
     Case("resume_other_architecture", resume_other_arch,
          ("train_state_step_000003.pt", "model.inner", "has shape", "[64]")),

@@ -359,7 +359,9 @@ def test_loss_head_hierarchical_objective_and_metrics():
 
 
 def test_config_errors_and_extra_keys():
-    HierarchicalReasoningModel_3Level(tiny_config(some_launcher_key=3))  # extra keys are ignored
+    HierarchicalReasoningModel_3Level(tiny_config(causal=False, name="hrm.x@Y"))  # the launcher's keys pass
+    with pytest.raises(ValueError, match=r"unknown key 'arch.some_misspelled_key'"):
+        HierarchicalReasoningModel_3Level(tiny_config(some_misspelled_key=3))
     with pytest.raises(ValueError, match="num_heads"):
         HierarchicalReasoningModel_3Level(tiny_config(num_heads=3, hidden_size=33))
     with pytest.raises(ValueError, match="hidden_size"):

@@ -187,11 +187,15 @@ def test_missing_field_named():
         HierarchicalReasoningModel_ACTV1(cfg)
 
 
-def test_extra_keys_ignored():
+def test_launcher_keys_pass_and_unknown_keys_are_one_line_errors():
     model = HierarchicalReasoningModel_ACTV1(
         tiny_config(causal=False, name="hrm.x@Y", loss={"name": "losses@ACTLossHead"})
     )
     assert model.config.hidden_size == 16
+    with pytest.raises(ValueError, match=r"^HierarchicalReasoningModel_ACTV1 config: unknown key 'arch.L_cylces'"):
+        HierarchicalReasoningModel_ACTV1(tiny_config(L_cylces=3))
+    with pytest.raises(ValueError, match=r"config: hidden_size \(16\) must be divisible by num_heads \(3\)$"):
+        HierarchicalReasoningModel_ACTV1(tiny_config(num_heads=3))
 
 
 # ---------------------------------------------------------------- embeddings and outputs

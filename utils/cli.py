@@ -33,10 +33,23 @@ def error_line(e: BaseException) -> str:
 
 
 def one_line_config_error(e: BaseException) -> str:
-    """Hydra/OmegaConf composition errors span several lines; keep the first line of each part."""
-    parts = [str(e).strip().splitlines()[0].rstrip(".")] if str(e).strip() else [type(e).__name__]
+    """Hydra/OmegaConf composition errors span several lines: one line with what matters of each part.
+
+    A parse error of an override keeps the parser's reason (`lr==1`: "extraneous input '='"), without the
+    list of expected tokens and the link to the grammar; an OmegaConf error names its key.
+    """
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith(("See https://", "full_key:", "object_type="))]
+    parts = [lines[0].rstrip(".")] if lines else [type(e).__name__]
+    if type(e).__name__ == "OverrideParseException" and len(lines) > 1:
+        parts.append(lines[1].split(" expecting ", 1)[0] + " (see Hydra's override grammar)")
+    key = getattr(e, "full_key", None)
+    if key and f"'{key}'" not in parts[0]:
+        parts[0] += f" (key '{key}')"
     if e.__cause__ is not None and str(e.__cause__).strip():
-        parts.append(str(e.__cause__).strip().splitlines()[0])
+        cause = str(e.__cause__).strip().splitlines()[0]
+        if cause not in parts[0]:
+            parts.append(cause)
     return ": ".join(parts)
 
 
@@ -48,10 +61,10 @@ def describe_error(e: BaseException) -> tuple[str, int] | None:
     status = getattr(type(e), "exit_code", None)
     if isinstance(status, int):
         return str(e), status
+    if isinstance(e, (HydraException, OmegaConfBaseException)):  # before ValueError: some are both
+        return one_line_config_error(e), BAD_INPUT_STATUS
     if isinstance(e, (ValueError, FileNotFoundError)):
         return error_line(e), BAD_INPUT_STATUS
-    if isinstance(e, (HydraException, OmegaConfBaseException)):
-        return one_line_config_error(e), BAD_INPUT_STATUS
     return None
 
 

@@ -58,10 +58,10 @@ from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, model_validator
+from pydantic import model_validator
 from torch import nn
 
-from models.common import trunc_normal_init_
+from models.common import ModelConfig, build_model_config, trunc_normal_init_
 from models.layers import CastedLinear, RotaryEmbedding, SwiGLU, apply_rotary_pos_emb, attention, rms_norm
 from models.losses import IGNORE_LABEL_ID, LOSS_FUNCTIONS, halted_sequence_metrics
 from models.sparse_embedding import CastedSparseEmbedding
@@ -70,7 +70,7 @@ FLOAT8_E4M3_MAX = 448.0
 LEVELS = ("planner", "decomposer", "executor")
 
 
-class HierarchicalReasoningModel_3LevelConfig(BaseModel):
+class HierarchicalReasoningModel_3LevelConfig(ModelConfig):
     batch_size: int
     seq_len: int
     vocab_size: int
@@ -471,7 +471,9 @@ class HierarchicalReasoningModel_3Level(nn.Module):
 
     def __init__(self, config_dict: dict):
         super().__init__()
-        self.config = config = HierarchicalReasoningModel_3LevelConfig(**config_dict)
+        self.config = config = build_model_config(
+            HierarchicalReasoningModel_3LevelConfig, config_dict, "HierarchicalReasoningModel_3Level"
+        )
         self.forward_dtype = getattr(torch, config.forward_dtype)
         d = config.hidden_size
 

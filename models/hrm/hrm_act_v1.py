@@ -24,10 +24,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import field_validator, model_validator
 from torch import nn
 
-from models.common import trunc_normal_init_
+from models.common import ModelConfig, build_model_config, trunc_normal_init_
 from models.fused_ops import fused_block_supported, fused_post_norm_block
 from models.layers import Attention, CastedEmbedding, CastedLinear, RotaryEmbedding, SwiGLU, rms_norm
 from models.sparse_embedding import CastedSparseEmbedding
@@ -47,10 +47,7 @@ class HierarchicalReasoningModel_ACTV1Carry:
     current_data: dict[str, torch.Tensor]
 
 
-class HierarchicalReasoningModel_ACTV1Config(BaseModel):
-    # The launcher passes the whole `arch` section (name, loss, causal, ...): ignore what we do not use.
-    model_config = ConfigDict(extra="ignore")
-
+class HierarchicalReasoningModel_ACTV1Config(ModelConfig):
     batch_size: int
     seq_len: int
     puzzle_emb_ndim: int = 0
@@ -278,25 +275,14 @@ class HierarchicalReasoningModel_ACTV1_Inner(nn.Module):
         return new_carry, output, (q_logits[..., 0], q_logits[..., 1])
 
 
-def _config_error_message(err: ValidationError) -> str:
-    """One line per pydantic error, joined: 'arch config: field: message; ...'."""
-    parts = []
-    for e in err.errors():
-        field = ".".join(str(x) for x in e["loc"]) or "config"
-        msg = e["msg"].removeprefix("Value error, ")
-        parts.append(f"{field}: {msg}")
-    return "HierarchicalReasoningModel_ACTV1 config: " + "; ".join(parts)
-
-
 class HierarchicalReasoningModel_ACTV1(nn.Module):
     """ACT wrapper: keeps the carry of every batch row, decides halting, and refills halted rows."""
 
     def __init__(self, config_dict: dict):
         super().__init__()
-        try:
-            self.config = HierarchicalReasoningModel_ACTV1Config(**config_dict)
-        except ValidationError as e:
-            raise ValueError(_config_error_message(e)) from None
+        self.config = build_model_config(
+            HierarchicalReasoningModel_ACTV1Config, config_dict, "HierarchicalReasoningModel_ACTV1"
+        )
         self.inner = HierarchicalReasoningModel_ACTV1_Inner(self.config)
 
     @property
