@@ -176,4 +176,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    run_hydra_entry(main, EvalConfig.model_fields)
+    run_hydra_entry(main, EvalConfig.model_fields)  # every key is listed in its registered schema

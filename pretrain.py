@@ -31,9 +31,15 @@ from torch import nn
 from tqdm import tqdm
 
 from utils import checkpointing as ckpt
-from utils.build import create_dataloader, create_model, print_backends, use_compile
+from utils.build import create_dataloader, create_evaluators, create_model, load_initial_weights, print_backends, use_compile
 from utils.cli import bad_input_exits, run_hydra_entry
-from utils.config import PretrainConfig, config_from_dict, config_from_hydra, epochs_per_iter
+from utils.config import (
+    PretrainConfig,
+    config_from_dict,
+    config_from_hydra,
+    epochs_per_iter,
+    listed_keys,
+)
 from utils.distributed import DistInfo, broadcast_object, distributed_context
 from utils.ema import ModelEMA
 from utils.evaluation import evaluate, flatten_eval_metrics
@@ -83,13 +89,15 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config")
 def derive_names(
     config: PretrainConfig, model_class_name: str, slug: Callable[[], str] | None = None
 ) -> PretrainConfig:
-    """Fill project/run name and checkpoint path the way the reference does (done on rank 0 only)."""
+    """Fill project/run name and checkpoint path the way the reference does, or TRM with `data_paths`
+    (its project name joins with a dash); done on rank 0 only."""
     import coolname
 
     update: dict[str, Any] = {}
     project = config.project_name
     if project is None:
-        project = f"{os.path.basename(config.data_path.rstrip('/')).capitalize()} ACT-torch"
+        dataset = os.path.basename(train_data_paths(config)[0].rstrip("/")).capitalize()
+        project = f"{dataset}-ACT-torch" if config.data_paths else f"{dataset} ACT-torch"
         update["project_name"] = project
     run = config.run_name
     if run is None:
@@ -147,6 +155,8 @@ def create_optimizers(
     optimizers: list[torch.optim.Optimizer] = []
     base_lrs: list[float] = []
     puzzle_emb = getattr(head.model, "puzzle_emb", None)
+    if config.freeze_weights and puzzle_emb is None:
+        raise ValueError("config key 'freeze_weights': the model has no puzzle embedding (arch.puzzle_emb_ndim=0), so nothing would train")
     if puzzle_emb is not None:
         optimizers.append(
             CastedSparseEmbeddingSignSGD_Distributed(
@@ -157,6 +167,8 @@ def create_optimizers(
             )
         )
         base_lrs.append(config.puzzle_emb_lr)
+    if config.freeze_weights:  # TRM: only the puzzle embedding trains
+        return optimizers, base_lrs
     hook = getattr(head.model, "optimizer_param_groups", None)
     params = hook() if callable(hook) else head.parameters()
     optimizers.append(AdamATan2(params, lr=0, weight_decay=config.weight_decay, betas=(config.beta1, config.beta2)))
@@ -167,6 +179,10 @@ def create_optimizers(
 def init_train_state(config: PretrainConfig, metadata: Any, info: DistInfo) -> tuple[TrainState, list[str]]:
     total_steps = compute_total_steps(config, metadata.total_groups, metadata.mean_puzzle_examples)
     head, sources = create_model(config, metadata, info)
+    if config.load_checkpoint is not None:
+        load_initial_weights(head, config.load_checkpoint, info)
+    if config.freeze_weights:  # no weight gradients to compute; the puzzle embedding's still flow
+        head.requires_grad_(False)
     puzzle_emb = getattr(head.model, "puzzle_emb", None)
     sparse_grads = None
     if config.grad_accum_steps > 1 and puzzle_emb is not None:
@@ -340,5 +356,10 @@ def launch(cfg: DictConfig) -> None:
         run(config_from_hydra(cfg))
 
 
+def main() -> None:
+    """The command line: `launch` with one-line errors, `+key=` and `key=` both accepted (utils/cli.py)."""
+    run_hydra_entry(launch, listed_keys(os.path.join(CONFIG_DIR, "cfg_pretrain.yaml")), PretrainConfig.model_fields)
+
+
 if __name__ == "__main__":
-    run_hydra_entry(launch, PretrainConfig.model_fields)
+    main()

@@ -59,7 +59,7 @@ SHAPES = {
 
 
 def compose_config(shape: Shape, global_batch_size: int, extra: list[str]) -> pretrain.PretrainConfig:
-    from hydra import compose, initialize_config_dir
+    from utils.config import compose_config as compose
 
     overrides = [
         f"arch={shape.arch}",
@@ -70,8 +70,7 @@ def compose_config(shape: Shape, global_batch_size: int, extra: list[str]) -> pr
         "run_name=bench",
         *extra,
     ]
-    with initialize_config_dir(config_dir=pretrain.CONFIG_DIR, version_base=None):
-        return pretrain.config_from_hydra(compose(config_name="cfg_pretrain", overrides=overrides))
+    return compose(overrides)
 
 
 def block_flops(tokens: int, seq: int, batch: int, hidden: int, inter: int) -> float:

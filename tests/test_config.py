@@ -168,7 +168,7 @@ def test_names_derived_like_reference():
     assert c.project_name == "Sudoku-extreme-1k-aug-1000 ACT-torch"
     assert c.run_name == "HierarchicalReasoningModel_ACTV1 brave-owl"
     assert c.checkpoint_path == os.path.join("checkpoints", c.project_name, c.run_name)
-    given = derive_names(compose_cli("python pretrain.py project_name=P run_name=R checkpoint_path=/x"), "M")
+    given = derive_names(compose_cli("python pretrain.py +project_name=P +run_name=R +checkpoint_path=/x"), "M")
     assert (given.project_name, given.run_name, given.checkpoint_path) == ("P", "R", "/x")
 
 

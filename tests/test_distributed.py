@@ -16,7 +16,6 @@ DRIVER = textwrap.dedent(
     import sys, torch
     sys.path.insert(0, {repo!r})
     import pretrain
-    from utils.cli import run_hydra_entry
 
     original_train = pretrain.train
 
@@ -27,7 +26,7 @@ DRIVER = textwrap.dedent(
         return state
 
     pretrain.train = train_and_dump
-    run_hydra_entry(pretrain.launch, pretrain.PretrainConfig.model_fields)
+    pretrain.main()
     """
 )
 

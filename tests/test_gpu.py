@@ -118,16 +118,14 @@ def test_compiled_train_step_runs_and_matches_eager_loss():
 
 
 def _tiny_train_state(compile_mode: str | None):
-    from hydra import compose, initialize_config_dir
-
     import pretrain
     from dataset.common import PuzzleDatasetMetadata
+    from utils.config import compose_config
     from utils.distributed import DistInfo
 
     overrides = ["arch=hrm_tiny", "++arch.forward_dtype=bfloat16", "global_batch_size=16", "use_wandb=false"]
     overrides.append(f"compile_mode={compile_mode}" if compile_mode else "compile_mode=null")
-    with initialize_config_dir(config_dir=pretrain.CONFIG_DIR, version_base=None):
-        config = pretrain.config_from_hydra(compose(config_name="cfg_pretrain", overrides=overrides))
+    config = compose_config(overrides)
     metadata = PuzzleDatasetMetadata(
         pad_id=0, ignore_label_id=0, blank_identifier_id=0, vocab_size=11, seq_len=81, num_puzzle_identifiers=5,
         total_groups=100, mean_puzzle_examples=1.0, sets=["all"],

@@ -3,11 +3,10 @@
 from pathlib import Path
 
 import numpy as np
-from hydra import compose, initialize_config_dir
 
 from dataset.common import PuzzleDatasetMetadata, write_identifiers, write_split
 from puzzle_dataset import PuzzleDataset, PuzzleDatasetConfig
-from utils.config import PretrainConfig, config_from_hydra
+from utils.config import PretrainConfig, compose_config
 
 REPO = Path(__file__).resolve().parent.parent
 SEQ_LEN = 8
@@ -85,8 +84,7 @@ def tiny_config(data_path: Path, checkpoint_path: Path, *overrides: str) -> Pret
         "use_wandb=false",
         "device=cpu",
     ]
-    with initialize_config_dir(config_dir=str(REPO / "config"), version_base=None):
-        return config_from_hydra(compose(config_name="cfg_pretrain", overrides=[*base, *overrides]))
+    return compose_config([*base, *overrides])
 
 
 def test_tiny_dataset_loads(tmp_path):

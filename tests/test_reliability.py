@@ -151,7 +151,6 @@ POISON_DRIVER = textwrap.dedent(
     import sys
     sys.path.insert(0, {repo!r})
     import pretrain
-    from utils.cli import run_hydra_entry
     from models.losses import ACTLossHead
 
     forward, calls = ACTLossHead.forward, [0]
@@ -165,7 +164,7 @@ POISON_DRIVER = textwrap.dedent(
         return carry, loss, *rest
 
     ACTLossHead.forward = poisoned_forward
-    run_hydra_entry(pretrain.launch, pretrain.PretrainConfig.model_fields)
+    pretrain.main()
     """
 )
 
@@ -280,7 +279,6 @@ DISK_FULL_DRIVER = textwrap.dedent(
     import errno, sys
     sys.path.insert(0, {repo!r})
     import pretrain
-    from utils.cli import run_hydra_entry
     from utils import checkpointing as ckpt
 
     original, writes = ckpt.atomic_torch_save, [0]
@@ -296,7 +294,7 @@ DISK_FULL_DRIVER = textwrap.dedent(
         return original(obj, path)
 
     ckpt.atomic_torch_save = filling_disk
-    run_hydra_entry(pretrain.launch, pretrain.PretrainConfig.model_fields)
+    pretrain.main()
     """
 )
 

@@ -24,7 +24,6 @@ DRIVER = textwrap.dedent(
     import os, sys, time
     sys.path.insert(0, {repo!r})
     import pretrain
-    from utils.cli import run_hydra_entry
 
     original = pretrain.launch_train_step
 
@@ -36,7 +35,7 @@ DRIVER = textwrap.dedent(
         return original(config, state, batch, global_batch_size, info)
 
     pretrain.launch_train_step = launch_train_step  # the name the train loop calls
-    run_hydra_entry(pretrain.launch, pretrain.PretrainConfig.model_fields)
+    pretrain.main()
     """
 )
 

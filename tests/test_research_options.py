@@ -74,6 +74,30 @@ def test_ema_update_formula_by_hand():
     assert model.weight.item() == -1.0  # the live weight comes back unchanged
 
 
+def test_ema_follows_trm_to_the_bit_and_skips_frozen_parameters():
+    """TRM: shadow = (1 - mu) * param + mu * shadow, over parameters with requires_grad, from the initial weights."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(7, 5), nn.Linear(5, 3))
+    model[1].bias.requires_grad_(False)
+    ema = ModelEMA(model, rate=0.999)
+    assert set(ema.shadow) == {"0.weight", "0.bias", "1.weight"}
+    expected = {k: v.clone() for k, v in ema.shadow.items()}
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(model)
+        params = dict(model.named_parameters())
+        for k in expected:  # TRM's expression, evaluated in float32 like its code
+            expected[k] = (1.0 - 0.999) * params[k].data + 0.999 * expected[k]
+    for k, v in expected.items():
+        assert torch.equal(ema.shadow[k], v), k
+    frozen = model[1].bias.detach().clone()
+    with ema.swapped_in(model):
+        assert torch.equal(model[1].bias, frozen)  # not averaged, left as it is
+        assert torch.equal(model[0].weight, ema.shadow["0.weight"])
+
+
 def eval_logits(config, weights):
     """Evaluate a freshly built model holding `weights`; the logits it saves, in eval order."""
     train_ds, _ = pretrain.create_dataloader(config, "train", CPU, test_set_mode=False, epochs=1)

@@ -10,9 +10,10 @@ Design choices:
   layer can raise such errors without importing the launchers.
 - Hydra and OmegaConf composition errors span several lines; only the first line of each part is kept,
   and the repeated "config:"-style prefixes are dropped.
-- The reference and TRM spell some overrides `+run_name=...` because their YAML lacks those keys; ours
-  declares them, where Hydra would refuse `+` ("already at"). `normalize_overrides` turns `+key=value`
-  into `key=value` for keys the primary config already has, so their command lines work unchanged.
+- The reference and TRM spell some overrides `+run_name=...` because their YAML lacks those keys, and ours
+  lacks them too, so their command lines compose unchanged. On the command line either spelling works:
+  `normalize_overrides` adds the `+` to a typed-config key the YAML does not list, and drops it from one
+  it does list (where Hydra would refuse it: "already at").
 """
 
 import os
@@ -82,22 +83,27 @@ def bad_input_exits() -> Iterator[None]:
         sys.exit(status)
 
 
-def normalize_overrides(argv: list[str], declared: Iterable[str]) -> list[str]:
-    """`+key=value` → `key=value` for top-level keys the primary config declares (see module docstring)."""
-    declared = set(declared)
+def normalize_overrides(argv: list[str], listed: Iterable[str], fields: Iterable[str] = ()) -> list[str]:
+    """Top-level overrides: `+key=value` → `key=value` for a key the YAML lists; `key=value` → `+key=value`
+    for a key of the typed config (`fields`) the YAML does not list (see module docstring)."""
+    listed, fields = set(listed), set(fields)
     out = []
     for arg in argv:
-        key = arg[1:].split("=", 1)[0]
-        if arg.startswith("+") and not arg.startswith("++") and "=" in arg and key in declared:
-            arg = arg[1:]
+        if "=" in arg and not arg.startswith(("++", "~")):
+            plus = arg.startswith("+")
+            key = arg.removeprefix("+").split("=", 1)[0]
+            if plus and key in listed:
+                arg = arg[1:]
+            elif not plus and key in fields and key not in listed:
+                arg = "+" + arg
         out.append(arg)
     return out
 
 
-def run_hydra_entry(entry: Callable[[], None], declared_keys: Iterable[str] = ()) -> None:
+def run_hydra_entry(entry: Callable[[], None], listed: Iterable[str] = (), fields: Iterable[str] = ()) -> None:
     """Run a Hydra entry point with one-line composition errors (the entry handles its own errors)."""
     # Let composition errors propagate to us instead of Hydra printing them over several lines.
     os.environ["HYDRA_FULL_ERROR"] = "1"
-    sys.argv[1:] = normalize_overrides(sys.argv[1:], declared_keys)
+    sys.argv[1:] = normalize_overrides(sys.argv[1:], listed, fields)
     with bad_input_exits():
         entry()

@@ -9,6 +9,7 @@ Design choices:
   as `error: ...` without a traceback.
 """
 
+import os
 from typing import Any, Literal, Optional
 
 from omegaconf import DictConfig, OmegaConf
@@ -28,11 +29,23 @@ class ArchConfig(BaseModel):
     loss: LossConfig
 
 
+class EvaluatorConfig(BaseModel):
+    model_config = ConfigDict(extra="allow")  # extras go to the evaluator's constructor
+
+    name: str  # `module@Class` under the `evaluators` package, e.g. `arc@ARC`
+
+
 class PretrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     arch: ArchConfig
-    data_path: str
+    # The reference's single dataset, or TRM's lists (several datasets trained together; `data_paths_test`
+    # empty: evaluate on the training datasets' test splits). `data_paths` wins when given.
+    data_path: Optional[str] = None
+    data_paths: list[str] = []
+    data_paths_test: list[str] = []
+    # TRM's evaluators, run on the test outputs after each evaluation (`evaluators: []` for none).
+    evaluators: list[EvaluatorConfig] = []
 
     global_batch_size: int
     epochs: int
@@ -52,10 +65,13 @@ class PretrainConfig(BaseModel):
 
     project_name: Optional[str] = None
     run_name: Optional[str] = None
+    load_checkpoint: Optional[str] = None  # TRM: initial weights (puzzle table of another shape: its mean row)
     checkpoint_path: Optional[str] = None
 
     seed: int = 0
     eval_save_outputs: list[str] = []
+    min_eval_interval: Optional[int] = 0  # TRM: first training iteration after which to evaluate (and save step_N)
+    freeze_weights: bool = False  # TRM: train only the puzzle embedding
 
     # Additions beyond the reference (see config/cfg_pretrain.yaml).
     use_wandb: bool = True
@@ -102,6 +118,10 @@ class PretrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_values(self) -> "PretrainConfig":
+        if self.data_path is None and not self.data_paths:
+            raise ValueError("config key 'data_path': no dataset given (set data_path, or data_paths as a list)")
+        if self.min_eval_interval is not None and self.min_eval_interval < 0:
+            raise ValueError(f"config key 'min_eval_interval': must be >= 0, got {self.min_eval_interval}")
         for key in ("global_batch_size", "epochs", "eval_interval", "checkpoint_interval_steps", "stop_at_step"):
             value = getattr(self, key)
             if value is not None and value < 1:
@@ -140,6 +160,43 @@ def config_from_dict(values: dict[str, Any]) -> PretrainConfig:
 def config_from_hydra(cfg: DictConfig) -> PretrainConfig:
     values = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     return config_from_dict(values)  # type: ignore[arg-type]
+
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config")
+
+
+def compose_config(overrides: list[str], config_dir: str = CONFIG_DIR) -> PretrainConfig:
+    """`cfg_pretrain` composed with command-line overrides (either `+key=` spelling) and validated, as
+    pretrain.py's command line does it; for tests, benchmarks and notebooks."""
+    from hydra import compose, initialize_config_dir
+
+    from utils.cli import normalize_overrides
+
+    listed = listed_keys(os.path.join(config_dir, "cfg_pretrain.yaml"))
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        cfg = compose(
+            config_name="cfg_pretrain", overrides=normalize_overrides(overrides, listed, PretrainConfig.model_fields)
+        )
+    return config_from_hydra(cfg)
+
+
+def listed_keys(yaml_path: str) -> set[str]:
+    """Top-level keys a primary config file lists (Hydra's own `defaults` and `hydra` aside)."""
+    import yaml
+
+    with open(yaml_path, encoding="utf-8") as f:
+        values = yaml.safe_load(f) or {}
+    return set(values) - {"defaults", "hydra"}
+
+
+def train_data_paths(config: PretrainConfig) -> list[str]:
+    """The training datasets: TRM's `data_paths` when given, else the reference's `data_path`."""
+    return list(config.data_paths) if config.data_paths else [config.data_path]  # type: ignore[list-item]
+
+
+def test_data_paths(config: PretrainConfig) -> list[str]:
+    """The datasets whose test splits are evaluated: `data_paths_test`, else the training datasets."""
+    return list(config.data_paths_test) if config.data_paths_test else train_data_paths(config)
 
 
 def epochs_per_iter(config: PretrainConfig) -> int:

@@ -1,9 +1,11 @@
 """Exponential moving average (EMA) of a model's parameters, for evaluation and checkpoints (`ema: true`).
 
 Design choices:
-- After every optimizer step, for each parameter `w`: `ema = rate * ema + (1 - rate) * w`, with a constant
-  rate (as in the TRM follow-up, which reports the gain on Sudoku-Extreme); the average starts as a copy
-  of the initial weights, in the parameters' own dtype.
+- TRM's semantics (its `ema` / `ema_rate` keys): after every train step of the loop, for each parameter `w`
+  that requires grad, `ema = (1 - rate) * w + rate * ema`, in that order of operations, so the values are
+  TRM's to the bit; a constant rate; the average starts as a copy of the initial (or loaded) weights, in the
+  parameters' own dtype. Like TRM it also updates on the loop's last batches past the final step (the
+  weights no longer change then) and on a step whose update the non-finite guard dropped.
 - Parameters only, not buffers. In particular the sparse puzzle-embedding table (`weights`, a buffer
   trained by sign-SGD) is used live: averaging it would double its memory (about 2 GB for ARC's ~1M
   rows) and touch every row each step, and TRM's EMA does not average it either. Fixed buffers
@@ -25,17 +27,18 @@ class ModelEMA:
         if not 0.0 <= rate < 1.0:
             raise ValueError(f"EMA rate must be in [0, 1), got {rate}")
         self.rate = rate
-        self.shadow = {name: p.detach().clone() for name, p in model.named_parameters()}
+        self.shadow = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         for name, p in model.named_parameters():
-            self.shadow[name].mul_(self.rate).add_(p.detach(), alpha=1.0 - self.rate)
+            if name in self.shadow:
+                self.shadow[name].copy_((1.0 - self.rate) * p + self.rate * self.shadow[name])
 
     @contextmanager
     def swapped_in(self, model: nn.Module) -> Iterator[None]:
         """Within the block the model's parameters hold the averaged values; the live ones come back after."""
-        params = dict(model.named_parameters())
+        params = {name: p for name, p in model.named_parameters() if name in self.shadow}
         live = {name: p.detach().clone() for name, p in params.items()}
         with torch.no_grad():
             for name, p in params.items():

@@ -299,14 +299,15 @@ def launch_train_step(
     """
     state.step += 1
     if state.step > state.total_steps:
+        if state.ema is not None:  # TRM averages after every batch of the loop, these last ones too
+            state.ema.update(state.model)
         return None
     batch = {k: v.to(info.device, non_blocking=True) for k, v in batch.items()}
     loss, metrics = forward_backward(state, batch, global_batch_size, info.device, config.grad_accum_steps)
     all_finite = sync_gradients(state.model, [loss, *sparse_gradients(state)])
     skip = ~all_finite
     lr = apply_lr_and_step(config, state, skip_if=skip)
-    # EMA (opt-in) averages only applied updates; reading the flag here is its one host synchronisation.
-    if state.ema is not None and bool(all_finite.item()):
+    if state.ema is not None:
         state.ema.update(state.model)
     mark_carry_halted(state.carry, skip)
     return PendingStep.launch(state.step, lr, global_batch_size, metrics, all_finite, info)
