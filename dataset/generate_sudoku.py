@@ -16,7 +16,7 @@ Design choices:
 - Pure Python integer bit tricks (no numpy inside the hot loops: per-call overhead dominates
   for 81-cell arrays); parallel over processes via `dataset.generation`.
 
-CSV rows: `source,q,a,rating` with `q` 81 characters (`.` blank), `a` 81 digits.
+CSV rows: `source,question,answer,rating`, the question 81 characters (`.` blank), the answer 81 digits.
 """
 
 import random
