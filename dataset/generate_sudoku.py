@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # run as `python dataset/generate_sudoku.py`: mak
 from pydantic import BaseModel, Field  # noqa: E402
 
 from dataset.cli import run_cli  # noqa: E402
-from dataset.generation import generate_splits  # noqa: E402
+from dataset.generation import CSV_FILES, generate_splits  # noqa: E402
 
 ALL = 0x1FF  # bit d-1 set <=> digit d still possible
 POPCOUNT = tuple(bin(m).count("1") for m in range(512))
@@ -202,4 +202,4 @@ def main(config: GenerateSudokuConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, GenerateSudokuConfig))
+    sys.exit(run_cli(main, GenerateSudokuConfig, output_entries=CSV_FILES))

@@ -22,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 CSV_HEADER = ("source", "question", "answer", "rating")
+CSV_FILES = ("train.csv", "test.csv")  # everything a generator writes into its output folder
 SPLIT_CODES = {"train": 0, "test": 1}
 
 

@@ -1,6 +1,7 @@
 """Maze builder: token mapping, dihedral augmentation (train only), subsample, bad input."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -152,3 +153,19 @@ def test_test_grid_of_another_size_names_its_line(tmp_path, mazes, capsys):
         == f"error: {src / 'test.csv'}: line 3: field 'q' has 81 characters, expected 64"
     )
 
+
+def test_failure_in_test_csv_leaves_no_partial_dataset(tmp_path, mazes, capsys):
+    bad_test = [(mazes[2][0][:-1] + "x", mazes[2][1], 0)]
+    src = write_hub_csvs(tmp_path / "src", mazes[:2], bad_test)
+    out = tmp_path / "data" / "maze"
+    assert run_cli(main, MazeBuildConfig, ["--source-repo", str(src), "--output-dir", str(out)]) == 2
+    assert "test.csv: line 2: field 'q': invalid character at position 63" in capsys.readouterr().err
+    assert not out.exists() and os.listdir(out.parent) == []  # no train/ written, no staging folder left
+    # Over an existing dataset: a failed build leaves it byte-identical, a successful one replaces it.
+    good = write_hub_csvs(tmp_path / "good", mazes[:2], mazes[2:3])
+    assert run_cli(main, MazeBuildConfig, ["--source-repo", str(good), "--output-dir", str(out)]) == 0
+    before = output_files(out)
+    assert run_cli(main, MazeBuildConfig, ["--source-repo", str(src), "--output-dir", str(out), "--aug"]) == 2
+    assert output_files(out) == before and os.listdir(out.parent) == ["maze"]
+    assert run_cli(main, MazeBuildConfig, ["--source-repo", str(good), "--output-dir", str(out), "--aug"]) == 0
+    assert np.load(out / "train" / "all__inputs.npy").shape == (16, 64) and os.listdir(out.parent) == ["maze"]
