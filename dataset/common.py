@@ -99,8 +99,10 @@ def load_metadata(split_dir: Path) -> PuzzleDatasetMetadata:
         meta = PuzzleDatasetMetadata.model_validate(raw)
     except Exception as e:  # pydantic.ValidationError: condense to the first offending field
         errs = getattr(e, "errors", lambda: [])()
-        where = ".".join(str(x) for x in errs[0]["loc"]) if errs else "?"
+        where = ".".join(str(x) for x in errs[0]["loc"]) if errs else ""
         msg = errs[0]["msg"] if errs else str(e)
+        if not where:  # the document itself is wrong (a list, a number): no field to name
+            raise ValueError(f"{path}: expected a JSON object of metadata fields ({msg})") from None
         raise ValueError(f"{path}: field '{where}': {msg}") from None
     for name in ("vocab_size", "seq_len", "num_puzzle_identifiers"):
         if getattr(meta, name) <= 0:
