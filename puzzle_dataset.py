@@ -7,8 +7,11 @@ Design choices:
   a batch are ever read. The small index arrays are loaded into memory and validated against
   `dataset.json` (lengths, monotone offsets, seq_len) when opened. The constructor opens and
   checks them once too, in the caller's process, so a malformed or empty split is one clear
-  error before any worker starts. Token ids are range-checked per batch (against `vocab_size`)
-  as rows are read, which costs nothing next to a step and never scans the whole file.
+  error before any worker starts; it also range-checks the token ids of every row of every set
+  (against `vocab_size`, `dataset.common.validate_token_ids`), one vectorised pass over the memory
+  maps, so a bad id stops the run before its first step, not when (or if) its row is sampled.
+  It also checks that `total_groups` and `mean_puzzle_examples`, from which the launcher derives the
+  number of steps, agree with the arrays. The worker's own open repeats the cheap checks only.
 - Training sampling follows the reference exactly, except that the choice of a puzzle's
   examples also uses the Philox generator (the reference draws it from NumPy's global RNG,
   which is not seeded from the config), so one `(seed, iteration)` fixes every batch and a
@@ -30,8 +33,11 @@ from dataset.common import (
     FIELDS,
     PuzzleDatasetMetadata,
     load_metadata,
+    load_npy,
     split_paths,
     validate_split_arrays,
+    validate_split_totals,
+    validate_token_ids,
 )
 
 IGNORE_LABEL_ID = -100  # same value as models.losses.IGNORE_LABEL_ID (kept import-free of torch models)
@@ -101,9 +107,14 @@ class PuzzleDataset(IterableDataset):
                     raise FileNotFoundError(
                         f"{path}: array file listed by {self.split_dir / 'dataset.json'} is missing"
                     )
-        sizes = {name: arrays["inputs"].shape[0] for name, arrays in self._open_arrays().items()}
+        opened = self._open_arrays()
+        sizes = {name: arrays["inputs"].shape[0] for name, arrays in opened.items()}
         if sum(sizes.values()) == 0:
             raise ValueError(f"{self.split_dir}: the {split} split has no examples (sets {', '.join(sizes)})")
+        validate_split_totals(self.split_dir, self.metadata, opened)
+        for set_name, arrays in opened.items():
+            validate_token_ids(self.split_dir, set_name, self.metadata, arrays)
+        del opened  # unmap: the worker opens its own
         self._data: dict[str, dict[str, np.ndarray]] | None = None
         self._iters = 0  # train iterations started so far, counted per set (the Philox seed offset)
         self._skip_batches = 0
@@ -133,29 +144,10 @@ class PuzzleDataset(IterableDataset):
         for set_name in self.metadata.sets:
             arrays = {}
             for field, path in split_paths(self.split_dir, set_name).items():
-                try:
-                    arrays[field] = np.load(path, mmap_mode="r" if field in EXAMPLE_FIELDS else None)
-                except (ValueError, OSError) as e:
-                    raise ValueError(f"{path}: cannot read .npy file ({e})") from None
+                arrays[field] = load_npy(path, mmap=field in EXAMPLE_FIELDS)
             validate_split_arrays(self.split_dir, set_name, self.metadata, arrays)
             data[set_name] = {field: arrays[field] for field in FIELDS}
         return data
-
-    def _check_tokens(self, set_name: str, inputs: np.ndarray, labels: np.ndarray, rows: np.ndarray) -> None:
-        """Token ids of a batch's rows must lie in [0, vocab_size) (labels may also be ignore_label_id)."""
-        vocab = self.metadata.vocab_size
-        ignore = self.metadata.ignore_label_id
-        for field, values in (("inputs", inputs), ("labels", labels)):
-            bad = (values < 0) | (values >= vocab)
-            if field == "labels" and ignore is not None:
-                bad &= values != ignore
-            if bad.any():
-                row, col = np.argwhere(bad)[0]
-                path = split_paths(self.split_dir, set_name)[field]
-                raise ValueError(
-                    f"{path}: row {int(rows[row])}, position {int(col)}: token id {int(values[row, col])} "
-                    f"outside [0, vocab_size={vocab}) of dataset.json"
-                )
 
     def _collate(self, inputs: np.ndarray, labels: np.ndarray, identifiers: np.ndarray) -> dict[str, torch.Tensor]:
         batch = {
@@ -202,7 +194,6 @@ class PuzzleDataset(IterableDataset):
                 # Sorted, unique row ids read a memory map faster; restore the sampled order after.
                 rows, inverse = np.unique(examples, return_inverse=True)
                 inputs, labels = data["inputs"][rows], data["labels"][rows]
-                self._check_tokens(set_name, inputs, labels, rows)
                 batch = self._collate(inputs[inverse], labels[inverse], data["puzzle_identifiers"][puzzles])
                 yield set_name, batch, global_effective_batch_size
 
@@ -218,7 +209,6 @@ class PuzzleDataset(IterableDataset):
                 # Puzzle of example i: the last puzzle whose first example is <= i.
                 puzzles = np.searchsorted(offsets, np.arange(lo, hi), side="right") - 1
                 inputs, labels = data["inputs"][lo:hi], data["labels"][lo:hi]
-                self._check_tokens(set_name, inputs, labels, np.arange(lo, hi))
                 batch = self._collate(inputs, labels, data["puzzle_identifiers"][puzzles])
                 yield set_name, batch, end - start
 

@@ -138,6 +138,8 @@ def main(config: SudokuBuildConfig) -> None:
     for split in ("train", "test"):
         csv_path = resolve_source(config.source_repo, f"{split}.csv")
         q, a, lines = read_grid_csv(csv_path, Q_TABLE, A_TABLE, keep=keep, cells=81)
+        if q.shape[0] == 0:
+            raise ValueError(f"{csv_path}: no row has rating >= {config.min_difficulty} (--min-difficulty)")
         clash = first_row_where(lambda qb, ab: ((qb != 0) & (qb != ab)).any(axis=1), q, a)
         if clash >= 0:
             raise ValueError(f"{csv_path}: line {lines[clash]}: field 'a' contradicts a given of field 'q'")

@@ -1,16 +1,29 @@
-"""Reading `source,q,a,rating` CSV files (Sudoku, Maze) into compact token arrays.
+"""Reading the Sudoku/Maze source CSVs (`source,question,answer,rating`) into compact token arrays.
 
 Design choices:
 - `--source-repo` is a local folder when such a directory exists, otherwise a Hugging Face
   dataset id fetched with `hf_hub_download` (the reference's only option).
-- Rows are streamed: the q/a strings of each row are appended to two `bytearray`s (one byte
-  per cell, no Python object per cell) and translated to tokens with a 256-entry lookup table
-  in one vectorised pass. Peak memory is about 3 bytes per cell of the file
-  (peak) and 2 bytes per cell once read.
-- Errors name the file and the 1-based line number (the header is line 1).
+- Layout as the reference reads it (SPEC §8): line 1 is a header and is skipped whatever it says
+  (the hub files say `source,question,answer,rating`, the offline generators the same), and every
+  further row has four fields taken by position: source, puzzle, solution, rating. So the arrays,
+  and every output byte, do not depend on the header's names. The file is read as UTF-8 with an
+  optional byte-order mark; CRLF and LF line ends both work (the csv module splits records), and
+  blank lines are skipped. Bytes that are not UTF-8 are kept as escapes (`surrogateescape`) so
+  that they fail the ASCII check of the one field that holds them, with its line, instead of a
+  decoding error somewhere in the file's buffer.
+- Rows are streamed: the puzzle/solution strings of each row are appended to two `bytearray`s
+  (one byte per cell, no Python object per cell) and translated to tokens with a 256-entry lookup
+  table in one vectorised pass. Peak memory is about 3 bytes per cell of the file (peak) and 2
+  bytes per cell once read.
+- Errors name the file and the 1-based line number (the header is line 1; a record spanning
+  several lines through a quoted newline is named by its first line). A file without a data row
+  is an error (it would build an empty split); a first line that reads like a data row is only a
+  warning, since the reference skips it too.
 """
 
 import csv
+import math
+import sys
 from array import array
 from collections.abc import Callable
 from pathlib import Path
@@ -33,7 +46,11 @@ def resolve_source(source_repo: str, filename: str) -> Path:
         raise FileNotFoundError(f"{source_repo}: no such folder, and not a hub dataset id of the form owner/name")
     from huggingface_hub import hf_hub_download  # only needed for hub sources
 
-    return Path(hf_hub_download(source_repo, filename, repo_type="dataset"))
+    try:
+        return Path(hf_hub_download(source_repo, filename, repo_type="dataset"))
+    except Exception as e:  # the hub client raises its own HTTP, offline and not-found types
+        reason = next(iter(str(e).strip().splitlines()), "") or type(e).__name__
+        raise ValueError(f"{source_repo}: cannot download {filename} from the Hugging Face hub ({reason})") from None
 
 
 def lookup_table(mapping: dict[str, int]) -> np.ndarray:
@@ -43,51 +60,86 @@ def lookup_table(mapping: dict[str, int]) -> np.ndarray:
     return table
 
 
+def _is_square(cells: int) -> bool:
+    return cells > 0 and math.isqrt(cells) ** 2 == cells
+
+
+def _looks_like_data(row: list[str], q_table: np.ndarray, a_table: np.ndarray, cells: int) -> bool:
+    """Whether a header row would have been a valid data row (then the file probably has no header)."""
+    if len(row) != 4 or len(row[1]) != cells or len(row[2]) != cells or not (row[1] + row[2]).isascii():
+        return False
+    q, a = np.frombuffer(row[1].encode(), np.uint8), np.frombuffer(row[2].encode(), np.uint8)
+    return bool((q_table[q] != INVALID).all() and (a_table[a] != INVALID).all())
+
+
 def read_grid_csv(
     path: Path,
     q_table: np.ndarray,
     a_table: np.ndarray,
     keep: Callable[[str], bool] | None = None,
     cells: int | None = None,
+    square: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, array]:
     """Read `path` into (q, a) uint8 arrays `[N, cells]` of table values, plus each row's line.
 
     `keep(rating)` filters rows (called only when given); `cells` fixes the row length,
-    otherwise the first data row sets it. Raises ValueError naming the file and line.
+    otherwise the first data row sets it (and with `square`, it must be a square number).
+    Raises ValueError naming the file and line; the result may be empty only through `keep`.
     """
     q_buf, a_buf = bytearray(), bytearray()
     lines = array("i")  # CSV line of every kept row, for error messages after the vectorised checks
-    with open(path, newline="") as f:
+    data_rows = 0
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None or [h.strip() for h in header[:3]] != ["source", "q", "a"]:
-            raise ValueError(f"{path}: line 1: expected header 'source,q,a,rating', got {header}")
-        for row in reader:
-            line = reader.line_num
-            if len(row) != 4:
-                raise ValueError(f"{path}: line {line}: expected 4 fields (source,q,a,rating), got {len(row)}")
-            _, q, a, rating = row
-            if keep is not None:
-                try:
-                    if not keep(rating):
-                        continue
-                except ValueError:
-                    raise ValueError(f"{path}: line {line}: field 'rating': not a number: {rating!r}") from None
-            if cells is None:
-                cells = len(q)
-            if len(q) != cells or len(a) != cells:
+        try:
+            header = next(reader, None)
+            if header is None:
                 raise ValueError(
-                    f"{path}: line {line}: field '{'q' if len(q) != cells else 'a'}' has "
-                    f"{len(q) if len(q) != cells else len(a)} characters, expected {cells}"
+                    f"{path}: empty file (expected a header line, then rows source,question,answer,rating)"
                 )
-            try:
+            end = reader.line_num
+            for row in reader:
+                line, end = end + 1, reader.line_num  # first line of this record
+                if not row:
+                    continue  # a blank line
+                data_rows += 1
+                if len(row) != 4:
+                    raise ValueError(
+                        f"{path}: line {line}: expected 4 fields (source,question,answer,rating), got {len(row)}"
+                    )
+                _, q, a, rating = row
+                if keep is not None:
+                    try:
+                        if not keep(rating):
+                            continue
+                    except ValueError:
+                        raise ValueError(f"{path}: line {line}: field 'rating': not a number: {rating!r}") from None
+                if cells is None:
+                    cells = len(q)
+                    if square and not _is_square(cells):
+                        raise ValueError(f"{path}: line {line}: field 'q' has {cells} characters, not a square grid")
+                for name, value in (("q", q), ("a", a)):
+                    if len(value) != cells:
+                        raise ValueError(
+                            f"{path}: line {line}: field '{name}' has {len(value)} characters, expected {cells}"
+                        )
+                    if not value.isascii():
+                        col = next(i for i, ch in enumerate(value) if not ch.isascii())
+                        raise ValueError(f"{path}: line {line}: field '{name}': non-ASCII character at position {col}")
                 q_buf += q.encode("ascii")
                 a_buf += a.encode("ascii")
-            except UnicodeEncodeError:
-                raise ValueError(f"{path}: line {line}: non-ASCII character in q/a") from None
-            lines.append(line)
+                lines.append(line)
+        except csv.Error as e:  # e.g. a field over the csv module's size limit
+            raise ValueError(f"{path}: line {reader.line_num}: malformed CSV ({e})") from None
+    if data_rows == 0:
+        raise ValueError(f"{path}: no data rows after the header line")
     n = len(lines)
     cells = cells or 0
+    if n and _looks_like_data(header, q_table, a_table, cells):
+        print(
+            f"warning: {path}: line 1 reads like a data row, but line 1 is always skipped as the header",
+            file=sys.stderr,
+        )
     # Translate in place, in chunks: the bytearrays become the token arrays, no second copy.
     q_arr = np.frombuffer(q_buf, dtype=np.uint8).reshape(n, cells)
     a_arr = np.frombuffer(a_buf, dtype=np.uint8).reshape(n, cells)

@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # run as `python dataset/generate_maze.py`: make 
 from pydantic import BaseModel, Field  # noqa: E402
 
 from dataset.cli import run_cli  # noqa: E402
-from dataset.generation import generate_splits  # noqa: E402
+from dataset.generation import CSV_FILES, generate_splits  # noqa: E402
 
 WALL, OPEN, START, GOAL, PATH = "#", " ", "S", "G", "o"
 
@@ -196,4 +196,4 @@ def main(config: GenerateMazeConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, GenerateMazeConfig))
+    sys.exit(run_cli(main, GenerateMazeConfig, output_entries=CSV_FILES))

@@ -16,7 +16,7 @@ Design choices:
 - Pure Python integer bit tricks (no numpy inside the hot loops: per-call overhead dominates
   for 81-cell arrays); parallel over processes via `dataset.generation`.
 
-CSV rows: `source,q,a,rating` with `q` 81 characters (`.` blank), `a` 81 digits.
+CSV rows: `source,question,answer,rating`, the question 81 characters (`.` blank), the answer 81 digits.
 """
 
 import random
@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # run as `python dataset/generate_sudoku.py`: mak
 from pydantic import BaseModel, Field  # noqa: E402
 
 from dataset.cli import run_cli  # noqa: E402
-from dataset.generation import generate_splits  # noqa: E402
+from dataset.generation import CSV_FILES, generate_splits  # noqa: E402
 
 ALL = 0x1FF  # bit d-1 set <=> digit d still possible
 POPCOUNT = tuple(bin(m).count("1") for m in range(512))
@@ -202,4 +202,4 @@ def main(config: GenerateSudokuConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, GenerateSudokuConfig))
+    sys.exit(run_cli(main, GenerateSudokuConfig, output_entries=CSV_FILES))

@@ -6,7 +6,9 @@ Design choices:
   counts: identical for any `--num-workers` and any scheduling of the pool.
 - Workers return finished rows in index order (`Pool.imap` with a chunk size), and the parent
   streams them to the CSV, so memory stays flat for any number of puzzles.
-- Output schema is the one the builders read: header `source,q,a,rating`.
+- Output layout is the hub files' (`sapientinc/sudoku-extreme`, `maze-30x30-hard-1k`): header line
+  `source,question,answer,rating`, then one row per puzzle, so generated and downloaded sources
+  are read the same way (the builders take the columns by position in any case).
 """
 
 import csv
@@ -19,7 +21,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-CSV_HEADER = ("source", "q", "a", "rating")
+CSV_HEADER = ("source", "question", "answer", "rating")
+CSV_FILES = ("train.csv", "test.csv")  # everything a generator writes into its output folder
 SPLIT_CODES = {"train": 0, "test": 1}
 
 
@@ -60,8 +63,8 @@ def write_generated_csv(
 
 def generate_splits(output_dir: str, make, num_train: int, num_test: int, seed: int, num_workers: int, source: str):
     """Write `train.csv` and `test.csv` into `output_dir` using one shared process pool."""
-    if num_train < 0 or num_test < 0:
-        raise ValueError(f"--num-train/--num-test must be >= 0, got {num_train}/{num_test}")
+    if num_train < 1 or num_test < 1:  # a split without rows is not a source the builders accept
+        raise ValueError(f"--num-train/--num-test must be >= 1, got {num_train}/{num_test}")
     if num_workers < 1:
         raise ValueError(f"--num-workers must be >= 1, got {num_workers}")
     out = Path(output_dir)

@@ -1,12 +1,16 @@
 """Table of bad inputs, each run through the real command line (pretrain.py, evaluate.py, the builders).
 
 Every row must end with exit status 2 and exactly one `error:` line, the last line of stderr, naming
-what is wrong and where (file, field, line or config key), and no traceback. Rows: malformed or ill-typed
-`dataset.json`, mismatched arrays, token ids outside the vocabulary, wrong dtypes, empty splits, bad ARC
-JSON, bad CSV rows, unknown or ill-typed overrides and flags, and checkpoints of another architecture
-(evaluate.py and resume). The subprocesses of all rows run a few at a time in one module fixture.
+what is wrong and where (file, field, line or config key), and no traceback. Rows: malformed, ill-typed or
+inconsistent `dataset.json`, missing, unreadable or mismatched arrays, token ids outside the vocabulary
+(found when the split is opened, before any step), wrong dtypes, empty splits, bad ARC JSON, bad or empty
+CSV sources, bad output folders, unknown or ill-typed overrides and flags, unreadable checkpoints and
+checkpoints of another architecture (evaluate.py and resume). Some rows also check what must not have
+happened (no training step, no partial output). The subprocesses of all rows run a few at a time in one
+module fixture.
 """
 
+import io
 import json
 import os
 import shutil
@@ -19,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 import pretrain
@@ -37,6 +42,7 @@ PRETRAIN_BASE = [
     "device=cpu",
 ]
 GOOD_CSV_ROW = "src," + "." * 81 + "," + "123456789" * 9 + ",0"  # an all-blank puzzle with some answer
+GOOD_MAZE_ROW = "src,S  G,So G,0"  # a 2x2 maze
 
 
 @dataclass
@@ -50,6 +56,8 @@ class Case:
     id: str
     make: Callable[[Path, World], list[str]]  # builds the bad input in its own folder, returns the command
     expect: tuple[str, ...]  # substrings of the error line: what is wrong and where
+    after: Callable[[Path], None] | None = None  # further checks on the row's folder once the command ended
+    env: dict[str, str] | None = None  # extra environment variables
 
 
 # ------------------------------------------------------------------ commands
@@ -117,6 +125,39 @@ def empty_split(split):
     return edit
 
 
+def edit_bytes(split, field, change):
+    def edit(data):
+        path = data / split / f"all__{field}.npy"
+        path.write_bytes(change(path.read_bytes()))
+
+    return edit
+
+
+def edit_meta(split, **values):
+    return edit_json(split, lambda text: json.dumps({**json.loads(text), **values}))
+
+
+def remove(split, name):
+    return lambda data: (data / split / name).unlink()
+
+
+def npz_bytes(_):
+    buffer = io.BytesIO()
+    np.savez(buffer, a=np.arange(3))
+    return buffer.getvalue()
+
+
+def no_training_step(root):
+    """The run stopped before its first step: no weights or train state were written."""
+    ckpt = root / "ckpt"
+    assert not (ckpt.is_dir() and [p.name for p in ckpt.iterdir() if "step_" in p.name])
+
+
+def no_output(root):
+    """A failed build leaves nothing under its output folder's name, nor a staging folder beside it."""
+    assert not (root / "out").exists() and not [p.name for p in root.iterdir() if p.name.startswith(".out.")]
+
+
 def with_overrides(*extra):
     return lambda root, world: pretrain_cmd(world.good_data, root, *extra)
 
@@ -126,14 +167,18 @@ def resume_other_arch(root, world):
     return pretrain_cmd(world.good_data, root, f"resume={state}", "arch.hidden_size=64")
 
 
-def resume_corrupt(root, world):
-    (root / "ckpt").mkdir()
-    (root / "ckpt" / "train_state_step_000009.pt").write_bytes(b"\x80\x02 not a zip archive")
-    return pretrain_cmd(world.good_data, root, "resume=auto")
+def resume_corrupt(content: bytes):
+    def make(root, world):
+        (root / "ckpt").mkdir()
+        (root / "ckpt" / "train_state_step_000009.pt").write_bytes(content)
+        return pretrain_cmd(world.good_data, root, "resume=auto")
+
+    return make
 
 
-def eval_copy(change_config: Callable[[dict], None] | None = None, weights: bytes | None = None):
-    """evaluate.py on a copy of the finished run, with its all_config.yaml or weights file changed."""
+def eval_copy(change_config: Callable[[dict], None] | None = None, weights: bytes | Callable | None = None):
+    """evaluate.py on a copy of the finished run, with its all_config.yaml or weights file changed
+    (`weights`: the new bytes, or a function of the weights file's path that rewrites it)."""
 
     def make(root, world):
         run = root / "run"
@@ -143,11 +188,26 @@ def eval_copy(change_config: Callable[[dict], None] | None = None, weights: byte
         if change_config is not None:
             change_config(config)
         (run / "all_config.yaml").write_text(yaml.safe_dump(config))
-        if weights is not None:
+        if callable(weights):
+            weights(run / "step_3")
+        elif weights is not None:
             (run / "step_3").write_bytes(weights)
         return evaluate_cmd(run / "step_3")
 
     return make
+
+
+def truncate_half(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def torch_save(obj):
+    return lambda path: torch.save(obj, path)
+
+
+def replace_by_folder(path):
+    path.unlink()
+    path.mkdir()
 
 
 def arch_change(key, value):
@@ -178,18 +238,51 @@ def arc(puzzle_text: str):
     return make
 
 
-def csv_builder(builder, train_lines, *flags, test_lines=(GOOD_CSV_ROW,)):
+HEADER = "source,question,answer,rating"  # the hub files' header line
+
+
+def csv_builder(builder, train_lines, *flags, test_lines=(HEADER, GOOD_CSV_ROW), prepare=None):
+    """A builder run on train.csv/test.csv made of the given lines (str, or bytes written as they are);
+    `prepare(root)` may set up more (an existing output folder) before the command."""
+
     def make(root, world):
         src = root / "src"
         src.mkdir()
-        (src / "train.csv").write_text("\n".join(train_lines) + "\n")
-        (src / "test.csv").write_text("\n".join(["source,q,a,rating", *test_lines]) + "\n")
+        for name, lines in (("train.csv", train_lines), ("test.csv", test_lines)):
+            (src / name).write_bytes(b"".join((x if isinstance(x, bytes) else x.encode()) + b"\n" for x in lines))
+        if prepare is not None:
+            prepare(root)
         return [str(REPO / f"dataset/{builder}"), "--source-repo", str(src), "--output-dir", str(root / "out"), *flags]
 
     return make
 
 
-HEADER = "source,q,a,rating"
+def maze_builder(train_lines, *flags, test_lines=(HEADER, GOOD_MAZE_ROW)):
+    return csv_builder("build_maze_dataset.py", train_lines, *flags, test_lines=test_lines)
+
+
+def output_is_a_file(root):
+    (root / "out").write_text("a file")
+
+
+def output_holds_other_files(root):
+    (root / "out").mkdir()
+    (root / "out" / "notes.txt").write_text("mine")
+
+
+def untouched(name, content):
+    def check(root):
+        assert (root / "out" / name).read_text() == content and os.listdir(root / "out") == [name]
+
+    return check
+
+
+def generator(*flags):
+    def make(root, world):
+        return [str(REPO / "dataset/generate_sudoku.py"), "--output-dir", str(root / "out"), *flags]
+
+    return make
+
 
 CASES = [
     # dataset.json
@@ -201,18 +294,50 @@ CASES = [
          ("train/all__labels.npy", "17 rows but all__inputs.npy has 18")),
     Case("group_offsets_short", with_data(edit_array("train", "group_indices", lambda a: a[:-1])),
          ("train/all__group_indices.npy", "last offset 15 != number of puzzles 18")),
-    # Token ids are checked in every batch read; rows 3-5 are all of group 1's puzzles, so epoch 0 reads one.
+    # Token ids of every row are checked when a split is opened, before the first step: the first row of
+    # the bad ones is named, whichever batches training would have drawn.
     Case("token_id_too_large_train_inputs", with_data(edit_array("train", "inputs", set_token(6, row=slice(3, 6)))),
-         ("train/all__inputs.npy: row ", ", position 2: token id 6 outside [0, vocab_size=6)")),
+         ("train/all__inputs.npy: row 3, position 2: token id 6 outside [0, vocab_size=6)",), no_training_step),
     Case("token_id_too_large_test_labels", with_data(edit_array("test", "labels", set_token(9, row=1, col=5))),
-         ("test/all__labels.npy", "row 1, position 5: token id 9 outside [0, vocab_size=6)")),
+         ("test/all__labels.npy", "row 1, position 5: token id 9 outside [0, vocab_size=6)"), no_training_step),
+    Case("token_id_in_last_train_row", with_data(edit_array("train", "labels", set_token(7, row=17, col=7))),
+         ("train/all__labels.npy", "row 17, position 7: token id 7 outside"), no_training_step),
+    Case("token_id_negative", with_data(edit_array("train", "inputs", lambda a: set_token(-3)(a.astype(np.int8)))),
+         ("train/all__inputs.npy", "row 3, position 2: token id -3 outside"), no_training_step),
     Case("float_inputs", with_data(edit_array("train", "inputs", lambda a: a.astype(np.float32))),
          ("train/all__inputs.npy", "dtype float32 is not an integer type")),
     Case("float_puzzle_indices", with_data(edit_array("test", "puzzle_indices", lambda a: a.astype(np.float64))),
          ("test/all__puzzle_indices.npy", "expected a 1-D integer array")),
+    Case("group_indices_2d", with_data(edit_array("train", "group_indices", lambda a: a[None])),
+         ("train/all__group_indices.npy", "expected a 1-D integer array")),
+    Case("group_indices_not_increasing", with_data(edit_array("train", "group_indices", lambda a: a[[0, 2, 1, 3, 4, 5, 6]])),
+         ("train/all__group_indices.npy", "offsets not strictly increasing at position 2")),
+    Case("puzzle_identifier_out_of_range", with_data(edit_array("test", "puzzle_identifiers", lambda a: a * 100)),
+         ("test/all__puzzle_identifiers.npy", "identifier outside [0, num_puzzle_identifiers=")),
+    Case("puzzle_identifiers_one_short", with_data(edit_array("train", "puzzle_identifiers", lambda a: a[:-1])),
+         ("train/all__group_indices.npy", "last offset 18 != number of puzzles 17")),
+    Case("inputs_file_missing", with_data(remove("train", "all__inputs.npy")),
+         ("train/all__inputs.npy", "array file listed by", "is missing")),
+    Case("inputs_file_empty", with_data(edit_bytes("train", "inputs", lambda b: b"")),
+         ("train/all__inputs.npy", "cannot read .npy file (No data left in file)")),
+    Case("labels_file_truncated", with_data(edit_bytes("test", "labels", lambda b: b[:-9])),
+         ("test/all__labels.npy", "cannot read .npy file (mmap length is greater than file size)")),
+    Case("npz_under_npy_name", with_data(edit_bytes("train", "puzzle_indices", npz_bytes)),
+         ("train/all__puzzle_indices.npy", "not a .npy array file (found a NpzFile)")),
     Case("empty_train_split", with_data(empty_split("train")), ("/train:", "the train split has no examples")),
     Case("empty_test_split", with_data(empty_split("test")), ("/test:", "the test split has no examples")),
     Case("missing_data_path", lambda root, world: pretrain_cmd(root / "nowhere", root), ("nowhere/train", "split folder not found")),
+    Case("dataset_json_not_an_object", with_data(edit_json("train", lambda t: "[1, 2]")), ("train/dataset.json: expected a JSON object of metadata fields",)),
+    Case("pad_id_out_of_range", with_data(edit_meta("test", pad_id=6)),
+         ("test/dataset.json", "field 'pad_id' must be in [0, vocab_size=6), got 6")),
+    Case("sets_listed_twice", with_data(edit_meta("train", sets=["all", "all"])),
+         ("train/dataset.json", "field 'sets' lists 'all' more than once")),
+    Case("set_without_files", with_data(edit_meta("train", sets=["all", "extra"])),
+         ("train/extra__inputs.npy", "array file listed by", "dataset.json is missing")),
+    Case("total_groups_wrong", with_data(edit_meta("train", total_groups=1000)),
+         ("train/dataset.json", "field 'total_groups' is 1000, but the group_indices arrays hold 6")),
+    Case("mean_puzzle_examples_wrong", with_data(edit_meta("test", mean_puzzle_examples=3.5)),
+         ("test/dataset.json", "field 'mean_puzzle_examples' is 3.5, but the arrays hold 5 examples in 5 puzzles")),
     # overrides
     Case("unknown_override", with_overrides("learning_rate=0.1"), ("'learning_rate'",)),
     Case("ill_typed_override", with_overrides("global_batch_size=many"), ("config key 'global_batch_size'", "'many'")),
@@ -231,12 +356,22 @@ CASES = [
     # checkpoints: resume
     Case("resume_other_architecture", resume_other_arch,
          ("train_state_step_000003.pt", "model.inner", "has shape", "[64]")),
-    Case("resume_corrupt_state", resume_corrupt, ("train_state_step_000009.pt", "not a readable train state")),
+    Case("resume_corrupt_state", resume_corrupt(b"\x80\x02 not a zip archive"),
+         ("train_state_step_000009.pt", "not a readable train state")),
+    Case("resume_empty_state", resume_corrupt(b""), ("train_state_step_000009.pt", "not a readable train state")),
     Case("resume_missing_state", with_overrides("resume=/no/such/state.pt"), ("config key 'resume'", "/no/such/state.pt")),
     # checkpoints: evaluate.py
     Case("eval_other_width", eval_copy(arch_change("hidden_size", 64)), ("run/step_3", "has shape", "[64]")),
     Case("eval_other_depth", eval_copy(arch_change("H_layers", 2)), ("run/step_3", "H_level.layers.1", "missing")),
     Case("eval_not_a_checkpoint", eval_copy(weights=b"hello"), ("run/step_3", "not a readable torch checkpoint")),
+    Case("eval_empty_checkpoint", eval_copy(weights=b""), ("run/step_3: not a readable torch checkpoint (empty file)",)),
+    Case("eval_truncated_checkpoint", eval_copy(weights=truncate_half),
+         ("run/step_3: not a readable torch checkpoint (RuntimeError: PytorchStreamReader failed reading zip archive",)),
+    Case("eval_checkpoint_of_a_list", eval_copy(weights=torch_save([1, 2])),
+         ("run/step_3: expected a state dict, found list",)),
+    Case("eval_checkpoint_of_numbers", eval_copy(weights=torch_save({"model.inner.w": 1})),
+         ("run/step_3: expected a state dict of tensors, found key 'model.inner.w' holding int",)),
+    Case("eval_checkpoint_is_a_folder", eval_copy(weights=replace_by_folder), ("run/step_3",)),
     Case("eval_bad_all_config", eval_bad_yaml, ("run/all_config.yaml", "invalid YAML")),
     Case("eval_missing_checkpoint", lambda root, world: evaluate_cmd(root / "step_9"), ("checkpoint not found", "step_9")),
     Case("eval_unknown_override", lambda root, world: evaluate_cmd(world.run_dir / "step_3", "batch=1"), ("'batch'",)),
@@ -257,13 +392,41 @@ CASES = [
     Case("csv_rating_not_a_number",
          csv_builder("build_sudoku_dataset.py", [HEADER, GOOD_CSV_ROW[:-1] + "hard"], "--min-difficulty", "1"),
          ("src/train.csv", "line 2", "field 'rating'")),
-    Case("csv_bad_header", csv_builder("build_maze_dataset.py", ["source,question,answer,rating", "s,#S,#G,0"]),
-         ("src/train.csv", "line 1", "expected header")),
-    # builder flags
+    Case("csv_empty_file", csv_builder("build_sudoku_dataset.py", []), ("src/train.csv", "empty file"), no_output),
+    Case("csv_header_only", maze_builder([HEADER]), ("src/train.csv", "no data rows after the header line"), no_output),
+    Case("csv_header_only_test", csv_builder("build_sudoku_dataset.py", [HEADER, GOOD_CSV_ROW], test_lines=[HEADER]),
+         ("src/test.csv", "no data rows after the header line"), no_output),
+    Case("csv_filter_keeps_nothing", csv_builder("build_sudoku_dataset.py", [HEADER, GOOD_CSV_ROW], "--min-difficulty", "5"),
+         ("src/train.csv", "no row has rating >= 5"), no_output),
+    Case("maze_non_square_first_row", maze_builder([HEADER, "s,S  G#,So G#,0", GOOD_MAZE_ROW]),
+         ("src/train.csv", "line 2", "field 'q' has 5 characters, not a square grid"), no_output),
+    Case("maze_test_grid_other_size", maze_builder([HEADER, GOOD_MAZE_ROW], test_lines=[HEADER, "s,S  ##### G,So ##### G,0"]),
+         ("src/test.csv", "line 2", "field 'q' has 10 characters, expected 4"), no_output),
+    Case("maze_wrong_field_count", maze_builder([HEADER, GOOD_MAZE_ROW, "s,S  G,0"]),
+         ("src/train.csv", "line 3", "expected 4 fields (source,question,answer,rating), got 3"), no_output),
+    Case("csv_not_utf8", csv_builder("build_sudoku_dataset.py", [HEADER, GOOD_CSV_ROW.encode().replace(b".", b"\xff", 1)]),
+         ("src/train.csv", "line 2", "field 'q': non-ASCII character at position 0"), no_output),
+    Case("csv_field_over_limit", maze_builder([HEADER, "s," + "#" * 140_000 + ",x,0"]),
+         ("src/train.csv", "line 2", "malformed CSV (field larger than field limit"), no_output),
+    Case("hub_source_unreachable", lambda root, world: [str(REPO / "dataset/build_maze_dataset.py"), "--source-repo",
+         "nobody/no-such-dataset", "--output-dir", str(root / "out")],
+         ("nobody/no-such-dataset", "cannot download train.csv from the Hugging Face hub"), no_output, {"HF_HUB_OFFLINE": "1"}),
+    # output folders
+    Case("output_dir_is_a_file", csv_builder("build_sudoku_dataset.py", [HEADER, GOOD_CSV_ROW], prepare=output_is_a_file),
+         ("/out: exists and is not a folder",)),
+    Case("output_dir_holds_other_files", csv_builder("build_sudoku_dataset.py", [HEADER, GOOD_CSV_ROW], prepare=output_holds_other_files),
+         ("/out: holds 'notes.txt'", "refusing to replace the folder"), untouched("notes.txt", "mine")),
+    # builder and generator flags
     Case("builder_unknown_flag", csv_builder("build_sudoku_dataset.py", [HEADER, GOOD_CSV_ROW], "--num-augs", "3"),
          ("unrecognized arguments: --num-augs",)),
     Case("builder_ill_typed_flag", csv_builder("build_sudoku_dataset.py", [HEADER, GOOD_CSV_ROW], "--num-aug", "x"),
          ("argument --num-aug", "invalid int value: 'x'")),
+    Case("builder_negative_num_aug", csv_builder("build_sudoku_dataset.py", [HEADER, GOOD_CSV_ROW], "--num-aug", "-1"),
+         ("--num-aug must be >= 0, got -1",), no_output),
+    Case("builder_zero_subsample", maze_builder([HEADER, GOOD_MAZE_ROW], "--subsample-size", "0"),
+         ("--subsample-size must be positive, got 0",), no_output),
+    Case("generator_empty_split", generator("--num-train", "2", "--num-test", "0"),
+         ("--num-train/--num-test must be >= 1, got 2/0",), no_output),
 ]  # fmt: skip
 
 
@@ -281,15 +444,18 @@ def results(tmp_path_factory):
         root = base / case.id
         root.mkdir()
         cmd = [sys.executable, *case.make(root, world)]
-        return subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env, timeout=180)
+        return subprocess.run(
+            cmd, cwd=root, capture_output=True, text=True, env={**env, **(case.env or {})}, timeout=180
+        )
 
     with ThreadPoolExecutor(max_workers=3) as pool:
-        return dict(zip([c.id for c in CASES], pool.map(run_case, CASES)))
+        return base, dict(zip([c.id for c in CASES], pool.map(run_case, CASES)))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input_is_one_line_error(results, case):
-    result = results[case.id]
+    base, by_id = results
+    result = by_id[case.id]
     stderr = result.stderr
     assert result.returncode == 2, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
@@ -298,3 +464,18 @@ def test_bad_input_is_one_line_error(results, case):
     assert len(errors) == 1 and lines[-1] == errors[0], stderr[-3000:]
     for needle in case.expect:
         assert needle in errors[0], (needle, errors[0])
+    if case.after is not None:
+        case.after(base / case.id)
+
+
+def test_hub_header_is_accepted(tmp_path):
+    """The header line of the hub files (`source,question,answer,rating`) is a header like any other."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("train.csv", "test.csv"):
+        (src / name).write_bytes(b"\xef\xbb\xbf" + f"{HEADER}\r\n{GOOD_MAZE_ROW}\r\n".encode())
+    cmd = [sys.executable, str(REPO / "dataset/build_maze_dataset.py"), "--source-repo", str(src), "--output-dir",
+           str(tmp_path / "out")]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert np.load(tmp_path / "out" / "train" / "all__inputs.npy").tolist() == [[3, 2, 2, 4]]  # S, open, open, G

@@ -1,6 +1,7 @@
 """Maze builder: token mapping, dihedral augmentation (train only), subsample, bad input."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -23,6 +24,21 @@ def write_csvs(folder, train, test):
     for name, rows in (("train.csv", train), ("test.csv", test)):
         (folder / name).write_text("source,q,a,rating\n" + "".join(f'x,"{q}","{a}",{r}\n' for q, a, r in rows))
     return folder
+
+
+def write_hub_csvs(folder, train, test, header="source,question,answer,rating", bom=False, crlf=False):
+    """Source files in the layout of sapientinc/maze-30x30-hard-1k: header line, then unquoted
+    `source,question,answer,rating` rows of N*N-character grids over "# SGo"."""
+    folder.mkdir(parents=True, exist_ok=True)
+    end = "\r\n" if crlf else "\n"
+    for name, rows in (("train.csv", train), ("test.csv", test)):
+        text = end.join([header] + [f"maze-{i},{q},{a},{r}" for i, (q, a, r) in enumerate(rows)]) + end
+        (folder / name).write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode())
+    return folder
+
+
+def output_files(out):
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 
 
 def build(tmp_path, src, *flags):
@@ -99,6 +115,57 @@ def test_bad_input(tmp_path, mazes, capsys):
     src = write_csvs(tmp_path / "src", [(q[:-1] + "x", a, r)], mazes[1:2])
     assert run_cli(main, MazeBuildConfig, ["--source-repo", str(src), "--output-dir", str(tmp_path / "o")]) == 2
     assert "train.csv: line 2: field 'q': invalid character at position 63" in capsys.readouterr().err
-    src = write_csvs(tmp_path / "src2", [(q[:-1], a[:-1], r)], [])
+    src = write_csvs(tmp_path / "src2", [(q[:-1], a[:-1], r)], mazes[1:2])
     assert run_cli(main, MazeBuildConfig, ["--source-repo", str(src), "--output-dir", str(tmp_path / "o")]) == 2
     assert "field 'q' has 63 characters, not a square grid" in capsys.readouterr().err
+
+
+def test_output_bytes_do_not_depend_on_header_bom_or_line_ends(tmp_path, mazes):
+    outputs = []
+    for name, layout in (
+        ("short", dict(header="source,q,a,rating")),
+        ("hub", dict()),
+        ("hub_bom_crlf", dict(bom=True, crlf=True)),
+    ):
+        src = write_hub_csvs(tmp_path / name, mazes[:3], mazes[3:], **layout)
+        outputs.append(output_files(build(tmp_path / f"out_{name}", src, "--aug")))
+    assert len(outputs[0]) == 13 and outputs[1] == outputs[0] and outputs[2] == outputs[0]
+    train = np.load(tmp_path / "out_hub_bom_crlf" / "out" / "train" / "all__inputs.npy")
+    assert train[::8].tolist() == [encode(q) for q, _, _ in mazes[:3]]
+
+
+def test_non_square_first_row_is_named_by_its_own_line(tmp_path, mazes, capsys):
+    q, a, r = mazes[0]
+    src = write_hub_csvs(tmp_path / "src", [(q[:-1], a[:-1], r), mazes[1]], mazes[2:3])
+    assert run_cli(main, MazeBuildConfig, ["--source-repo", str(src), "--output-dir", str(tmp_path / "o")]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"error: {src / 'train.csv'}: line 2: field 'q' has 63 characters, not a square grid\n"
+    )
+
+
+def test_test_grid_of_another_size_names_its_line(tmp_path, mazes, capsys):
+    big = make_maze(puzzle_rng(2, "test", 0), size=9, min_path_length=10, loops=2)
+    src = write_hub_csvs(tmp_path / "src", mazes[:2], [mazes[2], big])
+    assert run_cli(main, MazeBuildConfig, ["--source-repo", str(src), "--output-dir", str(tmp_path / "o")]) == 2
+    assert (
+        capsys.readouterr().err.splitlines()[-1]
+        == f"error: {src / 'test.csv'}: line 3: field 'q' has 81 characters, expected 64"
+    )
+
+
+def test_failure_in_test_csv_leaves_no_partial_dataset(tmp_path, mazes, capsys):
+    bad_test = [(mazes[2][0][:-1] + "x", mazes[2][1], 0)]
+    src = write_hub_csvs(tmp_path / "src", mazes[:2], bad_test)
+    out = tmp_path / "data" / "maze"
+    assert run_cli(main, MazeBuildConfig, ["--source-repo", str(src), "--output-dir", str(out)]) == 2
+    assert "test.csv: line 2: field 'q': invalid character at position 63" in capsys.readouterr().err
+    assert not out.exists() and os.listdir(out.parent) == []  # no train/ written, no staging folder left
+    # Over an existing dataset: a failed build leaves it byte-identical, a successful one replaces it.
+    good = write_hub_csvs(tmp_path / "good", mazes[:2], mazes[2:3])
+    assert run_cli(main, MazeBuildConfig, ["--source-repo", str(good), "--output-dir", str(out)]) == 0
+    before = output_files(out)
+    assert run_cli(main, MazeBuildConfig, ["--source-repo", str(src), "--output-dir", str(out), "--aug"]) == 2
+    assert output_files(out) == before and os.listdir(out.parent) == ["maze"]
+    assert run_cli(main, MazeBuildConfig, ["--source-repo", str(good), "--output-dir", str(out), "--aug"]) == 0
+    assert np.load(out / "train" / "all__inputs.npy").shape == (16, 64) and os.listdir(out.parent) == ["maze"]

@@ -3,6 +3,7 @@
 import itertools
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,25 @@ def write_csvs(folder: Path, train_rows, test_rows):
         lines = ["source,q,a,rating"] + [f"src,{q},{a},{r}" for q, a, r in rows]
         (folder / name).write_text("\n".join(lines) + "\n")
     return folder
+
+
+HUB_HEADER = "source,question,answer,rating"  # line 1 of sapientinc/sudoku-extreme's train.csv and test.csv
+
+
+def write_hub_csvs(folder: Path, train_rows, test_rows, header=HUB_HEADER, bom=False, crlf=False):
+    """Source files in the hub files' layout: a header line, then `source,question,answer,rating` rows
+    (question 81 characters with '.' blank, answer 81 digits, integer rating); optionally with a UTF-8
+    byte-order mark and CRLF line ends."""
+    folder.mkdir(parents=True, exist_ok=True)
+    end = "\r\n" if crlf else "\n"
+    for name, rows in (("train.csv", train_rows), ("test.csv", test_rows)):
+        text = end.join([header] + [f"sudoku-extreme-{i},{q},{a},{r}" for i, (q, a, r) in enumerate(rows)]) + end
+        (folder / name).write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode())
+    return folder
+
+
+def output_files(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 
 
 def build(tmp_path, src, *flags):
@@ -149,7 +169,7 @@ def test_symmetry_search_rejects_non_symmetric(puzzles):
 
 def test_filters_subsample_and_determinism(tmp_path, puzzles):
     rows = [(q, a, i) for i, (q, a, _) in enumerate(puzzles)]  # ratings 0..5
-    src = write_csvs(tmp_path / "src", rows, rows[:1])
+    src = write_csvs(tmp_path / "src", rows, rows[-1:])  # the filter applies to both splits, as in the reference
     out = build(tmp_path, src, "--min-difficulty", "2")
     kept = load(out, "train")["inputs"].tolist()
     assert kept == [tokens(q) for q, _, r in rows if r >= 2]
@@ -182,6 +202,49 @@ def test_hub_source_uses_hf_hub_download(tmp_path, puzzles, monkeypatch):
     assert load(out, "train")["inputs"].shape == (2, 81)
 
 
+def test_output_bytes_do_not_depend_on_header_bom_or_line_ends(tmp_path, puzzles):
+    variants = {
+        "generator_header": dict(header="source,q,a,rating"),
+        "hub_header": dict(),
+        "hub_header_bom_crlf": dict(bom=True, crlf=True),
+        "any_names": dict(header="w,x,y,z", crlf=True),
+    }
+    outputs = {}
+    for name, layout in variants.items():
+        src = write_hub_csvs(tmp_path / name, puzzles[:3], puzzles[3:5], **layout)
+        outputs[name] = output_files(build(tmp_path / f"out_{name}", src, "--num-aug", "2", "--seed", "4"))
+    raw = (tmp_path / "hub_header_bom_crlf" / "train.csv").read_bytes()
+    assert raw.startswith(b"\xef\xbb\xbfsource,question,answer,rating\r\n") and raw.count(b"\r\n") == 4
+    reference = outputs["generator_header"]
+    assert len(reference) == 13  # identifiers.json + 2 splits x (dataset.json + 5 arrays)
+    for name in variants:
+        assert outputs[name] == reference, name
+    test_inputs = np.load(tmp_path / "out_hub_header_bom_crlf" / "out" / "test" / "all__inputs.npy")
+    assert test_inputs.tolist() == [tokens(q) for q, _, _ in puzzles[3:5]]  # every data row read, none lost
+
+
+def test_headerless_file_loses_its_first_row_with_a_warning(tmp_path, puzzles, capsys):
+    # The reference skips line 1 whatever it holds; a file without a header loses a puzzle, so say so.
+    src = write_hub_csvs(tmp_path / "src", puzzles[1:3], puzzles[3:4], header=f"src,{puzzles[0][0]},{puzzles[0][1]},1")
+    write_hub_csvs(tmp_path / "hub", [], puzzles[3:4])
+    shutil.copy(tmp_path / "hub" / "test.csv", src / "test.csv")  # test.csv keeps its header: no warning
+    out = build(tmp_path, src)
+    assert load(out, "train")["inputs"].tolist() == [tokens(q) for q, _, _ in puzzles[1:3]]
+    err = capsys.readouterr().err
+    assert "warning: " in err and "train.csv: line 1 reads like a data row" in err and "test.csv" not in err
+
+
+def test_non_utf8_byte_names_its_line_and_field(tmp_path, puzzles, capsys):
+    a = puzzles[1][1]
+    src = write_hub_csvs(tmp_path / "src", puzzles[:2], puzzles[2:3])
+    rows = (src / "train.csv").read_bytes().split(b"\n")
+    rows[2] = rows[2].replace(a[:5].encode(), a[:4].encode() + b"\xff", 1)  # line 3, answer position 4
+    (src / "train.csv").write_bytes(b"\n".join(rows))
+    assert run_cli(main, SudokuBuildConfig, ["--source-repo", str(src), "--output-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {src / 'train.csv'}: line 3: field 'a': non-ASCII character at position 4\n"
+
+
 def test_defaults_match_reference():
     cfg = SudokuBuildConfig()
     assert (cfg.source_repo, cfg.output_dir, cfg.subsample_size, cfg.min_difficulty, cfg.num_aug) == (
@@ -210,7 +273,18 @@ def test_defaults_match_reference():
             r"train\.csv: line 2: field 'rating': not a number",
         ),
         ("source,q,a,rating\nx,{wrong_q},{a},1\n", [], r"train\.csv: line 2: field 'a' contradicts a given"),
-        ("q,a\n", [], r"train\.csv: line 1: expected header"),
+        ("q,a\n", [], r"train\.csv: no data rows after the header line"),
+        ("", [], r"train\.csv: empty file"),
+        ("source,q,a,rating\nx,{q},{a},1\n", ["--min-difficulty", "2"], r"train\.csv: no row has rating >= 2"),
+        ("source,q,a,rating\nx,{q}\xe9,{a},1\n", [], r"train\.csv: line 2: field 'q' has 82 characters"),
+        ("source,q,a,rating\nx,{q},{a}\xe9,1\n", [], r"train\.csv: line 2: field 'a' has 82 characters"),
+        (
+            "source,q,a,rating\nx,{nonascii_q},{a},1\n",
+            [],
+            r"train\.csv: line 2: field 'q': non-ASCII character at position 3",
+        ),
+        ("source,q,a,rating\nx,{q},{a},1\n\nx,{q},{a}\n", [], r"train\.csv: line 4: expected 4 fields"),
+        ('source,q,a,rating\nx,"{q}\n",{a},1\n', [], r"train\.csv: line 2: field 'q' has 82 characters"),
     ],
 )
 def test_bad_csv_is_one_line_error(tmp_path, puzzles, capsys, train_text, flags, message):
@@ -218,8 +292,10 @@ def test_bad_csv_is_one_line_error(tmp_path, puzzles, capsys, train_text, flags,
     bad_q = q[:5] + "x" + q[6:]
     first_given = next(i for i, ch in enumerate(q) if ch != ".")
     wrong_q = q[:first_given] + str(int(a[first_given]) % 9 + 1) + q[first_given + 1 :]
+    nonascii_q = q[:3] + "\u00e9" + q[4:]
     src = write_csvs(tmp_path / "src", [], [puzzles[1]])
-    (src / "train.csv").write_text(train_text.format(q=q, a=a, bad_q=bad_q, wrong_q=wrong_q))
+    text = train_text.format(q=q, a=a, bad_q=bad_q, wrong_q=wrong_q, nonascii_q=nonascii_q)
+    (src / "train.csv").write_text(text, encoding="utf-8")
     code = run_cli(main, SudokuBuildConfig, ["--source-repo", str(src), "--output-dir", str(tmp_path / "o"), *flags])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: ")

@@ -72,7 +72,7 @@ def test_cli_reproducible_for_any_worker_count(tmp_path):
         text = (tmp_path / "w1" / f"{split}.csv").read_text()
         assert text == (tmp_path / "w2" / f"{split}.csv").read_text()
         rows = list(csv.reader(text.splitlines()))
-        assert rows[0] == ["source", "q", "a", "rating"] and len(rows) == 1 + common[f"num_{split}"]
+        assert rows[0] == ["source", "question", "answer", "rating"] and len(rows) == 1 + common[f"num_{split}"]
         for _, q, a, rating in rows[1:]:
             check_maze(q, a, int(rating), 20, 40)
 

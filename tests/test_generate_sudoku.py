@@ -101,7 +101,7 @@ def test_cli_output_is_reproducible_and_independent_of_workers(tmp_path):
         one = (tmp_path / "w1" / f"{split}.csv").read_text()
         assert one == (tmp_path / "w2" / f"{split}.csv").read_text()
         rows = list(csv.reader(one.splitlines()))
-        assert rows[0] == ["source", "q", "a", "rating"]
+        assert rows[0] == ["source", "question", "answer", "rating"]  # the hub files' header
         assert len(rows) == 1 + common[f"num_{split}"]
         for _, q, a, rating in rows[1:]:
             assert rate(parse(q)) == (int(rating), [int(ch) for ch in a])

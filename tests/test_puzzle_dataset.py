@@ -1,5 +1,6 @@
 """Loader (puzzle_dataset.py) and dataset/common.py: sampling, sharding, collate, resume, validation."""
 
+import io
 import json
 from collections import Counter
 
@@ -290,6 +291,140 @@ def test_mismatched_array_lengths(tmp_path):
         next(iter(loader(tmp_path, batch=2)))
     (tmp_path / "train" / "all__labels.npy").unlink()
     with pytest.raises(FileNotFoundError, match=r"all__labels\.npy: array file listed by"):
+        loader(tmp_path, batch=2)
+
+
+def rewrite(root, field, change, split="train", set_name="all"):
+    path = root / split / f"{set_name}__{field}.npy"
+    np.save(path, change(np.load(path)))
+
+
+def with_value(row, col, value, dtype=None):
+    def change(a):
+        a = a.astype(dtype or a.dtype)
+        a[row, col] = value
+        return a
+
+    return change
+
+
+@pytest.mark.parametrize(
+    "field, change, message",
+    [
+        # The last row of a 40-example split: in the old per-batch check, found only if ever sampled.
+        (
+            "inputs",
+            with_value(39, 4, 40),
+            r"all__inputs\.npy: row 39, position 4: token id 40 outside \[0, vocab_size=40\)",
+        ),
+        ("inputs", with_value(17, 2, -1, np.int8), r"all__inputs\.npy: row 17, position 2: token id -1 outside"),
+        ("labels", with_value(0, 3, 2**40, np.int64), r"all__labels\.npy: row 0, position 3: token id 1099511627776"),
+        ("labels", with_value(25, 0, -100, np.int16), r"all__labels\.npy: row 25, position 0: token id -100 outside"),
+    ],
+)
+@pytest.mark.parametrize("block_bytes", [1 << 24, 3 * SEQ * 8])  # one block, or blocks of a few rows
+def test_token_ids_of_every_row_checked_when_opened(tmp_path, monkeypatch, field, change, message, block_bytes):
+    monkeypatch.setattr("dataset.common.TOKEN_CHECK_BYTES", block_bytes)
+    make_dataset(tmp_path, [[1]] * 40)
+    loader(tmp_path, batch=4)  # the unchanged split opens
+    rewrite(tmp_path, field, change)
+    for test_mode in (False, True):
+        with pytest.raises(ValueError, match=message):
+            loader(tmp_path, batch=4, test=test_mode)  # the constructor: before any batch is drawn
+
+
+def test_ignore_label_id_outside_the_vocabulary_is_allowed_in_labels_only(tmp_path, monkeypatch):
+    monkeypatch.setattr("dataset.common.TOKEN_CHECK_BYTES", 2 * SEQ * 2)
+    make_dataset(tmp_path, [[1]] * 6)
+    meta_path = tmp_path / "train" / "dataset.json"
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "ignore_label_id": -1}))
+    rewrite(tmp_path, "labels", lambda a: np.where(np.arange(SEQ) == 1, -1, a).astype(np.int16))
+    batch = next(iter(loader(tmp_path, batch=2)))[1]
+    assert (batch["labels"][:, 1] == IGNORE_LABEL_ID).all()
+    rewrite(tmp_path, "inputs", with_value(5, 3, -1, np.int16))
+    with pytest.raises(ValueError, match=r"all__inputs\.npy: row 5, position 3: token id -1 outside"):
+        loader(tmp_path, batch=2)
+
+
+def test_every_set_of_the_split_is_checked(tmp_path):
+    meta = PuzzleDatasetMetadata(
+        pad_id=0, ignore_label_id=None, blank_identifier_id=0, vocab_size=4, seq_len=2, num_puzzle_identifiers=1,
+        total_groups=3, mean_puzzle_examples=1.0, sets=["a", "b"],
+    )  # fmt: skip
+
+    def arrays(n):
+        return {
+            "inputs": np.ones((n, 2), np.uint8), "labels": np.ones((n, 2), np.uint8),
+            "puzzle_identifiers": np.zeros(n, np.int32), "puzzle_indices": np.arange(n + 1, dtype=np.int32),
+            "group_indices": np.arange(n + 1, dtype=np.int32),
+        }  # fmt: skip
+
+    write_split(tmp_path / "train", meta, {"a": arrays(2), "b": arrays(1)})
+    loader(tmp_path, batch=1)
+    rewrite(tmp_path, "labels", with_value(0, 1, 4), set_name="b")
+    with pytest.raises(ValueError, match=r"train/b__labels\.npy: row 0, position 1: token id 4 outside"):
+        loader(tmp_path, batch=1)
+
+
+def test_writer_refuses_token_ids_the_loader_would_reject(tmp_path):
+    make_dataset(tmp_path, [[1]] * 4)
+    meta = PuzzleDatasetMetadata.model_validate_json((tmp_path / "train" / "dataset.json").read_text())
+    arrays = {f: np.load(tmp_path / "train" / f"all__{f}.npy") for f in ("inputs", "puzzle_identifiers",
+              "puzzle_indices", "group_indices")}  # fmt: skip
+    arrays["labels"] = with_value(2, 2, meta.vocab_size)(arrays["inputs"])
+    with pytest.raises(ValueError, match=r"out/all__labels\.npy: row 2, position 2: token id 12 outside"):
+        write_split(tmp_path / "out", meta, {"all": arrays})
+
+
+def npz_bytes():
+    buffer = io.BytesIO()
+    np.savez(buffer, a=np.zeros(3))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "field, content, message",
+    [
+        ("inputs", b"", r"all__inputs\.npy: cannot read \.npy file \(No data left in file\)"),
+        ("labels", b"\x93NUMPY\x01\x00v\x00{'descr'", r"all__labels\.npy: cannot read \.npy file \(EOF"),
+        ("puzzle_indices", npz_bytes(), r"all__puzzle_indices\.npy: not a \.npy array file \(found a NpzFile\)"),
+        (
+            "group_indices",
+            b"\x80\x04K\x01.",
+            r"all__group_indices\.npy: cannot read \.npy file \(This file contains pickled",
+        ),
+    ],
+)
+def test_unreadable_array_file_is_one_error_naming_it(tmp_path, field, content, message):
+    make_dataset(tmp_path, [[1]] * 4)
+    (tmp_path / "train" / f"all__{field}.npy").write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        loader(tmp_path, batch=2)
+
+
+def test_truncated_inputs_file_is_one_error_naming_it(tmp_path):
+    make_dataset(tmp_path, [[1]] * 4)
+    path = tmp_path / "train" / "all__inputs.npy"
+    path.write_bytes(path.read_bytes()[:-3])
+    with pytest.raises(ValueError, match=r"all__inputs\.npy: cannot read \.npy file \(mmap length is greater"):
+        loader(tmp_path, batch=2)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"pad_id": 40}, r"field 'pad_id' must be in \[0, vocab_size=12\), got 40"),
+        ({"sets": ["all", "all"]}, r"field 'sets' lists 'all' more than once"),
+        ({"total_groups": 0}, r"field 'total_groups' is 0, but the group_indices arrays hold 4"),
+        ({"total_groups": 1000}, r"field 'total_groups' is 1000, but the group_indices arrays hold 4"),
+        ({"mean_puzzle_examples": 2.0}, r"field 'mean_puzzle_examples' is 2.0, but the arrays hold 4 examples in 4"),
+    ],
+)
+def test_dataset_json_that_contradicts_the_arrays(tmp_path, change, message):
+    make_dataset(tmp_path, [[1]] * 4)
+    path = tmp_path / "train" / "dataset.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    with pytest.raises(ValueError, match=r"train/dataset\.json: " + message):
         loader(tmp_path, batch=2)
 
 

@@ -6,8 +6,12 @@ exactly the weights and optimizer state of a clean run stopped at step k - 1.
 """
 
 import errno
+import io
 import json
 import os
+import pickle
+import re
+import resource
 import subprocess
 import sys
 import textwrap
@@ -253,6 +257,113 @@ def test_failed_write_keeps_previous_file(tmp_path, monkeypatch, target, failure
     assert torch.equal(torch.load(path, weights_only=True)["w"], torch.arange(4))
 
 
+class FullDisk(io.RawIOBase):
+    """A file that takes `room` bytes, then fails every write with ENOSPC, as a full disk does."""
+
+    def __init__(self, f, room: int):
+        self.f, self.room = f, room
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self.f.write(data)
+
+
+STATE = {"w": torch.arange(2000, dtype=torch.float32), "b": torch.ones(3)}
+
+
+def torch_save_error(room: int) -> type:
+    try:
+        torch.save(STATE, FullDisk(io.BytesIO(), room))
+    except Exception as e:
+        return type(e)
+    return type(None)
+
+
+@pytest.mark.parametrize("room", [0, 100, 1000, 4000, 8100])
+def test_torch_save_onto_a_full_disk_is_a_checkpoint_write_error(tmp_path, room):
+    path = tmp_path / "train_state_step_000001.pt"
+    ckpt.atomic_torch_save({"w": torch.arange(4)}, str(path))
+    before = path.read_bytes()
+    with pytest.raises(ckpt.CheckpointWriteError) as info:
+        ckpt.atomic_write(str(path), lambda f: torch.save(STATE, FullDisk(f, room)))
+    assert str(info.value) == f"cannot write checkpoint to {tmp_path}: No space left on device"
+    assert info.value.errno == errno.ENOSPC
+    assert path.read_bytes() == before and os.listdir(tmp_path) == [path.name]
+
+
+def test_full_disk_cases_include_torch_hiding_the_os_error():
+    # torch.save lets the OSError through at the archive's start, but mid-archive its C++ writer raises a
+    # RuntimeError ("unexpected pos ...") instead: the cases above must cover both.
+    assert {torch_save_error(room) for room in (0, 100, 1000, 4000, 8100)} == {OSError, RuntimeError}
+
+
+def test_torch_writer_failure_without_an_os_error_is_a_checkpoint_write_error(tmp_path):
+    def fail(f):
+        f.write(b"partial")
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+
+    with pytest.raises(ckpt.CheckpointWriteError, match=r"^cannot write checkpoint to .*: write failed \(Pytorch"):
+        ckpt.atomic_write(str(tmp_path / "step_1"), fail)
+    assert os.listdir(tmp_path) == []
+
+
+def test_other_errors_while_writing_are_not_disguised_as_write_failures(tmp_path):
+    with pytest.raises(Exception) as info:  # a bug (an object that cannot be pickled) stays what it is
+        ckpt.atomic_torch_save({"f": lambda: 0}, str(tmp_path / "step_1"))
+    assert not isinstance(info.value, ckpt.CheckpointWriteError) and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        (b"", r"not a readable torch checkpoint \(empty file\)"),
+        (b"PK\x03\x04 half a zip", r"not a readable torch checkpoint \(RuntimeError: PytorchStreamReader failed"),
+        (bytes(range(256)) * 4, r"not a readable torch checkpoint \(\w+: "),
+        (pickle.dumps({"w": [1, 2]}), r"not a readable torch checkpoint \(\w+: "),
+        ("torch:list", r"expected a state dict, found list"),
+        ("torch:ints", r"expected a state dict of tensors, found key 'w' holding int"),
+        ("folder", r"a folder, not a checkpoint file"),
+    ],
+)
+def test_unreadable_weights_file_is_one_line_naming_it(tmp_path, recwarn, content, reason):
+    path = tmp_path / "step_5"
+    if content == "folder":
+        path.mkdir()
+    elif content == "torch:list":
+        torch.save([torch.ones(1)], path)
+    elif content == "torch:ints":
+        torch.save({"w": 1}, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError) as info:
+        ckpt.load_weights_file(str(path))
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    assert re.search(reason, message), message
+    assert not [w for w in recwarn if "torch" in str(w.filename)]  # torch's warnings about the file are dropped
+
+
+def test_weights_file_without_read_permission(tmp_path):
+    path = tmp_path / "step_5"
+    torch.save({"w": torch.ones(2)}, path)
+    os.chmod(path, 0)
+    try:
+        try:
+            path.read_bytes()
+            pytest.skip("running as a user that reads any file (root): the folder and corrupt-file cases cover it")
+        except PermissionError:
+            pass
+        with pytest.raises(ValueError, match=rf"^{path}: not a readable torch checkpoint \(PermissionError"):
+            ckpt.load_weights_file(str(path))
+    finally:
+        os.chmod(path, 0o644)
+
+
 def test_read_only_directory(tmp_path):
     path = tmp_path / "step_1"
     ckpt.atomic_torch_save({"w": torch.ones(2)}, str(path))
@@ -315,6 +426,39 @@ def test_full_disk_from_command_line_exits_4_and_keeps_previous_state(data, tmp_
     latest = ckpt.find_latest_train_state(str(run_dir))
     assert latest is not None and latest.endswith("train_state_step_000002.pt")
     assert train_state.read_train_state(latest)["step"] == 2
+    assert not [name for name in os.listdir(run_dir) if name.endswith(".tmp")]
+
+
+def limit_file_size(max_bytes: int):
+    def set_limit():
+        # Python ignores SIGXFSZ, so a write past the limit fails with EFBIG, as a full disk fails with ENOSPC:
+        # the real kernel error reaches the real torch.save, which hides it in a RuntimeError.
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+
+    return set_limit
+
+
+def test_kernel_write_failure_in_torch_save_exits_4_and_keeps_previous_state(data, tmp_path):
+    run_dir = tmp_path / "ckpt"
+    first = subprocess.run(
+        [sys.executable, str(REPO / "pretrain.py"), *CLI_BASE, f"data_path={data}", f"checkpoint_path={run_dir}",
+         "checkpoint_interval_steps=1", "stop_at_step=1"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert first.returncode == 0, first.stderr[-3000:]
+    state = run_dir / "train_state_step_000001.pt"
+    before = state.read_bytes()
+    assert len(before) > 200_000  # the limit below lets small files through but not a train state
+    resumed = subprocess.run(
+        [sys.executable, str(REPO / "pretrain.py"), *CLI_BASE, f"data_path={data}", f"checkpoint_path={run_dir}",
+         "checkpoint_interval_steps=1", "resume=auto"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        preexec_fn=limit_file_size(200_000),
+    )  # fmt: skip
+    assert resumed.returncode == 4, resumed.stderr[-3000:]
+    (line,) = error_lines(resumed.stderr)
+    assert line == f"error: cannot write checkpoint to {run_dir}: File too large"
+    assert state.read_bytes() == before and ckpt.find_latest_train_state(str(run_dir)) == str(state)
     assert not [name for name in os.listdir(run_dir) if name.endswith(".tmp")]
 
 

@@ -13,12 +13,20 @@ Design choices:
   left behind are removed by the next train-state save.
 - A write that fails (read-only folder, disk full, quota) removes its temporary file and raises
   `CheckpointWriteError`, one line naming the folder and the OS reason; the file it would have
-  replaced is untouched.
+  replaced is untouched. `torch.save` does not let the OS error through: when the file's `write`
+  fails mid-archive its C++ writer raises a RuntimeError ("unexpected pos ...", "PytorchStreamWriter
+  failed writing file ..."), with the OSError only as its context. So any exception of the write is
+  searched (itself, its cause and context chain) for an OSError, whose reason is reported; a torch
+  writer RuntimeError without one is a write failure too. Anything else (a bug, an object that
+  cannot be pickled) propagates unchanged.
 - The ACT carry is a tree of dataclasses, dicts and tensors; it is stored as plain nested dicts of
   CPU tensors and rebuilt into a template carry made by the model, so a checkpoint never pickles
   model classes.
 - Weights load with or without the `_orig_mod.` prefix that `torch.compile` adds; a key or shape
-  mismatch is one ValueError line naming the first offending key.
+  mismatch is one ValueError line naming the first offending key. A file that is not a state dict
+  of tensors (empty, truncated, random bytes, a folder, a pickle of something else, unreadable) is
+  one ValueError line naming the file; warnings torch prints while failing on such a file are
+  dropped, those of a file that loads are shown as before.
 """
 
 import contextlib
@@ -27,6 +35,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -43,11 +52,35 @@ class CheckpointWriteError(OSError):
     exit_code = 4
 
 
+TORCH_WRITER_FAILURE = re.compile(r"PytorchStreamWriter failed|unexpected pos|file write failed")
+
+
+def _first_line(error: BaseException, sentence: bool = False) -> str:
+    """The first line (or its first sentence) of `error`'s message, or its type name when it has none."""
+    line = next(iter(str(error).strip().splitlines()), "")
+    if sentence:  # torch's reader messages run on with advice after the first sentence
+        line = line.split(". ")[0].rstrip(".")
+    return line or type(error).__name__
+
+
 def _write_error(directory: str, error: OSError) -> CheckpointWriteError:
     reason = error.strerror or str(error) or type(error).__name__
     failure = CheckpointWriteError(f"cannot write checkpoint to {directory}: {reason}")
     failure.errno = error.errno  # set after construction: a two-argument OSError prefixes "[Errno N]" to the text
     return failure
+
+
+def _write_failure(error: BaseException) -> OSError | None:
+    """The OS error behind a failed write (torch.save hides it in the context of a RuntimeError), or None."""
+    seen, cur = set(), error
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, OSError) and not isinstance(cur, CheckpointWriteError):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    if isinstance(error, RuntimeError) and TORCH_WRITER_FAILURE.search(str(error)):
+        return OSError(None, f"write failed ({_first_line(error)})")
+    return None
 
 
 def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
@@ -76,8 +109,9 @@ def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> N
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp_path)
-        if isinstance(e, OSError) and not isinstance(e, CheckpointWriteError):
-            raise _write_error(directory, e) from e
+        failure = _write_failure(e) if isinstance(e, Exception) else None  # Ctrl-C stays Ctrl-C
+        if failure is not None:
+            raise _write_error(directory, failure) from e
         raise
 
 
@@ -202,16 +236,26 @@ def check_state_dict_matches(
 
 def load_weights_file(path: str, map_location: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Read a `step_N` weights file (ours or the reference's), without the `_orig_mod.` prefix."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: a folder, not a checkpoint file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        state_dict = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises several types for a corrupt or foreign file
-        raise ValueError(
-            f"{path}: not a readable torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})"
-        ) from e
+    with warnings.catch_warnings(record=True) as caught:
+        try:
+            state_dict = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as e:  # torch raises several types (EOFError, RuntimeError, UnpicklingError, ...)
+            empty = os.path.isfile(path) and os.path.getsize(path) == 0
+            reason = "empty file" if empty else f"{type(e).__name__}: {_first_line(e, sentence=True)}"
+            raise ValueError(f"{path}: not a readable torch checkpoint ({reason})") from None
+    for w in caught:  # the file loaded: its warnings are shown as without the recording
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     if not isinstance(state_dict, Mapping):
         raise ValueError(f"{path}: expected a state dict, found {type(state_dict).__name__}")
+    for key, value in state_dict.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise ValueError(
+                f"{path}: expected a state dict of tensors, found key {key!r} holding {type(value).__name__}"
+            )
     return strip_compile_prefix(state_dict)
 
 
