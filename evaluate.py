@@ -34,7 +34,7 @@ from utils.cli import bad_input_exits, run_hydra_entry
 from utils.config import PretrainConfig, config_from_dict, format_validation_error
 from utils.distributed import DistInfo, distributed_context
 from utils.evaluation import evaluate, flatten_eval_metrics
-from utils.train_state import TrainState, read_train_state
+from utils.train_state import TrainState, read_checkpoint
 
 DEFAULT_SAVE_OUTPUTS = ["inputs", "labels", "puzzle_identifiers", "logits", "q_halt_logits", "q_continue_logits"]
 
@@ -72,18 +72,6 @@ def eval_config_from_hydra(cfg: DictConfig) -> EvalConfig:
         return EvalConfig(**values)  # type: ignore[arg-type]
     except ValidationError as e:
         raise ValueError(format_validation_error(e)) from None
-
-
-def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], int, Optional[dict[str, Any]]]:
-    """(weights, step, saved config or None) from a `step_N` weights file or a train-state file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if ckpt.TRAIN_STATE_PATTERN.match(os.path.basename(path)):
-        payload = read_train_state(path)
-        # A run with `ema` evaluates its averaged parameters, as its step_N files hold them.
-        weights = {**ckpt.strip_compile_prefix(payload["model"]), **payload.get("ema", {})}
-        return weights, int(payload["step"]), payload["config"]
-    return ckpt.load_weights_file(path), ckpt.step_from_filename(path), None
 
 
 def load_run_config(checkpoint: str, saved: Optional[dict[str, Any]]) -> dict[str, Any]:

@@ -31,7 +31,14 @@ from torch import nn
 from tqdm import tqdm
 
 from utils import checkpointing as ckpt
-from utils.build import create_dataloader, create_evaluators, create_model, load_initial_weights, print_backends, use_compile
+from utils.build import (
+    create_dataloader,
+    create_evaluators,
+    create_model,
+    load_initial_weights,
+    print_backends,
+    use_compile,
+)
 from utils.cli import bad_input_exits, run_hydra_entry
 from utils.config import (
     PretrainConfig,
@@ -39,6 +46,7 @@ from utils.config import (
     config_from_hydra,
     epochs_per_iter,
     listed_keys,
+    train_data_paths,
 )
 from utils.distributed import DistInfo, broadcast_object, distributed_context
 from utils.ema import ModelEMA
@@ -138,6 +146,15 @@ def check_batches_per_iteration(config: PretrainConfig, metadata: Any) -> None:
         )
 
 
+def check_test_identifiers(train_metadata: Any, test_metadata: Any) -> None:
+    """Test puzzles index the puzzle-embedding table, which the training datasets size."""
+    if test_metadata.num_puzzle_identifiers > train_metadata.num_puzzle_identifiers:
+        raise ValueError(
+            f"config key 'data_paths_test': the test datasets number {test_metadata.num_puzzle_identifiers} puzzle "
+            f"identifiers, more than the {train_metadata.num_puzzle_identifiers} of the training datasets' embedding table"
+        )
+
+
 def create_optimizers(
     config: PretrainConfig,
     head: nn.Module,
@@ -156,7 +173,9 @@ def create_optimizers(
     base_lrs: list[float] = []
     puzzle_emb = getattr(head.model, "puzzle_emb", None)
     if config.freeze_weights and puzzle_emb is None:
-        raise ValueError("config key 'freeze_weights': the model has no puzzle embedding (arch.puzzle_emb_ndim=0), so nothing would train")
+        raise ValueError(
+            "config key 'freeze_weights': the model has no puzzle embedding (arch.puzzle_emb_ndim=0), so nothing would train"
+        )
     if puzzle_emb is not None:
         optimizers.append(
             CastedSparseEmbeddingSignSGD_Distributed(
@@ -230,6 +249,8 @@ def train(config: PretrainConfig, info: DistInfo, logger: MetricLogger | None = 
     train_dataset, train_loader = create_dataloader(config, "train", info, test_set_mode=False, epochs=train_epochs)
     eval_dataset, eval_loader = create_dataloader(config, "test", info, test_set_mode=True, epochs=1)
     check_batches_per_iteration(config, train_dataset.metadata)
+    check_test_identifiers(train_dataset.metadata, eval_dataset.metadata)
+    evaluators = create_evaluators(config, eval_dataset.metadata, info)
 
     # Model and optimizers, or the saved train state of this run.
     state, sources = init_train_state(config, train_dataset.metadata, info)
@@ -315,16 +336,17 @@ def train(config: PretrainConfig, info: DistInfo, logger: MetricLogger | None = 
                 state.data_iters += 1
                 state.data_batches = 0
 
-            # ---- evaluate, checkpoint
-            state.model.eval()
-            with averaged_weights(state):  # with `ema`, evaluation and the step_N / best files use the average
-                results = evaluate(config, state, eval_loader, eval_dataset.metadata, info)
-                if results is not None:
-                    logger.log(flatten_eval_metrics(results), step=state.step)
-                if info.is_main and (config.checkpoint_every_eval or iter_id == total_iters - 1 or stopped_early):
-                    ckpt.save_weights(state.model, config.checkpoint_path, state.step)
-                if best is not None:
-                    best.update(results, state, info)
+            # ---- evaluate, checkpoint (TRM's min_eval_interval: not before that iteration)
+            if iter_id >= (config.min_eval_interval or 0) or stopped_early:
+                state.model.eval()
+                with averaged_weights(state):  # with `ema`, evaluation and the step_N / best files use the average
+                    results = evaluate(config, state, eval_loader, eval_dataset.metadata, info, evaluators)
+                    if results is not None:
+                        logger.log(flatten_eval_metrics(results), step=state.step)
+                    if info.is_main and (config.checkpoint_every_eval or iter_id == total_iters - 1 or stopped_early):
+                        ckpt.save_weights(state.model, config.checkpoint_path, state.step)
+                    if best is not None:
+                        best.update(results, state, info)
             save_train_state(config, state, info)  # always: a later kill resumes from here at worst
             if stopped_early:
                 if info.is_main:

@@ -19,9 +19,17 @@ Design choices:
   the skipped batches (index arithmetic only, no reading of inputs/labels).
 - A global batch is built identically on every rank; rank r keeps the contiguous slice
   `[r * local, (r + 1) * local)`, so the replicas together see exactly the global batch.
+- Several datasets (TRM's `dataset_paths`) load as one: the set `S` of the i-th dataset is the set
+  `S` for i = 0 and `S{i}` after (TRM's names), listed in that order in `metadata.sets` and iterated
+  in it, each with its own Philox stream, as TRM does. They must agree on vocabulary, sequence length,
+  pad / ignore / blank ids and set names; groups, puzzles and identifiers add up, and the mean puzzle
+  size is weighted by puzzles. `identifier_offsets` (one per dataset; the launcher chooses them, see
+  utils/build.py) are added to each dataset's non-blank identifiers, so datasets each numbered from 1
+  keep apart in the puzzle-embedding table.
 """
 
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -45,12 +53,48 @@ IGNORE_LABEL_ID = -100  # same value as models.losses.IGNORE_LABEL_ID (kept impo
 
 class PuzzleDatasetConfig(BaseModel):
     seed: int
-    dataset_path: str
+    dataset_path: Optional[str] = None  # the reference's single dataset ...
+    dataset_paths: list[str] = []  # ... or TRM's list, loaded as one
+    identifier_offsets: Optional[list[int]] = None  # per dataset of `dataset_paths`; None: all 0 (TRM)
     global_batch_size: int
     test_set_mode: bool
     epochs_per_iter: int  # training epochs packed into one iteration (one `__iter__`)
     rank: int
     num_replicas: int
+
+    def paths(self) -> list[str]:
+        if (self.dataset_path is None) == (not self.dataset_paths):
+            raise ValueError("PuzzleDatasetConfig: give dataset_path or dataset_paths (a non-empty list), not both")
+        return list(self.dataset_paths) if self.dataset_paths else [self.dataset_path]  # type: ignore[list-item]
+
+
+# Fields every dataset loaded together must share.
+SHARED_FIELDS = ("pad_id", "ignore_label_id", "blank_identifier_id", "vocab_size", "seq_len", "sets")
+
+
+def merge_metadata(metas: list[PuzzleDatasetMetadata], puzzle_counts: list[int], where: list[Path]):
+    """One metadata for several datasets (TRM's merge); a single dataset's is returned unchanged."""
+    if len(metas) == 1:
+        return metas[0]
+    first = metas[0]
+    for meta, path in zip(metas[1:], where[1:]):
+        for field in SHARED_FIELDS:
+            if getattr(meta, field) != getattr(first, field):
+                raise ValueError(
+                    f"{path / 'dataset.json'}: field '{field}' is {getattr(meta, field)!r}, but "
+                    f"{where[0] / 'dataset.json'} has {getattr(first, field)!r}: datasets trained together must agree"
+                )
+    puzzles = [m.total_puzzles if m.total_puzzles is not None else n for m, n in zip(metas, puzzle_counts)]
+    return first.model_copy(
+        update={
+            "num_puzzle_identifiers": sum(m.num_puzzle_identifiers for m in metas),
+            "total_groups": sum(m.total_groups for m in metas),
+            "total_puzzles": sum(puzzles),
+            "mean_puzzle_examples": sum(m.mean_puzzle_examples * n for m, n in zip(metas, puzzles))
+            / max(1, sum(puzzles)),
+            "sets": [set_name + (str(i) if i else "") for set_name in first.sets for i in range(len(metas))],
+        }
+    )
 
 
 def sample_global_batch(
@@ -99,21 +143,40 @@ class PuzzleDataset(IterableDataset):
         if config.epochs_per_iter <= 0:
             raise ValueError(f"epochs_per_iter must be positive, got {config.epochs_per_iter}")
         self.local_batch_size = config.global_batch_size // config.num_replicas
-        self.split_dir = Path(config.dataset_path) / split
-        self.metadata: PuzzleDatasetMetadata = load_metadata(self.split_dir)
-        for set_name in self.metadata.sets:
-            for path in split_paths(self.split_dir, set_name).values():
-                if not path.is_file():
-                    raise FileNotFoundError(
-                        f"{path}: array file listed by {self.split_dir / 'dataset.json'} is missing"
-                    )
-        opened = self._open_arrays()
-        sizes = {name: arrays["inputs"].shape[0] for name, arrays in opened.items()}
-        if sum(sizes.values()) == 0:
-            raise ValueError(f"{self.split_dir}: the {split} split has no examples (sets {', '.join(sizes)})")
-        validate_split_totals(self.split_dir, self.metadata, opened)
-        for set_name, arrays in opened.items():
-            validate_token_ids(self.split_dir, set_name, self.metadata, arrays)
+        paths = config.paths()
+        offsets = config.identifier_offsets if config.identifier_offsets is not None else [0] * len(paths)
+        if len(offsets) != len(paths) or any(o < 0 for o in offsets):
+            raise ValueError(f"identifier_offsets {offsets}: expected {len(paths)} offsets >= 0, one per dataset")
+        self.split_dirs = [Path(p) / split for p in paths]
+        self.split_dir = self.split_dirs[0]
+        self.source_metadata = [load_metadata(d) for d in self.split_dirs]
+        # Loaded set name -> (dataset index, its set name, identifier offset), in iteration order (TRM's).
+        self.set_sources = {
+            set_name + (str(i) if i else ""): (i, set_name, offsets[i])
+            for set_name in self.source_metadata[0].sets
+            for i in range(len(paths))
+        }
+        for split_dir, meta in zip(self.split_dirs, self.source_metadata):
+            for set_name in meta.sets:
+                for path in split_paths(split_dir, set_name).values():
+                    if not path.is_file():
+                        raise FileNotFoundError(f"{path}: array file listed by {split_dir / 'dataset.json'} is missing")
+        opened = [self._open_source(i) for i in range(len(paths))]
+        for split_dir, meta, sets in zip(self.split_dirs, self.source_metadata, opened):
+            sizes = {name: arrays["inputs"].shape[0] for name, arrays in sets.items()}
+            if sum(sizes.values()) == 0:
+                raise ValueError(f"{split_dir}: the {split} split has no examples (sets {', '.join(sizes)})")
+            validate_split_totals(split_dir, meta, sets)
+            for set_name, arrays in sets.items():
+                validate_token_ids(split_dir, set_name, meta, arrays)
+        counts = [sum(a["puzzle_identifiers"].size for a in sets.values()) for sets in opened]
+        self.metadata: PuzzleDatasetMetadata = merge_metadata(self.source_metadata, counts, self.split_dirs)
+        for split_dir, meta, offset in zip(self.split_dirs, self.source_metadata, offsets):
+            if offset + meta.num_puzzle_identifiers > self.metadata.num_puzzle_identifiers:
+                raise ValueError(
+                    f"{split_dir}: identifier offset {offset} puts its identifiers past the "
+                    f"{self.metadata.num_puzzle_identifiers} of the datasets loaded together"
+                )
         del opened  # unmap: the worker opens its own
         self._data: dict[str, dict[str, np.ndarray]] | None = None
         self._iters = 0  # train iterations started so far, counted per set (the Philox seed offset)
@@ -132,21 +195,35 @@ class PuzzleDataset(IterableDataset):
         """
         if iters < 0 or batches_done < 0:
             raise ValueError(f"set_position: iters ({iters}) and batches_done ({batches_done}) must be >= 0")
-        self._iters = iters * len(self.metadata.sets)
+        self._iters = iters * len(self.set_sources)
         self._skip_batches = batches_done
 
     def _lazy_load(self) -> None:
         if self._data is None:
             self._data = self._open_arrays()
 
-    def _open_arrays(self) -> dict[str, dict[str, np.ndarray]]:
+    def _open_source(self, index: int) -> dict[str, dict[str, np.ndarray]]:
+        """Every set of one dataset, validated against its own dataset.json (identifiers not yet offset)."""
+        split_dir, meta = self.split_dirs[index], self.source_metadata[index]
         data = {}
-        for set_name in self.metadata.sets:
+        for set_name in meta.sets:
             arrays = {}
-            for field, path in split_paths(self.split_dir, set_name).items():
+            for field, path in split_paths(split_dir, set_name).items():
                 arrays[field] = load_npy(path, mmap=field in EXAMPLE_FIELDS)
-            validate_split_arrays(self.split_dir, set_name, self.metadata, arrays)
+            validate_split_arrays(split_dir, set_name, meta, arrays)
             data[set_name] = {field: arrays[field] for field in FIELDS}
+        return data
+
+    def _open_arrays(self) -> dict[str, dict[str, np.ndarray]]:
+        sources = [self._open_source(i) for i in range(len(self.split_dirs))]
+        data = {}
+        blank = self.metadata.blank_identifier_id
+        for name, (index, set_name, offset) in self.set_sources.items():
+            arrays = dict(sources[index][set_name])
+            if offset:  # index arrays are in memory: shift the non-blank identifiers of this dataset
+                ids = arrays["puzzle_identifiers"]
+                arrays["puzzle_identifiers"] = np.where(ids == blank, ids, ids + offset).astype(ids.dtype)
+            data[name] = arrays
         return data
 
     def _collate(self, inputs: np.ndarray, labels: np.ndarray, identifiers: np.ndarray) -> dict[str, torch.Tensor]:

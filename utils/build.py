@@ -11,6 +11,18 @@ Design choices:
 - Loaders use one worker with prefetching and, on CUDA, pinned memory (SPEC §8); the worker's seed
   comes from a private generator, so building a loader never draws from the global RNG (a resumed
   run's ACT exploration noise would drift otherwise).
+- Several training datasets (TRM's `data_paths`) keep their puzzle identifiers apart: where their
+  identifier ranges overlap (each built numbering from 1), each dataset's identifiers are shifted past
+  the previous datasets' (`num_puzzle_identifiers` of each); where they are already disjoint (built with
+  TRM's `--puzzle-identifiers-start`), they are used as they are, as TRM does, so its checkpoints index
+  the same rows. A test dataset that is also a training dataset gets that dataset's shift.
+- `load_checkpoint` (TRM's) reads initial weights on rank 0, from a `step_N` file of this library, TRM's
+  or the reference's (with or without the `_orig_mod.` prefix), or a train state; a puzzle table of
+  another shape becomes its mean row broadcast to the model's shape (TRM's rule); then every rank gets
+  rank 0's weights.
+- Evaluators (TRM's `evaluators`, `module@Class` under the `evaluators` package) are built once per
+  test dataset, with TRM's constructor arguments; one that does not apply to a dataset (the ARC
+  evaluator on Sudoku) says so in a notice and is left out.
 """
 
 import inspect
@@ -22,18 +34,71 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from utils.config import PretrainConfig
+from utils import checkpointing as ckpt
+from utils.config import PretrainConfig, test_data_paths, train_data_paths
 from utils.distributed import DistInfo, broadcast_module_state
+
+PUZZLE_TABLE_KEY = "model.inner.puzzle_emb.weights"
+
+
+def identifier_ranges(path: str) -> tuple[int, int] | None:
+    """(lowest, highest) non-blank puzzle identifier of a dataset over its train and test splits."""
+    from pathlib import Path
+
+    from dataset.common import load_metadata, load_npy, split_paths
+
+    lo, hi = None, None
+    for split in ("train", "test"):
+        split_dir = Path(path) / split
+        if not split_dir.is_dir():
+            continue
+        meta = load_metadata(split_dir)
+        for set_name in meta.sets:
+            ids = load_npy(split_paths(split_dir, set_name)["puzzle_identifiers"], mmap=False)
+            ids = ids[ids != meta.blank_identifier_id]
+            if ids.size:
+                lo = int(ids.min()) if lo is None else min(lo, int(ids.min()))
+                hi = int(ids.max()) if hi is None else max(hi, int(ids.max()))
+    return None if lo is None else (lo, hi)
+
+
+def identifier_offsets(paths: list[str]) -> list[int]:
+    """Shift of each training dataset's identifiers (see the module docstring): none where they are disjoint."""
+    if len(paths) == 1:
+        return [0]
+    from pathlib import Path
+
+    from dataset.common import load_metadata
+
+    ranges = sorted(r for r in map(identifier_ranges, paths) if r is not None)
+    if all(a[1] < b[0] for a, b in zip(ranges, ranges[1:])):
+        return [0] * len(paths)
+    sizes = [load_metadata(Path(p) / "train").num_puzzle_identifiers for p in paths]
+    return [sum(sizes[:i]) for i in range(len(paths))]
 
 
 def create_dataloader(config: PretrainConfig, split: str, info: DistInfo, *, test_set_mode: bool, epochs: int):
     """(dataset, loader) for one split; the dataset is returned too, for its metadata and `set_position`."""
     from puzzle_dataset import PuzzleDataset, PuzzleDatasetConfig
 
+    train_paths = train_data_paths(config)
+    train_offsets = identifier_offsets(train_paths)
+    if split == "train":
+        paths, offsets = train_paths, train_offsets
+        if any(train_offsets) and info.is_main:
+            print(
+                f"data_paths: puzzle identifiers overlap; shifted by {train_offsets} to keep them apart",
+                file=sys.stderr,
+            )
+    else:
+        paths = test_data_paths(config)
+        by_path = {os.path.realpath(p): o for p, o in zip(train_paths, train_offsets)}
+        offsets = [by_path.get(os.path.realpath(p), 0) for p in paths]
     dataset = PuzzleDataset(
         PuzzleDatasetConfig(
             seed=config.seed,
-            dataset_path=config.data_path,
+            dataset_paths=paths,
+            identifier_offsets=offsets,
             global_batch_size=config.global_batch_size,
             test_set_mode=test_set_mode,
             epochs_per_iter=epochs,
@@ -93,6 +158,45 @@ def create_model(config: PretrainConfig, metadata: Any, info: DistInfo) -> tuple
     broadcast_module_state(head)
     sources = [inspect.getsourcefile(model_cls) or "", inspect.getsourcefile(loss_head_cls) or ""]
     return head, sources
+
+
+def load_initial_weights(head: nn.Module, path: str, info: DistInfo) -> None:
+    """TRM's `load_checkpoint` (see the module docstring): rank 0 reads, every rank ends with its weights."""
+    if info.is_main:
+        from utils.train_state import read_checkpoint
+
+        weights, _, _ = read_checkpoint(path)
+        expected = head.state_dict()
+        table = weights.get(PUZZLE_TABLE_KEY)
+        if table is not None and PUZZLE_TABLE_KEY in expected and table.shape != expected[PUZZLE_TABLE_KEY].shape:
+            shape = expected[PUZZLE_TABLE_KEY].shape
+            print(
+                f"load_checkpoint: puzzle embedding {list(table.shape)} -> {list(shape)}, every row set to its mean row",
+                file=sys.stderr,
+            )
+            weights[PUZZLE_TABLE_KEY] = torch.mean(table, dim=0, keepdim=True).expand(shape).contiguous()
+        ckpt.load_model_weights(head, weights, path)
+        print(f"load_checkpoint: initial weights from {path}", file=sys.stderr)
+    broadcast_module_state(head)
+
+
+def create_evaluators(config: PretrainConfig, eval_metadata: Any, info: DistInfo) -> list[tuple[int, Any]]:
+    """(test dataset index, evaluator) for each configured evaluator and test dataset that it applies to."""
+    from utils.evaluation import EvaluatorNotApplicable
+    from utils.functions import load_model_class
+
+    evaluators = []
+    for spec in config.evaluators:
+        cls = load_model_class(spec.name, prefix="evaluators.")
+        for index, path in enumerate(test_data_paths(config)):
+            try:
+                evaluators.append((index, cls(data_path=path, eval_metadata=eval_metadata, **(spec.model_extra or {}))))
+            except EvaluatorNotApplicable as e:
+                if info.is_main:
+                    print(f"evaluator {spec.name} left out for {path}: {e}", file=sys.stderr)
+            except TypeError as e:  # an option the evaluator does not take
+                raise ValueError(f"config key 'evaluators': {spec.name}: {e}") from None
+    return evaluators
 
 
 def print_backends(info: DistInfo) -> None:

@@ -181,12 +181,13 @@ def compose_config(overrides: list[str], config_dir: str = CONFIG_DIR) -> Pretra
 
 
 def listed_keys(yaml_path: str) -> set[str]:
-    """Top-level keys a primary config file lists (Hydra's own `defaults` and `hydra` aside)."""
+    """Top-level keys a primary config file lists: its values and its config groups (`arch`)."""
     import yaml
 
     with open(yaml_path, encoding="utf-8") as f:
         values = yaml.safe_load(f) or {}
-    return set(values) - {"defaults", "hydra"}
+    groups = {k for entry in values.get("defaults", []) if isinstance(entry, dict) for k in entry}
+    return (set(values) - {"defaults", "hydra"}) | {g for g in groups if not g.startswith("override ")}
 
 
 def train_data_paths(config: PretrainConfig) -> list[str]:

@@ -11,10 +11,15 @@ Design choices:
   metrics on the frozen outputs through a `ReplayModel`, so the metric definitions stay in one place.
 - Metrics are summed per set in sorted-key order, reduced to rank 0 and divided by `count`;
   requested outputs are concatenated and saved per rank as `step_{N}_all_preds.{rank}`.
+- Evaluators (TRM's protocol: `required_outputs`, `begin_eval()`, `update_batch(batch, outputs)`,
+  `result(save_path, rank, world_size, group)`) see the batches of their own test dataset, with its
+  puzzle identifiers as its identifiers.json numbers them; their results are reported as the set
+  named by the metric's prefix (`ARC/pass@2`; `ARC1/...` for a second test dataset's evaluator).
 """
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -29,14 +34,26 @@ from utils.distributed import DistInfo
 from utils.train_state import TrainState
 
 
-def eval_batch(config: PretrainConfig, state: TrainState, batch: dict[str, torch.Tensor], info: DistInfo):
+class EvaluatorNotApplicable(Exception):
+    """Raised by an evaluator's constructor for a dataset it cannot score (the launcher leaves it out)."""
+
+
+def eval_batch(
+    config: PretrainConfig,
+    state: TrainState,
+    batch: dict[str, torch.Tensor],
+    info: DistInfo,
+    return_keys: Sequence[str] | None = None,
+):
     """One test batch from a fresh carry, the head called until every row halted: (batch, metrics, outputs).
 
-    Asking whether all rows halted is a host synchronisation. An ACT model in eval mode halts only at
-    `halt_max_steps`, so the calls before that one are issued without asking and the device never idles.
+    `return_keys`: the outputs to return (default: `eval_save_outputs`). Asking whether all rows halted
+    is a host synchronisation. An ACT model in eval mode halts only at `halt_max_steps`, so the calls
+    before that one are issued without asking and the device never idles.
     """
+    return_keys = list(config.eval_save_outputs if return_keys is None else return_keys)
     if config.eval_halting == "learned":
-        return eval_batch_learned_halting(config, state, batch, info)
+        return eval_batch_learned_halting(config, state, batch, info, return_keys)
     model_config = getattr(state.model.model, "config", None)
     calls_before_check = 0 if state.model.training else max(0, getattr(model_config, "halt_max_steps", 1) - 1)
     with torch.inference_mode():
@@ -45,7 +62,7 @@ def eval_batch(config: PretrainConfig, state: TrainState, batch: dict[str, torch
             carry = state.model.initial_carry(batch)
         calls = 0
         while True:
-            carry, _, metrics, preds, all_halted = state.call(carry, batch, config.eval_save_outputs)
+            carry, _, metrics, preds, all_halted = state.call(carry, batch, return_keys)
             calls += 1
             if calls > calls_before_check and all_halted:
                 return batch, metrics, preds
@@ -64,7 +81,11 @@ class ReplayModel(nn.Module):
 
 
 def eval_batch_learned_halting(
-    config: PretrainConfig, state: TrainState, batch: dict[str, torch.Tensor], info: DistInfo
+    config: PretrainConfig,
+    state: TrainState,
+    batch: dict[str, torch.Tensor],
+    info: DistInfo,
+    return_keys: Sequence[str] | None = None,
 ):
     """`eval_halting: learned`: each row stops at its first step with q_halt > q_continue (or at the model's own
     halt); like `eval_batch`, returns (batch, metrics, outputs), all taken at each row's stopping step.
@@ -77,7 +98,8 @@ def eval_batch_learned_halting(
     """
     from utils.functions import load_model_class
 
-    keys = sorted(set(config.eval_save_outputs) | {"logits", "q_halt_logits", "q_continue_logits"})
+    return_keys = list(config.eval_save_outputs if return_keys is None else return_keys)
+    keys = sorted(set(return_keys) | {"logits", "q_halt_logits", "q_continue_logits"})
     with torch.inference_mode():
         batch = {k: v.to(info.device, non_blocking=True) for k, v in batch.items()}
         with torch.device(info.device):
@@ -100,29 +122,56 @@ def eval_batch_learned_halting(
                 break
         if all_halted and bool((stop_steps == carry.steps).all()):
             # Nobody stopped early (e.g. a single-step model): the head's own results are the answer.
-            return batch, metrics, {k: v for k, v in outputs.items() if k in config.eval_save_outputs}
+            return batch, metrics, {k: v for k, v in outputs.items() if k in return_keys}
         final_carry = dataclasses.replace(carry, steps=stop_steps, halted=torch.ones_like(carry.halted))
         head = load_model_class(config.arch.loss.name)(
             ReplayModel(final_carry, frozen), **(config.arch.loss.model_extra or {})
         )
-        _, _, metrics, preds, _ = head(return_keys=config.eval_save_outputs)
+        _, _, metrics, preds, _ = head(return_keys=return_keys)
     return batch, metrics, preds
 
 
-def evaluate(config: PretrainConfig, state: TrainState, loader: DataLoader, metadata: Any, info: DistInfo):
-    """Run every test batch to the end of its ACT steps; per-set metrics (divided by count) on rank 0."""
+def dataset_identifiers(batch: dict[str, torch.Tensor], offset: int, blank: int) -> dict[str, torch.Tensor]:
+    """The batch with its puzzle identifiers as the dataset numbers them (undoing the loader's shift)."""
+    if not offset:
+        return batch
+    ids = batch["puzzle_identifiers"]
+    return {**batch, "puzzle_identifiers": torch.where(ids == blank, ids, ids - offset)}
+
+
+def evaluate(
+    config: PretrainConfig,
+    state: TrainState,
+    loader: DataLoader,
+    metadata: Any,
+    info: DistInfo,
+    evaluators: Sequence[tuple[int, Any]] = (),
+):
+    """Run every test batch to the end of its ACT steps; per-set metrics (divided by count) on rank 0.
+
+    `evaluators`: (test dataset index, evaluator) pairs, see the module docstring; their results join the
+    per-set metrics on rank 0.
+    """
     set_ids = {name: i for i, name in enumerate(metadata.sets)}
+    sources = getattr(loader.dataset, "set_sources", None) or {name: (0, name, 0) for name in metadata.sets}
     save_keys = set(config.eval_save_outputs)
+    return_keys = sorted(save_keys.union(*(ev.required_outputs for _, ev in evaluators)))
+    for _, evaluator in evaluators:
+        evaluator.begin_eval()
     saved: dict[str, list[torch.Tensor]] = {}
     metric_keys: list[str] = []
     metric_sums: torch.Tensor | None = None
     with torch.inference_mode():
         for set_name, batch, _global_size in tqdm(loader, desc="eval", disable=not info.is_main, leave=False):
-            batch, metrics, preds = eval_batch(config, state, batch, info)
+            batch, metrics, preds = eval_batch(config, state, batch, info, return_keys)
             for collection in (batch, preds):
                 for k, v in collection.items():
                     if k in save_keys:
                         saved.setdefault(k, []).append(v.cpu())
+            index, _, offset = sources[set_name]
+            for ev_index, evaluator in evaluators:
+                if ev_index == index:
+                    evaluator.update_batch(dataset_identifiers(batch, offset, metadata.blank_identifier_id), preds)
             if metric_sums is None:
                 metric_keys = sorted(metrics)
                 metric_sums = torch.zeros((len(set_ids), len(metric_keys)), dtype=torch.float32, device=info.device)
@@ -137,14 +186,24 @@ def evaluate(config: PretrainConfig, state: TrainState, loader: DataLoader, meta
         return None
     if info.world_size > 1:
         dist.reduce(metric_sums, dst=0)
-    if not info.is_main:
-        return None
-    sums = metric_sums.cpu().numpy()
-    results = {}
-    for set_name, set_id in set_ids.items():
-        values = dict(zip(metric_keys, sums[set_id].tolist()))
-        count = values.pop("count")
-        results[set_name] = {k: v / max(count, 1) for k, v in values.items()}
+    results = None
+    if info.is_main:
+        sums = metric_sums.cpu().numpy()
+        results = {}
+        for set_name, set_id in set_ids.items():
+            values = dict(zip(metric_keys, sums[set_id].tolist()))
+            count = values.pop("count")
+            results[set_name] = {k: v / max(count, 1) for k, v in values.items()}
+    for index, evaluator in evaluators:  # collective: each gathers its predictions on rank 0
+        save_path = None
+        if config.checkpoint_path is not None:
+            save_path = os.path.join(config.checkpoint_path, f"evaluator_{type(evaluator).__name__}_step_{state.step}")
+            os.makedirs(save_path, exist_ok=True)
+        scores = evaluator.result(save_path, rank=info.rank, world_size=info.world_size, group=None)
+        if results is not None and scores:
+            for key, value in scores.items():
+                prefix, _, name = key.partition("/")
+                results.setdefault(f"{prefix}{index or ''}" if name else "evaluator", {})[name or key] = value
     return results
 
 

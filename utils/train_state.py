@@ -169,6 +169,20 @@ def read_train_state(path: str) -> dict[str, Any]:
     return payload
 
 
+def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], int, Optional[dict[str, Any]]]:
+    """(weights, step, saved config or None) from a `step_N` weights file or a train-state file.
+
+    A train state of a run with `ema` gives its averaged parameters, as its `step_N` files hold them.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if ckpt.TRAIN_STATE_PATTERN.match(os.path.basename(path)):
+        payload = read_train_state(path)
+        weights = {**ckpt.strip_compile_prefix(payload["model"]), **payload.get("ema", {})}
+        return weights, int(payload["step"]), payload["config"]
+    return ckpt.load_weights_file(path), ckpt.step_from_filename(path), None
+
+
 # Keys that may differ between a run and its resumption without changing what is computed.
 RESUME_FREE_KEYS = {
     "resume",
