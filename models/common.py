@@ -1,4 +1,4 @@
-"""Weight initialisation shared by every model file.
+"""Weight initialisation and config-error formatting shared by every model file.
 
 `trunc_normal_init_` follows JAX's `truncated_normal` initialiser rather than
 `torch.nn.init.trunc_normal_`: torch truncates a normal of the requested std, which leaves
@@ -10,6 +10,7 @@ curves assume it.
 import math
 
 import torch
+from pydantic import ValidationError
 
 
 def _truncated_standard_normal_variance(lower: float, upper: float) -> float:
@@ -38,3 +39,17 @@ def trunc_normal_init_(tensor: torch.Tensor, std: float = 1.0, lower: float = -2
         tensor.mul_(math.sqrt(2) * c)
         tensor.clip_(lower * c, upper * c)
     return tensor
+
+
+def config_error_message(err: ValidationError, model_name: str) -> str:
+    """One line for all pydantic errors of a model config: '<model_name> config: field: message; ...'.
+
+    An unknown key (pydantic's `extra_forbidden`) reads "unknown key", so a misspelled override is named
+    as such; errors of whole-config validators (empty location) carry their own wording.
+    """
+    parts = []
+    for e in err.errors():
+        field = ".".join(str(x) for x in e["loc"])
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
+        parts.append(f"{field}: {msg}" if field else msg)
+    return f"{model_name} config: " + "; ".join(parts)
