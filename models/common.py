@@ -61,9 +61,11 @@ class ModelConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _drop_launcher_keys(cls, values: Any) -> Any:
-        if isinstance(values, dict):
-            return {k: v for k, v in values.items() if k in cls.model_fields or k not in LAUNCHER_KEYS}
-        return values
+        if not isinstance(values, dict):
+            return values
+        if values.get("causal") and "causal" not in cls.model_fields:  # a model without a causal mode
+            raise ValueError(f"causal={values['causal']!r}: this model attends bidirectionally only")
+        return {k: v for k, v in values.items() if k in cls.model_fields or k not in LAUNCHER_KEYS}
 
 
 def build_model_config(config_cls: type[BaseModel], values: dict[str, Any], model_name: str):

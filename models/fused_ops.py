@@ -50,6 +50,8 @@ The first kernels stay here, tested and benchmarked (benchmarks/bench_fused_ops.
 
 Triton is an optional accelerator: without it this module still imports, `FUSED_OPS_AVAILABLE` is
 False and the model keeps its unfused path (`fused_block_supported(x)` says which path to take).
+`post_norm_block` is the one definition of the post-norm attention block that HRM's and TRM's blocks
+call; it takes the fused path when asked to and when `fused_block_supported` allows it.
 """
 
 import os
@@ -563,3 +565,23 @@ def fused_post_norm_block(
     hidden_states = rms_norm(hidden_states + attn(cos_sin=cos_sin, hidden_states=hidden_states), eps)
     h = fused_gate_up_swiglu(hidden_states, mlp.gate_up_proj.weight)
     return rms_norm(hidden_states + mlp.down_proj(h), eps)
+
+
+def post_norm_block(
+    attn: Attention,
+    mlp: SwiGLU,
+    cos_sin: tuple[torch.Tensor, torch.Tensor] | None,
+    hidden_states: torch.Tensor,
+    eps: float,
+    fused_ops: bool = False,
+) -> torch.Tensor:
+    """The post-norm attention block of HRM and TRM, `x = rms_norm(x + attn(x)); x = rms_norm(x + mlp(x))`.
+
+    One definition for every model that has this block. With `fused_ops`, calls that
+    `fused_block_supported` accepts (no-grad, 16-bit, CUDA) go through `fused_post_norm_block`;
+    every other call, and every call without `fused_ops`, runs the models/layers.py path.
+    """
+    if fused_ops and fused_block_supported(hidden_states):
+        return fused_post_norm_block(attn, mlp, cos_sin, hidden_states, eps)
+    hidden_states = rms_norm(hidden_states + attn(cos_sin=cos_sin, hidden_states=hidden_states), eps)
+    return rms_norm(hidden_states + mlp(hidden_states), eps)

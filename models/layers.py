@@ -12,6 +12,9 @@ Design choices:
 - Tensors inside attention are `[batch, seq, heads, head_dim]` (FlashAttention's layout); SDPA wants
   `[batch, heads, seq, head_dim]`, so that path transposes.
 - RMSNorm has no learnable weight (as in the reference model).
+- `ReasoningModule` (input injection, then a stack of blocks) is shared by HRM's two levels and TRM's
+  single network; the post-norm attention block itself is `models.fused_ops.post_norm_block`, which
+  also dispatches to the fused no-grad kernels.
 """
 
 import os
@@ -189,3 +192,21 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
+
+
+class ReasoningModule(nn.Module):
+    """A stack of blocks applied to `hidden_states + input_injection` (HRM's H/L levels, TRM's one network).
+
+    Each block is called as `block(hidden_states=..., **kwargs)`; the model files subclass this under
+    their reference class names.
+    """
+
+    def __init__(self, layers: list[nn.Module]):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, hidden_states: torch.Tensor, input_injection: torch.Tensor, **kwargs) -> torch.Tensor:
+        hidden_states = hidden_states + input_injection
+        for layer in self.layers:
+            hidden_states = layer(hidden_states=hidden_states, **kwargs)
+        return hidden_states

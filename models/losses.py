@@ -9,6 +9,9 @@ Design choices:
 - Metrics are sums over sequences that halted in this ACT step and have at least one label, so
   the launcher can reduce them across ranks and divide by `count`.
 - The head is the only place that reads labels, so the model forward never syncs with the host.
+- The head adds `preds` (the argmax tokens, int64, detached) to the model's outputs, as TRM's head does,
+  so `return_keys` can ask for them (TRM's evaluators read `preds`). Both losses take TRM's optional
+  `valid_mask` argument.
 """
 
 from collections.abc import Sequence
@@ -31,23 +34,36 @@ def log_stablemax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 
 def stablemax_cross_entropy(
-    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_LABEL_ID
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = IGNORE_LABEL_ID,
+    valid_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-token stablemax cross entropy in float64; 0 at ignored labels."""
+    """Per-token stablemax cross entropy in float64; 0 at ignored labels.
+
+    `valid_mask` (TRM's head passes it): the positions that count; by default `labels != ignore_index`.
+    """
     logprobs = log_stablemax(logits.to(torch.float64), dim=-1)
-    valid_mask = labels != ignore_index
+    if valid_mask is None:
+        valid_mask = labels != ignore_index
     safe_labels = torch.where(valid_mask, labels, 0).to(torch.long)  # gather needs an in-range index
     label_logprobs = torch.gather(logprobs, index=safe_labels.unsqueeze(-1), dim=-1).squeeze(-1)
     return -torch.where(valid_mask, label_logprobs, 0)
 
 
 def softmax_cross_entropy(
-    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_LABEL_ID
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = IGNORE_LABEL_ID,
+    valid_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-token softmax cross entropy in float32; 0 at ignored labels.
 
     `reshape`, not `view`: with a puzzle-embedding prefix the logits are a sliced, non-contiguous tensor.
+    `valid_mask` as in `stablemax_cross_entropy` (TRM's head passes it, which its own softmax loss rejects).
     """
+    if valid_mask is not None:
+        labels = torch.where(valid_mask, labels, ignore_index)
     losses = F.cross_entropy(
         logits.to(torch.float32).reshape(-1, logits.shape[-1]),  # [B*S, V]
         labels.to(torch.long).reshape(-1),  # [B*S]
@@ -102,6 +118,8 @@ class ACTLossHead(nn.Module):
     def forward(self, return_keys: Sequence[str], **model_kwargs):
         new_carry, outputs = self.model(**model_kwargs)
         labels = new_carry.current_data["labels"]
+        # Predicted tokens, so `return_keys` can ask for them (TRM's evaluators read `preds`).
+        outputs["preds"] = torch.argmax(outputs["logits"], dim=-1).detach()  # [B, S], int64
 
         metrics, loss_divisor, seq_is_correct = halted_sequence_metrics(labels, outputs, new_carry)
         lm_loss = (self.loss_fn(outputs["logits"], labels, ignore_index=IGNORE_LABEL_ID) / loss_divisor).sum()

@@ -161,6 +161,30 @@ def test_head_metrics_and_loss_by_hand(loss_type, with_target):
     assert loss.requires_grad  # gradient reaches the model
 
 
+def test_head_returns_preds_when_asked():
+    carry, outputs = scripted_case(False)
+    head = ACTLossHead(ScriptedModel(carry, outputs), "stablemax_cross_entropy")
+    _, _, _, detached, _ = head(return_keys=["preds"], carry=None, batch=None)
+    expected = torch.tensor([[1, 2, 3], [0, 1, 2], [1, 0, 0], [0, 0, 0], [2, 2, 2]])  # scripted_case's argmax
+    assert set(detached) == {"preds"} and torch.equal(detached["preds"], expected)
+    assert detached["preds"].dtype == torch.int64 and not detached["preds"].requires_grad
+
+
+@pytest.mark.parametrize("loss_fn", [softmax_cross_entropy, stablemax_cross_entropy])
+def test_valid_mask_argument(loss_fn):
+    # TRM's head passes valid_mask = labels != ignore_index; a narrower mask also zeroes labelled positions.
+    torch.manual_seed(1)
+    logits = torch.randn(2, 4, 5)
+    labels = torch.tensor([[0, 4, IGNORE_LABEL_ID, 2], [1, 1, 3, IGNORE_LABEL_ID]])
+    default = loss_fn(logits, labels)
+    torch.testing.assert_close(loss_fn(logits, labels, valid_mask=labels != IGNORE_LABEL_ID), default)
+    mask = labels != IGNORE_LABEL_ID
+    mask[0, 1] = False
+    masked = loss_fn(logits, labels, valid_mask=mask)
+    assert masked[0, 1] == 0 and default[0, 1] > 0
+    torch.testing.assert_close(masked[mask], default[mask])
+
+
 def test_initial_carry_delegates():
     head = ACTLossHead(ScriptedModel(*scripted_case(False)), "softmax_cross_entropy")
     assert head.initial_carry("b", scale=3) == ("initial", "b", 3)

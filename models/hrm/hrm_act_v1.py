@@ -28,8 +28,8 @@ from pydantic import field_validator, model_validator
 from torch import nn
 
 from models.common import ModelConfig, build_model_config, trunc_normal_init_
-from models.fused_ops import fused_block_supported, fused_post_norm_block
-from models.layers import Attention, CastedEmbedding, CastedLinear, RotaryEmbedding, SwiGLU, rms_norm
+from models.fused_ops import post_norm_block
+from models.layers import Attention, CastedEmbedding, CastedLinear, ReasoningModule, RotaryEmbedding, SwiGLU
 from models.sparse_embedding import CastedSparseEmbedding
 
 
@@ -132,29 +132,13 @@ class HierarchicalReasoningModel_ACTV1Block(nn.Module):
         self.fused_ops = config.fused_ops
 
     def forward(self, cos_sin, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.fused_ops and fused_block_supported(hidden_states):
-            # No-grad passes on the GPU (40 of the 48 block calls of a train step, all of evaluation):
-            # the same block with the SwiGLU gating fused into its projection's matmul, with the
-            # reference's bf16 roundings (models/fused_ops.py).
-            return fused_post_norm_block(self.self_attn, self.mlp, cos_sin, hidden_states, self.norm_eps)
-        hidden_states = rms_norm(
-            hidden_states + self.self_attn(cos_sin=cos_sin, hidden_states=hidden_states), self.norm_eps
-        )
-        return rms_norm(hidden_states + self.mlp(hidden_states), self.norm_eps)
+        # With fused_ops, no-grad passes on the GPU (40 of the 48 block calls of a train step, all of
+        # evaluation) fuse the SwiGLU gating into its projection's matmul (models/fused_ops.py).
+        return post_norm_block(self.self_attn, self.mlp, cos_sin, hidden_states, self.norm_eps, self.fused_ops)
 
 
-class HierarchicalReasoningModel_ACTV1ReasoningModule(nn.Module):
-    """A stack of blocks applied to `hidden_states + input_injection`."""
-
-    def __init__(self, layers: list[HierarchicalReasoningModel_ACTV1Block]):
-        super().__init__()
-        self.layers = nn.ModuleList(layers)
-
-    def forward(self, hidden_states: torch.Tensor, input_injection: torch.Tensor, **kwargs) -> torch.Tensor:
-        hidden_states = hidden_states + input_injection
-        for layer in self.layers:
-            hidden_states = layer(hidden_states=hidden_states, **kwargs)
-        return hidden_states
+class HierarchicalReasoningModel_ACTV1ReasoningModule(ReasoningModule):
+    """One level (H or L): a stack of blocks applied to `hidden_states + input_injection`."""
 
 
 class HierarchicalReasoningModel_ACTV1_Inner(nn.Module):

@@ -1,0 +1,374 @@
+"""TRM, the Tiny Recursive Model (Jolicoeur-Martineau 2025, "Less is More: Recursive Reasoning with Tiny
+Networks"), with HRM's Adaptive Computation Time wrapper.
+
+Design choices (TRM's, SPEC §11):
+- One small network `L_level` (a stack of `L_layers` post-norm blocks) does all the reasoning; there is
+  no H level. It keeps two states: the answer y (`z_H`) and a latent z (`z_L`). One cycle is `L_cycles`
+  latent updates `z_L = L(z_L, z_H + x)` (x: the scaled input embedding) followed by one answer update
+  `z_H = L(z_H, z_L)` with the same network; the answer update sees no input, so the network tells the
+  two updates apart by what it is given.
+- Per ACT step, `H_cycles - 1` full cycles run without gradient, then one full cycle with gradient: the
+  gradient flows back through all `L_cycles + 1` updates of the last cycle (HRM differentiates only
+  its last L and H update). Both states are detached before they are carried to the next ACT step.
+- Block: HRM's post-norm attention block (`models.fused_ops.post_norm_block`, with HRM's opt-in fused
+  no-grad path `fused_ops`), or with `mlp_t` an MLP-Mixer-like block whose attention is replaced by a
+  SwiGLU over the token axis: the state is transposed to [B, D, L] (L = seq_len + puzzle_emb_len), the
+  SwiGLU of width L, the residual and the RMSNorm all act in that layout, so the norm runs over
+  positions. `fused_ops` has no effect on the `mlp_t` block.
+- Puzzle prefix: `puzzle_emb_len` rows (default 16; 0 means HRM's ceil(puzzle_emb_ndim / hidden_size)):
+  the puzzle embedding is zero-padded to `puzzle_emb_len * hidden_size` and viewed as that many rows.
+  The logits drop the prefix; Q (halt, continue) is read from the answer state's first row, in fp32.
+- Positions: `rope`, `learned` (scaled by 1/√2 with the embedding, as HRM), or anything else (TRM's
+  README uses `none`, e.g. for `mlp_t`): no position encoding.
+- Halting: a row halts at `halt_max_steps`; in training (`halt_max_steps > 1`) also when q_halt > 0
+  (`no_ACT_continue`, TRM's default: Q-halt alone, trained to predict "the answer is right") or, without
+  it, when q_halt > q_continue with HRM's bootstrapped continue target from a second inner pass. HRM's
+  exploration rule draws from the global torch RNG in the same order. Evaluation runs `halt_max_steps`.
+- Initialisation, construction order, names and state-dict keys are TRM's, so one torch seed gives
+  TRM's initial weights and TRM checkpoints load; `H_layers` is accepted and ignored.
+- No host synchronisation in the forward (halting is tensor ops; `initial_carry` builds on the batch's
+  device), so the step compiles into one graph.
+
+Where this differs from TRM's repository (commit e7b6871), each on input where TRM's code crashes:
+- `no_ACT_continue=False`: TRM unpacks the second inner pass's 3 return values into 5; here that pass
+  gives HRM's target `sigmoid(q_halt' if last step else max(q_halt', q_continue'))`.
+- `softmax_cross_entropy`: TRM's loss head passes `valid_mask`, which its softmax loss does not take;
+  both losses of models/losses.py take it.
+- `puzzle_emb_ndim=0` with `puzzle_emb_len > 0`: TRM builds a state with the prefix rows but an input
+  without them; here the prefix is all zeros (an embedding of width 0 padded to the prefix).
+- Unknown config keys are an error naming the key (TRM ignores them); `causal`, which the launcher
+  passes to every model, is accepted when False.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from pydantic import field_validator, model_validator
+from torch import nn
+
+from models.common import ModelConfig, build_model_config, trunc_normal_init_
+from models.fused_ops import post_norm_block
+from models.layers import Attention, CastedEmbedding, CastedLinear, ReasoningModule, RotaryEmbedding, SwiGLU, rms_norm
+from models.sparse_embedding import CastedSparseEmbedding
+
+
+@dataclass
+class TinyRecursiveReasoningModel_ACTV1InnerCarry:
+    z_H: torch.Tensor  # the answer state y
+    z_L: torch.Tensor  # the latent state z
+
+
+@dataclass
+class TinyRecursiveReasoningModel_ACTV1Carry:
+    inner_carry: TinyRecursiveReasoningModel_ACTV1InnerCarry
+    steps: torch.Tensor
+    halted: torch.Tensor
+    current_data: dict[str, torch.Tensor]
+
+
+def _puzzle_prefix_len(puzzle_emb_len: int, puzzle_emb_ndim: int, hidden_size: int) -> int:
+    """Rows of the puzzle prefix: `puzzle_emb_len`, or 0 for HRM's ceil(puzzle_emb_ndim / hidden_size)."""
+    return puzzle_emb_len if puzzle_emb_len > 0 else -(puzzle_emb_ndim // -hidden_size)
+
+
+class TinyRecursiveReasoningModel_ACTV1Config(ModelConfig):
+    # Misspelled keys fail loudly; the launcher's own keys (`causal`, ...) pass (models/common.py).
+
+    batch_size: int
+    seq_len: int
+    puzzle_emb_ndim: int = 0
+    num_puzzle_identifiers: int
+    vocab_size: int
+
+    H_cycles: int
+    L_cycles: int
+
+    H_layers: int  # TRM's configs carry it (trm.yaml: 0); there is no H level, so it is not used
+    L_layers: int
+
+    # Transformer config
+    hidden_size: int
+    expansion: float
+    num_heads: int
+    pos_encodings: str  # rope, learned, or anything else for none
+
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+
+    # Halting Q-learning config
+    halt_max_steps: int
+    halt_exploration_prob: float
+
+    forward_dtype: str = "bfloat16"
+
+    mlp_t: bool = False  # token-mixing SwiGLU instead of attention
+    puzzle_emb_len: int = 16  # rows of the puzzle prefix; 0: ceil(puzzle_emb_ndim / hidden_size)
+    no_ACT_continue: bool = True  # halt on q_halt > 0 alone; no continue target, no second inner pass
+
+    # Beyond TRM, opt-in: HRM's fused Triton SwiGLU for no-grad calls of the attention block (HRM's
+    # `fused_ops`, models/fused_ops.py). Off by default: the default stays TRM's path.
+    fused_ops: bool = False
+
+    @field_validator("forward_dtype")
+    @classmethod
+    def _check_forward_dtype(cls, v: str) -> str:
+        if not isinstance(getattr(torch, v, None), torch.dtype):
+            raise ValueError(f"{v!r} is not a torch dtype name (e.g. 'bfloat16', 'float32')")
+        return v
+
+    @field_validator(
+        "batch_size", "seq_len", "vocab_size", "num_puzzle_identifiers", "H_cycles", "L_cycles", "L_layers",
+        "hidden_size", "num_heads", "halt_max_steps",
+    )  # fmt: skip
+    @classmethod
+    def _check_positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"must be >= 1, got {v}")
+        return v
+
+    @field_validator("H_layers", "puzzle_emb_ndim", "puzzle_emb_len")
+    @classmethod
+    def _check_non_negative(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError(f"must be >= 0, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _check_shapes(self):
+        uses_heads = not self.mlp_t or self.pos_encodings == "rope"  # attention, or RoPE tables of head size
+        if uses_heads and self.hidden_size % self.num_heads != 0:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        if self.pos_encodings == "rope" and (self.hidden_size // self.num_heads) % 2 != 0:
+            raise ValueError(f"hidden_size/num_heads = {self.hidden_size // self.num_heads} must be even for rope")
+        prefix = _puzzle_prefix_len(self.puzzle_emb_len, self.puzzle_emb_ndim, self.hidden_size)
+        if self.puzzle_emb_ndim > prefix * self.hidden_size:
+            raise ValueError(
+                f"puzzle_emb_ndim ({self.puzzle_emb_ndim}) does not fit in puzzle_emb_len ({self.puzzle_emb_len}) "
+                f"rows of hidden_size ({self.hidden_size})"
+            )
+        return self
+
+
+class TinyRecursiveReasoningModel_ACTV1Block(nn.Module):
+    """Post-norm block: token mixing (attention, or with `mlp_t` a SwiGLU over positions), then a channel SwiGLU."""
+
+    def __init__(self, config: TinyRecursiveReasoningModel_ACTV1Config) -> None:
+        super().__init__()
+        self.config = config
+        if config.mlp_t:
+            self.puzzle_emb_len = _puzzle_prefix_len(config.puzzle_emb_len, config.puzzle_emb_ndim, config.hidden_size)
+            self.mlp_t = SwiGLU(hidden_size=config.seq_len + self.puzzle_emb_len, expansion=config.expansion)
+        else:
+            self.self_attn = Attention(
+                hidden_size=config.hidden_size,
+                head_dim=config.hidden_size // config.num_heads,
+                num_heads=config.num_heads,
+                num_key_value_heads=config.num_heads,
+                causal=False,
+            )
+        self.mlp = SwiGLU(hidden_size=config.hidden_size, expansion=config.expansion)
+        self.norm_eps = config.rms_norm_eps
+
+    def forward(self, cos_sin, hidden_states: torch.Tensor) -> torch.Tensor:
+        if not self.config.mlp_t:
+            return post_norm_block(
+                self.self_attn, self.mlp, cos_sin, hidden_states, self.norm_eps, self.config.fused_ops
+            )
+        hidden_states = hidden_states.transpose(1, 2)  # [B, D, L]: mix positions, one row per channel
+        # Residual and norm in the transposed layout: the RMSNorm runs over the L positions of each channel.
+        hidden_states = rms_norm(hidden_states + self.mlp_t(hidden_states), self.norm_eps)
+        hidden_states = hidden_states.transpose(1, 2)  # [B, L, D]
+        return rms_norm(hidden_states + self.mlp(hidden_states), self.norm_eps)
+
+
+class TinyRecursiveReasoningModel_ACTV1ReasoningModule(ReasoningModule):
+    """TRM's one network: a stack of blocks applied to `hidden_states + input_injection`."""
+
+
+class TinyRecursiveReasoningModel_ACTV1_Inner(nn.Module):
+    def __init__(self, config: TinyRecursiveReasoningModel_ACTV1Config) -> None:
+        super().__init__()
+        self.config = config
+        self.forward_dtype = getattr(torch, config.forward_dtype)
+
+        # Construction order matches TRM's, so one seed gives the same initial weights.
+        self.embed_scale = math.sqrt(config.hidden_size)
+        embed_init_std = 1.0 / self.embed_scale
+
+        self.embed_tokens = CastedEmbedding(
+            config.vocab_size, config.hidden_size, init_std=embed_init_std, cast_to=self.forward_dtype
+        )
+        self.lm_head = CastedLinear(config.hidden_size, config.vocab_size, bias=False)
+        self.q_head = CastedLinear(config.hidden_size, 2, bias=True)
+
+        self.puzzle_emb_len = _puzzle_prefix_len(config.puzzle_emb_len, config.puzzle_emb_ndim, config.hidden_size)
+        if config.puzzle_emb_ndim > 0:
+            # Zero init: a new puzzle starts with no identity signal.
+            self.puzzle_emb = CastedSparseEmbedding(
+                config.num_puzzle_identifiers,
+                config.puzzle_emb_ndim,
+                batch_size=config.batch_size,
+                init_std=0,
+                cast_to=self.forward_dtype,
+            )
+
+        total_len = config.seq_len + self.puzzle_emb_len
+        if config.pos_encodings == "rope":
+            self.rotary_emb = RotaryEmbedding(
+                dim=config.hidden_size // config.num_heads, max_position_embeddings=total_len, base=config.rope_theta
+            )
+        elif config.pos_encodings == "learned":
+            self.embed_pos = CastedEmbedding(
+                total_len, config.hidden_size, init_std=embed_init_std, cast_to=self.forward_dtype
+            )
+
+        self.L_level = TinyRecursiveReasoningModel_ACTV1ReasoningModule(
+            layers=[TinyRecursiveReasoningModel_ACTV1Block(config) for _ in range(config.L_layers)]
+        )
+
+        self.H_init = nn.Buffer(
+            trunc_normal_init_(torch.empty(config.hidden_size, dtype=self.forward_dtype), std=1), persistent=True
+        )
+        self.L_init = nn.Buffer(
+            trunc_normal_init_(torch.empty(config.hidden_size, dtype=self.forward_dtype), std=1), persistent=True
+        )
+
+        # Q head starts at "continue" (halt logit -5), so early training does not halt at once.
+        with torch.no_grad():
+            self.q_head.weight.zero_()
+            self.q_head.bias.fill_(-5)
+
+    def _input_embeddings(self, input: torch.Tensor, puzzle_identifiers: torch.Tensor) -> torch.Tensor:
+        embedding = self.embed_tokens(input.to(torch.int32))  # [B, S, d]
+
+        if self.puzzle_emb_len > 0:
+            width = self.puzzle_emb_len * self.config.hidden_size
+            if self.config.puzzle_emb_ndim > 0:
+                puzzle_embedding = self.puzzle_emb(puzzle_identifiers)  # [B, puzzle_emb_ndim]
+                pad_count = width - puzzle_embedding.shape[-1]
+                if pad_count > 0:
+                    puzzle_embedding = F.pad(puzzle_embedding, (0, pad_count))  # [B, P * d]
+            else:
+                puzzle_embedding = embedding.new_zeros(embedding.shape[0], width)  # [B, P * d]
+            puzzle_embedding = puzzle_embedding.view(-1, self.puzzle_emb_len, self.config.hidden_size)  # [B, P, d]
+            embedding = torch.cat((puzzle_embedding, embedding), dim=-2)  # [B, P + S, d]
+
+        if self.config.pos_encodings == "learned":
+            # Scale by 1/√2 to keep the sum of two unit-variance embeddings at unit variance.
+            embedding = 0.707106781 * (embedding + self.embed_pos.embedding_weight.to(self.forward_dtype))
+
+        return self.embed_scale * embedding
+
+    def empty_carry(self, batch_size: int, device=None) -> TinyRecursiveReasoningModel_ACTV1InnerCarry:
+        # Uninitialised on purpose: every row is halted at the start and gets reset before use.
+        shape = (batch_size, self.config.seq_len + self.puzzle_emb_len, self.config.hidden_size)
+        return TinyRecursiveReasoningModel_ACTV1InnerCarry(
+            z_H=torch.empty(shape, dtype=self.forward_dtype, device=device),
+            z_L=torch.empty(shape, dtype=self.forward_dtype, device=device),
+        )
+
+    def reset_carry(
+        self, reset_flag: torch.Tensor, carry: TinyRecursiveReasoningModel_ACTV1InnerCarry
+    ) -> TinyRecursiveReasoningModel_ACTV1InnerCarry:
+        flag = reset_flag.view(-1, 1, 1)  # [B, 1, 1]
+        return TinyRecursiveReasoningModel_ACTV1InnerCarry(
+            z_H=torch.where(flag, self.H_init, carry.z_H),
+            z_L=torch.where(flag, self.L_init, carry.z_L),
+        )
+
+    def _cycle(self, z_H: torch.Tensor, z_L: torch.Tensor, x: torch.Tensor, seq_info: dict):
+        """One recursion cycle: `L_cycles` latent updates from (answer + input), then one answer update."""
+        for _L_step in range(self.config.L_cycles):
+            z_L = self.L_level(z_L, z_H + x, **seq_info)
+        z_H = self.L_level(z_H, z_L, **seq_info)
+        return z_H, z_L
+
+    def forward(
+        self, carry: TinyRecursiveReasoningModel_ACTV1InnerCarry, batch: dict[str, torch.Tensor]
+    ) -> tuple[TinyRecursiveReasoningModel_ACTV1InnerCarry, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        seq_info = dict(cos_sin=self.rotary_emb() if hasattr(self, "rotary_emb") else None)
+
+        input_embeddings = self._input_embeddings(batch["inputs"], batch["puzzle_identifiers"])
+
+        # H_cycles - 1 cycles improve the states without gradient; the last one is differentiated in full.
+        z_H, z_L = carry.z_H, carry.z_L
+        with torch.no_grad():
+            for _H_step in range(self.config.H_cycles - 1):
+                z_H, z_L = self._cycle(z_H, z_L, input_embeddings, seq_info)
+        z_H, z_L = self._cycle(z_H, z_L, input_embeddings, seq_info)
+
+        new_carry = TinyRecursiveReasoningModel_ACTV1InnerCarry(z_H=z_H.detach(), z_L=z_L.detach())
+        output = self.lm_head(z_H)[:, self.puzzle_emb_len :]  # [B, S, V], drops the puzzle prefix
+        q_logits = self.q_head(z_H[:, 0]).to(torch.float32)  # [B, 2], from the first prefix row
+        return new_carry, output, (q_logits[..., 0], q_logits[..., 1])
+
+
+class TinyRecursiveReasoningModel_ACTV1(nn.Module):
+    """ACT wrapper: keeps the carry of every batch row, decides halting, and refills halted rows."""
+
+    def __init__(self, config_dict: dict):
+        super().__init__()
+        self.config = build_model_config(
+            TinyRecursiveReasoningModel_ACTV1Config, config_dict, "TinyRecursiveReasoningModel_ACTV1"
+        )
+        self.inner = TinyRecursiveReasoningModel_ACTV1_Inner(self.config)
+
+    @property
+    def puzzle_emb(self):
+        return self.inner.puzzle_emb
+
+    def initial_carry(self, batch: dict[str, torch.Tensor]) -> TinyRecursiveReasoningModel_ACTV1Carry:
+        batch_size = batch["inputs"].shape[0]
+        device = batch["inputs"].device
+        return TinyRecursiveReasoningModel_ACTV1Carry(
+            inner_carry=self.inner.empty_carry(batch_size, device=device),
+            steps=torch.zeros((batch_size,), dtype=torch.int32, device=device),
+            halted=torch.ones((batch_size,), dtype=torch.bool, device=device),  # all halted: load data on first step
+            current_data={k: torch.empty_like(v) for k, v in batch.items()},
+        )
+
+    def forward(
+        self, carry: TinyRecursiveReasoningModel_ACTV1Carry, batch: dict[str, torch.Tensor]
+    ) -> tuple[TinyRecursiveReasoningModel_ACTV1Carry, dict[str, torch.Tensor]]:
+        # Halted rows restart from the initial states with the next example of the batch.
+        new_inner_carry = self.inner.reset_carry(carry.halted, carry.inner_carry)
+        new_steps = torch.where(carry.halted, 0, carry.steps)
+        new_current_data = {
+            k: torch.where(carry.halted.view((-1,) + (1,) * (batch[k].ndim - 1)), batch[k], v)
+            for k, v in carry.current_data.items()
+        }
+
+        new_inner_carry, logits, (q_halt_logits, q_continue_logits) = self.inner(new_inner_carry, new_current_data)
+        outputs = {"logits": logits, "q_halt_logits": q_halt_logits, "q_continue_logits": q_continue_logits}
+
+        with torch.no_grad():
+            new_steps = new_steps + 1
+            is_last_step = new_steps >= self.config.halt_max_steps
+            halted = is_last_step
+
+            # Eval keeps every row running to halt_max_steps, so a batch finishes together.
+            if self.training and self.config.halt_max_steps > 1:
+                if self.config.no_ACT_continue:
+                    halted = halted | (q_halt_logits > 0)  # sigmoid(q_halt) > 1/2: "the answer is right"
+                else:
+                    halted = halted | (q_halt_logits > q_continue_logits)
+
+                # Exploration: with probability halt_exploration_prob a row must run at least
+                # U{2..halt_max_steps} steps before it may halt.
+                explore = torch.rand_like(q_halt_logits) < self.config.halt_exploration_prob
+                min_halt_steps = explore * torch.randint_like(new_steps, low=2, high=self.config.halt_max_steps + 1)
+                halted = halted & (new_steps >= min_halt_steps)
+
+                if not self.config.no_ACT_continue:
+                    # Q-learning target for "continue": the value of the next step, from a second inner
+                    # pass (no bootstrapping beyond the step limit, where only halting is possible).
+                    next_q_halt_logits, next_q_continue_logits = self.inner(new_inner_carry, new_current_data)[-1]
+                    outputs["target_q_continue"] = torch.sigmoid(
+                        torch.where(
+                            is_last_step, next_q_halt_logits, torch.maximum(next_q_halt_logits, next_q_continue_logits)
+                        )
+                    )
+
+        return TinyRecursiveReasoningModel_ACTV1Carry(new_inner_carry, new_steps, halted, new_current_data), outputs
