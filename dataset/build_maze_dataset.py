@@ -51,7 +51,7 @@ class MazeBuildConfig(BaseModel):
     output_dir: str = Field("data/maze-30x30-hard-1k", description="output dataset folder")
     subsample_size: int | None = Field(None, description="keep this many random train mazes")
     aug: bool = Field(False, description="add the 8 dihedral transforms of every train maze")
-    seed: int = Field(0, description="seed for the subsample")
+    seed: int = Field(0, ge=0, description="seed for the subsample")
 
 
 def build_split(split_dir: Path, q: np.ndarray, a: np.ndarray, side: int, aug: bool) -> int:

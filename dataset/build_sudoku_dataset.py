@@ -55,7 +55,7 @@ class SudokuBuildConfig(BaseModel):
     subsample_size: int | None = Field(None, description="keep this many random train puzzles")
     min_difficulty: int | None = Field(None, description="keep only puzzles with rating >= this")
     num_aug: int = Field(0, description="augmented copies per train puzzle")
-    seed: int = Field(0, description="seed for the subsample and the augmentations")
+    seed: int = Field(0, ge=0, description="seed for the subsample and the augmentations")
 
 
 def random_augmentations(rng: np.random.Generator, count: int) -> dict[str, np.ndarray]:

@@ -130,6 +130,7 @@ def _clean_stale(parent: Path, name: str) -> None:
 def staged_output(output_dir: str, output_entries: Sequence[str]) -> Iterator[Path]:
     """Yield an empty staging folder beside `output_dir`; on a normal exit it becomes `output_dir`."""
     target = Path(os.path.realpath(output_dir))  # a symlinked output folder: replace its target
+    output_dir = str(Path(output_dir))  # as messages name it ('' is '.')
     if target.exists() and not target.is_dir():
         raise ValueError(f"{output_dir}: exists and is not a folder")
     if target.is_dir():

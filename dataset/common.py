@@ -92,9 +92,11 @@ def load_metadata(split_dir: Path) -> PuzzleDatasetMetadata:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: dataset.json not found")
     try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        raw = json.loads(path.read_bytes())  # bytes: json detects UTF-8/16/32 itself
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: malformed JSON ({e})") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e.strerror or e})") from None
     try:
         meta = PuzzleDatasetMetadata.model_validate(raw)
     except Exception as e:  # pydantic.ValidationError: condense to the first offending field

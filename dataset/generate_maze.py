@@ -44,7 +44,7 @@ class GenerateMazeConfig(BaseModel):
     output_dir: str = Field("data/maze-generated", description="folder for train.csv and test.csv")
     num_train: int = Field(1000, description="mazes in train.csv")
     num_test: int = Field(1000, description="mazes in test.csv")
-    seed: int = Field(0, description="master seed; maze i of a split uses its own derived seed")
+    seed: int = Field(0, ge=0, description="master seed; maze i of a split uses its own derived seed")
     size: int = Field(30, description="side of the square grid")
     min_path_length: int = Field(101, description="minimum number of moves from S to G")
     loops: int = Field(8, description="extra openings between corridors (alternative routes)")

@@ -49,7 +49,7 @@ class GenerateSudokuConfig(BaseModel):
     output_dir: str = Field("data/sudoku-generated", description="folder for train.csv and test.csv")
     num_train: int = Field(1000, description="puzzles in train.csv")
     num_test: int = Field(1000, description="puzzles in test.csv")
-    seed: int = Field(0, description="master seed; puzzle i of a split uses its own derived seed")
+    seed: int = Field(0, ge=0, description="master seed; puzzle i of a split uses its own derived seed")
     min_rating: int = Field(1, description="minimum number of solver guesses (0 allows singles-only puzzles)")
     max_candidates: int = Field(100_000, description="give up on one puzzle after this many rejected candidates")
     num_workers: int = Field(2, description="generator processes")

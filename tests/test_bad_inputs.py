@@ -133,6 +133,14 @@ def edit_bytes(split, field, change):
     return edit
 
 
+def not_utf8_json(split):
+    def edit(data):
+        path = data / split / "dataset.json"
+        path.write_bytes(path.read_bytes().replace(b'"pad_id"', b'"pad_id\xff"'))
+
+    return edit
+
+
 def edit_meta(split, **values):
     return edit_json(split, lambda text: json.dumps({**json.loads(text), **values}))
 
@@ -328,6 +336,8 @@ CASES = [
     Case("empty_test_split", with_data(empty_split("test")), ("/test:", "the test split has no examples")),
     Case("missing_data_path", lambda root, world: pretrain_cmd(root / "nowhere", root), ("nowhere/train", "split folder not found")),
     Case("dataset_json_not_an_object", with_data(edit_json("train", lambda t: "[1, 2]")), ("train/dataset.json: expected a JSON object of metadata fields",)),
+    Case("dataset_json_not_utf8", with_data(not_utf8_json("test")),
+         ("test/dataset.json", "malformed JSON")),
     Case("pad_id_out_of_range", with_data(edit_meta("test", pad_id=6)),
          ("test/dataset.json", "field 'pad_id' must be in [0, vocab_size=6), got 6")),
     Case("sets_listed_twice", with_data(edit_meta("train", sets=["all", "all"])),
@@ -423,6 +433,8 @@ CASES = [
          ("argument --num-aug", "invalid int value: 'x'")),
     Case("builder_negative_num_aug", csv_builder("build_sudoku_dataset.py", [HEADER, GOOD_CSV_ROW], "--num-aug", "-1"),
          ("--num-aug must be >= 0, got -1",), no_output),
+    Case("builder_negative_seed", maze_builder([HEADER, GOOD_MAZE_ROW], "--seed", "-1"),
+         ("--seed: Input should be greater than or equal to 0",), no_output),
     Case("builder_zero_subsample", maze_builder([HEADER, GOOD_MAZE_ROW], "--subsample-size", "0"),
          ("--subsample-size must be positive, got 0",), no_output),
     Case("generator_empty_split", generator("--num-train", "2", "--num-test", "0"),

@@ -274,6 +274,12 @@ def test_inconsistent_dataset_json(tmp_path):
     path.write_text("{not json")
     with pytest.raises(ValueError, match=r"dataset\.json: malformed JSON"):
         loader(tmp_path, batch=2)
+    path.write_bytes(b'{"pad_id": \xff}')  # not UTF-8
+    with pytest.raises(ValueError, match=r"dataset\.json: malformed JSON"):
+        loader(tmp_path, batch=2)
+    path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"dataset\.json: expected a JSON object of metadata fields"):
+        loader(tmp_path, batch=2)
 
 
 def test_mismatched_array_lengths(tmp_path):
