@@ -9,12 +9,23 @@ Design choices:
   module) and our train-state files; the step comes from a `step_N` name (0 otherwise) or from the
   train state. A checkpoint that does not fit the configured model is a one-line error naming the key.
   A train state of an `ema` run is evaluated with its averaged parameters, as its `step_N` files are.
+- Reads TRM's run folders as TRM writes them: its all_config.yaml (`data_paths`, `evaluators`, ...),
+  its `_orig_mod.`-prefixed `step_N` files, its datasets (`total_puzzles` in dataset.json).
 - `eval_halting=fixed|learned` overrides the run's setting (README "Research options").
-- Evaluation itself is utils/evaluation.py's, the same as training's (SPEC §6); outputs are saved per rank as
-  `step_{N}_all_preds.{rank}` beside the checkpoint. When the dataset's identifiers are ARC
-  variants (`<id>_t<k>_<perm>`), rank 0 then scores them (utils/arc_scoring) and prints pass@K.
+- Inference-time compute: `arch.<key>=value` overrides the run's model config for this evaluation
+  (e.g. `arch.halt_max_steps=64`: more ACT steps than in training); `step_accuracy=true` also reports
+  token and exact accuracy after each ACT step (utils/visualize.py's `act_step_accuracy`), so one sees
+  where more steps stop helping.
+- `puzzle_identifiers=blank|shuffled` feeds the model every test example with the blank identifier, or
+  with another puzzle's (a fixed random permutation of the identifiers), to measure how much the model
+  leans on its puzzle embedding; scoring still uses the true identifiers.
+- Evaluation itself is utils/evaluation.py's, the same as training's (SPEC §6); outputs are saved per
+  rank as `step_{N}_all_preds.{rank}` beside the checkpoint. The run's evaluators run too (by default
+  the ARC evaluator, left out with a notice where the dataset is not ARC): ARC/pass@K by the ARC
+  Prize's rule and a submission.json in `evaluator_ARC_step_{N}/`.
 """
 
+import json
 import os
 import sys
 from typing import Any, Literal, Optional
@@ -27,11 +38,10 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from utils import arc_scoring
 from utils import checkpointing as ckpt
-from utils.build import create_dataloader, create_model, print_backends, use_compile
+from utils.build import create_dataloader, create_evaluators, create_model, print_backends, use_compile
 from utils.cli import bad_input_exits, run_hydra_entry
-from utils.config import PretrainConfig, config_from_dict, format_validation_error
+from utils.config import EvaluatorConfig, PretrainConfig, config_from_dict, format_validation_error, test_data_paths
 from utils.distributed import DistInfo, distributed_context
 from utils.evaluation import evaluate, flatten_eval_metrics
 from utils.train_state import TrainState, read_checkpoint
@@ -49,6 +59,10 @@ class EvalConfig(BaseModel):
     compile: Optional[bool] = False  # compiling costs more than it saves for a single evaluation pass
     dist_timeout_s: float = 600.0  # process-group timeout under torchrun (README "Reliability")
     eval_halting: Optional[Literal["fixed", "learned"]] = None  # None: the run's own setting
+    arch: dict[str, Any] = {}  # overrides of the run's model config, e.g. halt_max_steps=64
+    step_accuracy: bool = False  # also report accuracy after each ACT step
+    puzzle_identifiers: Literal["as_is", "blank", "shuffled"] = "as_is"  # what the model is fed
+    evaluators: Optional[list[dict[str, Any]]] = None  # None: the run's, else the ARC evaluator; [] for none
 
 
 ConfigStore.instance().store(
@@ -103,26 +117,39 @@ def build_config(eval_cfg: EvalConfig, saved: Optional[dict[str, Any]]) -> Pretr
         "compile": eval_cfg.compile,
         "resume": None,
     }
-    if eval_cfg.data_path is not None:
-        update["data_path"] = eval_cfg.data_path
+    if eval_cfg.data_path is not None:  # the dataset moved: evaluate it there
+        update.update(data_path=eval_cfg.data_path, data_paths=[], data_paths_test=[])
     if eval_cfg.eval_halting is not None:
         update["eval_halting"] = eval_cfg.eval_halting
+    if eval_cfg.arch:
+        update["arch"] = config.arch.model_copy(update=dict(eval_cfg.arch))
+    if eval_cfg.evaluators is not None:
+        update["evaluators"] = [EvaluatorConfig(**spec) for spec in eval_cfg.evaluators]
+    elif not config.evaluators:  # a run without evaluators (the reference's config): ARC where it applies
+        update["evaluators"] = [EvaluatorConfig(name="arc@ARC")]
     return config.model_copy(update=update)
 
 
-def score_arc_outputs(config: PretrainConfig, step: int, world_size: int) -> Optional[arc_scoring.ArcScore]:
-    """pass@K over every rank's saved outputs, when the dataset is ARC and the needed outputs were saved."""
-    saved = set(config.eval_save_outputs)
-    if not {"inputs", "labels", "puzzle_identifiers", "q_halt_logits"} <= saved or not {"logits", "preds"} & saved:
-        return None
-    if not os.path.isfile(os.path.join(config.data_path, "identifiers.json")):
-        return None
-    names = arc_scoring.load_identifier_names(config.data_path)
-    if not arc_scoring.is_arc_dataset(names):
-        return None
-    assert config.checkpoint_path is not None
-    files = [os.path.join(config.checkpoint_path, f"step_{step}_all_preds.{r}") for r in range(world_size)]
-    return arc_scoring.score_predictions(arc_scoring.load_prediction_files(files), names)
+def step_accuracy(state: TrainState, loader, info: DistInfo) -> dict[str, Any]:
+    """Token and exact accuracy after each ACT step over the test split, summed over ranks."""
+    from utils.visualize import act_step_accuracy
+
+    local = act_step_accuracy(state.model, loader, device=info.device)
+    sums = torch.tensor(
+        [local["count"], *(a * local["count"] for a in local["accuracy"] + local["exact_accuracy"])],
+        dtype=torch.float64,
+        device=info.device,
+    )
+    if info.world_size > 1:  # every rank runs the same number of steps (eval halts at halt_max_steps)
+        dist.all_reduce(sums)
+    count, values = sums[0].item(), sums[1:].tolist()
+    steps = len(local["steps"])
+    return {
+        "steps": local["steps"],
+        "accuracy": [v / count for v in values[:steps]],
+        "exact_accuracy": [v / count for v in values[steps:]],
+        "count": int(count),
+    }
 
 
 def evaluate_checkpoint(eval_cfg: EvalConfig, info: DistInfo) -> Optional[dict[str, Any]]:
@@ -139,20 +166,27 @@ def evaluate_checkpoint(eval_cfg: EvalConfig, info: DistInfo) -> Optional[dict[s
     forward = torch.compile(head, dynamic=False) if use_compile(config, info.device) else head
     state = TrainState(model=head, forward=forward, optimizers=[], optimizer_lrs=[], total_steps=0, step=step)
     head.eval()
+    evaluators = create_evaluators(config, eval_dataset.metadata, info)
 
     if info.is_main:
-        print(f"evaluating {eval_cfg.checkpoint} (step {step}) on {config.data_path}", file=sys.stderr)
-    results = evaluate(config, state, eval_loader, eval_dataset.metadata, info)
-    if info.world_size > 1:
-        dist.barrier()  # every rank's outputs are on disk before rank 0 scores them
+        where = ", ".join(test_data_paths(config))
+        print(f"evaluating {eval_cfg.checkpoint} (step {step}) on {where}", file=sys.stderr)
+    results = evaluate(
+        config, state, eval_loader, eval_dataset.metadata, info, evaluators, identifiers=eval_cfg.puzzle_identifiers
+    )
+    per_step = step_accuracy(state, eval_loader, info) if eval_cfg.step_accuracy else None
     if not info.is_main or results is None:
         return None
-    arc = score_arc_outputs(config, step, info.world_size)
     for key, value in flatten_eval_metrics(results).items():
         print(f"{key}: {value:.6g}")
-    if arc is not None:
-        print(arc_scoring.format_table(arc))
-    return {"metrics": results, "arc": arc}
+    if per_step is not None:
+        print("ACT step  token accuracy  exact accuracy")
+        for s, tok, exact in zip(per_step["steps"], per_step["accuracy"], per_step["exact_accuracy"]):
+            print(f"{s:8d}  {100 * tok:13.2f}%  {100 * exact:13.2f}%")
+        path = os.path.join(config.checkpoint_path or ".", f"step_{step}_step_accuracy.json")
+        ckpt.atomic_write(path, lambda f: json.dump(per_step, f), mode="w")
+        print(f"per-step accuracy: {path}", file=sys.stderr)
+    return {"metrics": results, "step_accuracy": per_step}
 
 
 @hydra.main(config_path=None, config_name="cfg_eval", version_base=None)
@@ -164,4 +198,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    run_hydra_entry(main, EvalConfig.model_fields)  # every key is listed in its registered schema
+    # Every key is listed in its registered schema; `arch.<key>=` overrides add to its empty `arch`.
+    run_hydra_entry(main, EvalConfig.model_fields, open_sections=("arch",))

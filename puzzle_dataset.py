@@ -171,12 +171,10 @@ class PuzzleDataset(IterableDataset):
                 validate_token_ids(split_dir, set_name, meta, arrays)
         counts = [sum(a["puzzle_identifiers"].size for a in sets.values()) for sets in opened]
         self.metadata: PuzzleDatasetMetadata = merge_metadata(self.source_metadata, counts, self.split_dirs)
-        for split_dir, meta, offset in zip(self.split_dirs, self.source_metadata, offsets):
-            if offset + meta.num_puzzle_identifiers > self.metadata.num_puzzle_identifiers:
-                raise ValueError(
-                    f"{split_dir}: identifier offset {offset} puts its identifiers past the "
-                    f"{self.metadata.num_puzzle_identifiers} of the datasets loaded together"
-                )
+        # Shifted identifiers (a test dataset shifted as in training) must fit the identifier count.
+        reach = max(o + m.num_puzzle_identifiers for o, m in zip(offsets, self.source_metadata))
+        if reach > self.metadata.num_puzzle_identifiers:
+            self.metadata = self.metadata.model_copy(update={"num_puzzle_identifiers": reach})
         del opened  # unmap: the worker opens its own
         self._data: dict[str, dict[str, np.ndarray]] | None = None
         self._iters = 0  # train iterations started so far, counted per set (the Philox seed offset)

@@ -51,6 +51,7 @@ def make_tiny_dataset(root: Path, *, num_groups: int = 6, aug_per_group: int = 2
             num_puzzle_identifiers=len(names),  # both splits share the train split's identifier space
             total_groups=groups,
             mean_puzzle_examples=1.0,
+            total_puzzles=len(arrays["puzzle_identifiers"]),
             sets=["all"],
         )
         write_split(root / name, meta, {"all": arrays})

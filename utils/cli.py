@@ -83,16 +83,21 @@ def bad_input_exits() -> Iterator[None]:
         sys.exit(status)
 
 
-def normalize_overrides(argv: list[str], listed: Iterable[str], fields: Iterable[str] = ()) -> list[str]:
+def normalize_overrides(
+    argv: list[str], listed: Iterable[str], fields: Iterable[str] = (), open_sections: Iterable[str] = ()
+) -> list[str]:
     """Top-level overrides: `+key=value` → `key=value` for a key the YAML lists; `key=value` → `+key=value`
-    for a key of the typed config (`fields`) the YAML does not list (see module docstring)."""
-    listed, fields = set(listed), set(fields)
+    for a key of the typed config (`fields`) the YAML does not list (see module docstring). Keys under an
+    `open_sections` entry (`arch.halt_max_steps=64` for evaluate.py, whose `arch` starts empty) get `++`."""
+    listed, fields, open_sections = set(listed), set(fields), tuple(f"{s}." for s in open_sections)
     out = []
     for arg in argv:
         if "=" in arg and not arg.startswith(("++", "~")):
             plus = arg.startswith("+")
             key = arg.removeprefix("+").split("=", 1)[0]
-            if plus and key in listed:
+            if key.startswith(open_sections):
+                arg = "++" + arg.removeprefix("+")
+            elif plus and key in listed:
                 arg = arg[1:]
             elif not plus and key in fields and key not in listed:
                 arg = "+" + arg
@@ -100,10 +105,12 @@ def normalize_overrides(argv: list[str], listed: Iterable[str], fields: Iterable
     return out
 
 
-def run_hydra_entry(entry: Callable[[], None], listed: Iterable[str] = (), fields: Iterable[str] = ()) -> None:
+def run_hydra_entry(
+    entry: Callable[[], None], listed: Iterable[str] = (), fields: Iterable[str] = (), open_sections: Iterable[str] = ()
+) -> None:
     """Run a Hydra entry point with one-line composition errors (the entry handles its own errors)."""
     # Let composition errors propagate to us instead of Hydra printing them over several lines.
     os.environ["HYDRA_FULL_ERROR"] = "1"
-    sys.argv[1:] = normalize_overrides(sys.argv[1:], listed, fields)
+    sys.argv[1:] = normalize_overrides(sys.argv[1:], listed, fields, open_sections)
     with bad_input_exits():
         entry()

@@ -87,8 +87,8 @@ def eval_batch_learned_halting(
     info: DistInfo,
     return_keys: Sequence[str] | None = None,
 ):
-    """`eval_halting: learned`: each row stops at its first step with q_halt > q_continue (or at the model's own
-    halt); like `eval_batch`, returns (batch, metrics, outputs), all taken at each row's stopping step.
+    """`eval_halting: learned`: each row stops at its first step with q_halt > q_continue (q_halt > 0 for TRM
+    with `no_ACT_continue`, its training rule), or at the model's own halt; like `eval_batch`, returns (batch, metrics, outputs), all taken at each row's stopping step.
 
     An ACT model in eval mode keeps every row running to halt_max_steps (lockstep batches), so the model
     is left as it is: after each step the outputs of rows stopping now are frozen, and their step is
@@ -100,6 +100,7 @@ def eval_batch_learned_halting(
 
     return_keys = list(config.eval_save_outputs if return_keys is None else return_keys)
     keys = sorted(set(return_keys) | {"logits", "q_halt_logits", "q_continue_logits"})
+    halt_alone = bool(getattr(getattr(state.model.model, "config", None), "no_ACT_continue", False))
     with torch.inference_mode():
         batch = {k: v.to(info.device, non_blocking=True) for k, v in batch.items()}
         with torch.device(info.device):
@@ -108,7 +109,9 @@ def eval_batch_learned_halting(
         while True:
             carry, _, metrics, outputs, all_halted = state.call(carry, batch, keys)
             stop = carry.halted
-            if "q_continue_logits" in outputs:
+            if halt_alone:  # TRM's no_ACT_continue: its training halts on q_halt > 0 (q_continue is untrained)
+                stop = stop | (outputs["q_halt_logits"] > 0)
+            elif "q_continue_logits" in outputs:
                 stop = stop | (outputs["q_halt_logits"] > outputs["q_continue_logits"])
             if not frozen:  # first step: every row's outputs, replaced below for rows stopping later
                 frozen, stop_steps, stopped = dict(outputs), carry.steps.clone(), stop
@@ -139,6 +142,22 @@ def dataset_identifiers(batch: dict[str, torch.Tensor], offset: int, blank: int)
     return {**batch, "puzzle_identifiers": torch.where(ids == blank, ids, ids - offset)}
 
 
+def identifier_feed(mode: str, metadata: Any, seed: int):
+    """What the model is fed as puzzle identifiers: `as_is` (None), `blank` (every row the blank id), or
+    `shuffled` (a fixed random permutation of the non-blank ids, so each puzzle gets another one's row)."""
+    if mode == "as_is":
+        return None
+    blank = metadata.blank_identifier_id
+    if mode == "blank":
+        return lambda ids: torch.full_like(ids, blank)
+    if mode != "shuffled":
+        raise ValueError(f"puzzle identifiers: expected as_is, blank or shuffled, got {mode!r}")
+    others = torch.tensor([i for i in range(metadata.num_puzzle_identifiers) if i != blank], dtype=torch.long)
+    table = torch.arange(metadata.num_puzzle_identifiers)
+    table[others] = others[torch.randperm(others.numel(), generator=torch.Generator().manual_seed(seed))]
+    return lambda ids: table.to(ids.device)[ids.long()].to(ids.dtype)
+
+
 def evaluate(
     config: PretrainConfig,
     state: TrainState,
@@ -146,12 +165,15 @@ def evaluate(
     metadata: Any,
     info: DistInfo,
     evaluators: Sequence[tuple[int, Any]] = (),
+    identifiers: str = "as_is",
 ):
     """Run every test batch to the end of its ACT steps; per-set metrics (divided by count) on rank 0.
 
     `evaluators`: (test dataset index, evaluator) pairs, see the module docstring; their results join the
-    per-set metrics on rank 0.
+    per-set metrics on rank 0. `identifiers`: what the model is fed as puzzle identifiers
+    (`identifier_feed`); saved outputs and evaluators keep the true ones.
     """
+    feed = identifier_feed(identifiers, metadata, config.seed)
     set_ids = {name: i for i, name in enumerate(metadata.sets)}
     sources = getattr(loader.dataset, "set_sources", None) or {name: (0, name, 0) for name in metadata.sets}
     save_keys = set(config.eval_save_outputs)
@@ -163,7 +185,12 @@ def evaluate(
     metric_sums: torch.Tensor | None = None
     with torch.inference_mode():
         for set_name, batch, _global_size in tqdm(loader, desc="eval", disable=not info.is_main, leave=False):
+            true_ids = batch["puzzle_identifiers"]
+            if feed is not None:
+                batch = {**batch, "puzzle_identifiers": feed(true_ids)}
             batch, metrics, preds = eval_batch(config, state, batch, info, return_keys)
+            if feed is not None:
+                batch = {**batch, "puzzle_identifiers": true_ids.to(info.device)}
             for collection in (batch, preds):
                 for k, v in collection.items():
                     if k in save_keys:
