@@ -32,7 +32,9 @@ ARC Prize mode (`--input-file-prefix P --subsets ... --test-set-name T`, TRM's b
   a (row, column) offset for each other example. Pairs keep their JSON key order (the ARC Prize
   files list "test" before "train", so a training puzzle's test pairs come first), variant names
   are `{id}|||t{tid}|||{colour map digits}`, identifiers count from `--puzzle-identifiers-start`
-  in order of first appearance over the train split, then the test split.
+  in order of first appearance over the train split, then the test split. (TRM's builder takes
+  the split order from a Python set: when the first subset is a test subset, its output depends
+  on PYTHONHASHSEED if a test task has several test inputs; otherwise it is train first, as here.)
 - Unlike TRM's builder, which holds every encoded example in Python lists (tens of GB for 1000
   augmentations), this one keeps only the plan (transform and colour map per variant) and
   streams each split to its .npy files, encoding all variants of a puzzle at once from
@@ -127,6 +129,17 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
+def read_json(path: Path, what: str):
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {what} not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: malformed JSON ({e})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
 def parse_grid(value, where: str) -> np.ndarray:
     if not isinstance(value, list) or not value or not all(isinstance(row, list) for row in value):
         raise ValueError(f"{where}: grid must be a non-empty list of rows")
@@ -139,7 +152,7 @@ def parse_grid(value, where: str) -> np.ndarray:
         arr = np.array(value)
     except (TypeError, ValueError):
         arr = None
-    if arr is None or arr.dtype.kind not in "iu":  # floats, booleans, strings, nested lists
+    if arr is None or arr.dtype.kind not in "iu" or arr.ndim != 2:  # floats, booleans, strings, nested lists
         raise ValueError(f"{where}: cells must be integers")
     if arr.min() < 0 or arr.max() > 9:
         bad = np.argwhere((arr < 0) | (arr > 9))[0]
@@ -240,10 +253,7 @@ class Puzzle:
 
 def load_puzzle(path: Path, test_split: str) -> Puzzle:
     """Parse one puzzle file; its test pairs go to `test_split`."""
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: malformed JSON ({e})") from None
+    raw = read_json(path, "puzzle file")
     if not isinstance(raw, dict) or not isinstance(raw.get("train"), list) or not isinstance(raw.get("test"), list):
         raise ValueError(f"{path}: expected an object with lists 'train' and 'test'")
     examples: dict[str, list[Example]] = {"train": parse_pairs(raw["train"], str(path), "train"), "test": []}
@@ -390,7 +400,7 @@ def build_from_folders(config: ArcBuildConfig) -> None:
 
     for split in SPLITS:
         if not any(p.examples[split] for p in puzzles):
-            print(f"{split}: no puzzles (no 'evaluation' sub-folder), split not written")
+            print(f"{split}: no pairs (test pairs come from 'evaluation' sub-folders), split not written")
             continue
         split_dir, arrays, groups = write_split_arrays(output_dir, split, puzzles, identifier_of, config.seed)
         write_metadata(split_dir, arrays, len(names), groups)
@@ -409,7 +419,6 @@ def build_from_folders(config: ArcBuildConfig) -> None:
 @dataclass
 class PrizePuzzle:
     name: str
-    where: str  # "<challenges file>: puzzle '<id>'" for messages
     pairs: dict[str, list[Example]]  # split -> pairs, in the puzzle's JSON key order
     tids: np.ndarray = field(default_factory=lambda: np.zeros(1, np.uint8))  # [variants] dihedral ids, original first
     maps: np.ndarray = field(default_factory=lambda: IDENTITY_MAP[None])  # [variants, 10] colour maps
@@ -419,17 +428,6 @@ class PrizePuzzle:
         for tid, colour_map in zip(self.tids[1:].tolist(), self.maps[1:].tolist()):
             names.append(f"{self.name}{TRM_SEPARATOR}t{tid}{TRM_SEPARATOR}{''.join(map(str, colour_map))}")
         return names
-
-
-def read_json(path: Path, what: str):
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: {what} not found")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: malformed JSON ({e})") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def load_prize_subset(prefix: str, subset: str, is_test: bool) -> tuple[list[tuple[str, dict]], list[PrizePuzzle]]:
@@ -482,7 +480,7 @@ def load_prize_subset(prefix: str, subset: str, is_test: bool) -> tuple[list[tup
             raise ValueError(f"{where}: no demonstration pairs in test subset '{subset}'")
         if not is_test and not pairs["train"]:
             raise ValueError(f"{where}: no pairs, the puzzle contributes nothing")
-        parsed.append(PrizePuzzle(name=str(pid), where=where, pairs=pairs))
+        parsed.append(PrizePuzzle(name=str(pid), pairs=pairs))
     return list(raw.items()), parsed
 
 

@@ -42,6 +42,7 @@ PASS_KS = (1, 2, 5, 10, 100, 1000)
 NOTEBOOK_PASS_KS = (1, 2, 10, 100, 1000)  # the notebook's K list (SPEC §7), kept by `score_predictions`
 RULES = ("official", "notebook")
 SUBMISSION_K = 2  # attempts per test input in the ARC Prize format
+ROWS_PER_CHUNK = 8192  # saved rows voted at once
 GRID_SIZE = 30
 COLOUR_OFFSET = 2  # token = colour + 2 (PAD 0, EOS 1)
 NUM_COLOURS = 10
@@ -365,7 +366,9 @@ def add_outputs(votes: Votes, outputs: dict[str, np.ndarray], where: str) -> Non
     lacking = [k for k in needed if k not in outputs] + ([] if "preds" in outputs else ["logits or preds"])
     if lacking:
         raise ValueError(f"{where}: ARC scoring needs saved {', '.join(lacking)} (have: {', '.join(sorted(outputs))})")
-    votes.add(outputs["puzzle_identifiers"], outputs["inputs"], outputs["preds"], outputs["q_halt_logits"])
+    for start in range(0, len(outputs["inputs"]), ROWS_PER_CHUNK):  # bounds the cropping temporaries
+        rows = slice(start, start + ROWS_PER_CHUNK)
+        votes.add(*(outputs[k][rows] for k in ("puzzle_identifiers", "inputs", "preds", "q_halt_logits")))
 
 
 def score_prediction_files(
