@@ -115,7 +115,6 @@ class Votes:
         self.names = identifier_names
         self.blank_identifier_id = blank_identifier_id
         self.entries: dict[str, dict[bytes, list[tuple[bytes, float]]]] = {}
-        self.count = 0
         self._variants: dict[int, tuple[str, int, np.ndarray]] = {}  # identifier -> (task, tid, inverse colour map)
 
     def _variant(self, identifier: int) -> tuple[str, int, np.ndarray]:
@@ -145,7 +144,6 @@ class Votes:
                 grid = (tokens.reshape(grid_size, grid_size)[:h, :w] - COLOUR_OFFSET).astype(np.uint8)
                 answers.append(grid_key(inverse_map[inverse_dihedral_transform(grid, tid)]))
             self.entries.setdefault(base, {}).setdefault(answers[0], []).append((answers[1], float(q[row])))
-        self.count += len(ids)
 
 
 def rank_answers(entries_per_rank: Sequence[dict], task: str, input_key: bytes) -> list[tuple[bytes, list]]:
@@ -415,7 +413,7 @@ def score_predictions(
     votes = Votes(identifier_names, blank_identifier_id)
     add_outputs(votes, outputs, "saved outputs")
     truth = Votes(identifier_names, blank_identifier_id)  # the labels, voted once each, give the answer keys
-    truth.add(outputs["puzzle_identifiers"], outputs["inputs"], outputs["labels"], outputs["q_halt_logits"])
+    add_outputs(truth, {**outputs, "preds": outputs["labels"]}, "saved outputs")
     tasks: TestTasks = {}
     for task, inputs in truth.entries.items():
         tasks[task] = []
