@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED_RAW_DATA = REPO_ROOT.parent / "shared" / "data" / "raw-data"
+# HRM_RAW_DATA points elsewhere, e.g. from a git worktree whose parent folder has no shared/
+SHARED_RAW_DATA = Path(os.environ.get("HRM_RAW_DATA", REPO_ROOT.parent / "shared" / "data" / "raw-data"))
 
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))

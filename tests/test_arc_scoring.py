@@ -1,13 +1,38 @@
-"""ARC scoring on synthetic predictions whose pass@K is known by construction."""
+"""ARC scoring: crop, undo augmentation, voting, both rules, submission.json, the command line.
+
+Synthetic predictions whose pass@K is known by construction, end-to-end runs on real puzzles
+(predictions equal to the labels must give back the real solutions), and golden values from
+TRM's evaluator (TinyRecursiveModels e7b6871, evaluators/arc.py): its pass@K and the sha256 of
+the submission.json it writes for the predictions of `synthetic_rank_files` on the datasets of
+tests/test_build_arc_prize.py's golden cases A and B. To regenerate, save those files, feed
+each rank's rows in batches of 64 to one TRM `ARC` object per rank (its `gather_object` handed
+the ranks' states in rank order) and call `result` on rank 0's.
+"""
+
+import hashlib
+import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
+from dataset.build_arc_dataset import ArcBuildConfig
+from dataset.build_arc_dataset import main as build_main
+from dataset.cli import run_cli
+from tests.test_build_arc_prize import GOLDEN, GOLDEN_PICKS, prize_files
 from utils import arc_scoring
-from utils.arc_scoring import crop, format_table, parse_identifier, score_predictions
+from utils.arc_scoring import (
+    crop,
+    crop_shapes,
+    format_table,
+    parse_identifier,
+    score_prediction_files,
+    score_predictions,
+)
 
 PAD, EOS = 0, 1
+OFFICIAL_KEYS = [f"ARC/pass@{k}" for k in (1, 2, 5, 10, 100, 1000)]
 
 
 def encode(grid: np.ndarray) -> np.ndarray:
@@ -64,14 +89,45 @@ def test_crop_hand_example():
     assert crop(np.zeros(900, dtype=np.int64)).shape == (0, 0)
 
 
-def test_parse_identifier():
-    base, tid, mapping = parse_identifier(f"abc123_t7_{perm_name(PERM_A)}")
-    assert (base, tid) == ("abc123", 7)
-    np.testing.assert_array_equal(mapping, PERM_A)
+def scan_crop_shape(canvas):
+    """The crop rule as a scan (TRM's `_crop`): rows top-down, the width shrinking to the row's colour run."""
+    grid = canvas.reshape(30, 30)
+    best, best_shape, width = 0, (0, 0), 30
+    for rows in range(1, 31):
+        for c in range(width):
+            if not 2 <= grid[rows - 1, c] <= 11:
+                width = c
+                break
+        if rows * width > best:
+            best, best_shape = rows * width, (rows, width)
+    return best_shape
+
+
+def test_crop_shapes_equal_the_scan():
+    rng = np.random.default_rng(0)
+    canvases = []
+    for i in range(300):  # grids with EOS borders, random holes, random tokens, full canvases
+        canvas = encode(rng.integers(0, 10, size=(rng.integers(1, 31), rng.integers(1, 31)))).copy()
+        holes = rng.integers(0, 900, size=i % 4)
+        canvas[holes] = rng.integers(0, 2, size=holes.size)
+        canvases.append(canvas if i % 7 else rng.integers(0, 12, 900))
+    canvases.append(np.full(900, 5))
+    shapes = crop_shapes(np.stack(canvases))
+    assert [tuple(s) for s in shapes.tolist()] == [scan_crop_shape(c) for c in canvases]
+
+
+def test_parse_identifier_both_styles():
+    for name in (f"abc123_t7_{perm_name(PERM_A)}", f"abc123|||t7|||{perm_name(PERM_A)}"):
+        base, tid, mapping = parse_identifier(name)
+        assert (base, tid) == ("abc123", 7)
+        np.testing.assert_array_equal(mapping, PERM_A)
     base, tid, mapping = parse_identifier("abc123")
     assert (base, tid) == ("abc123", 0) and mapping.tolist() == list(range(10))
+    assert parse_identifier(f"Copy_t1|||t3|||{perm_name(PERM_B)}")[:2] == ("Copy_t1", 3)
     with pytest.raises(ValueError, match="not a permutation"):
         parse_identifier("abc_t1_0123456788")
+    assert arc_scoring.is_arc_dataset(["<blank>", "a", f"a|||t1|||{perm_name(PERM_B)}"])
+    assert not arc_scoring.is_arc_dataset(["<blank>", "a", "b"])
 
 
 @pytest.mark.parametrize("tid", [1, 3, 6, 7])
@@ -81,15 +137,26 @@ def test_undo_augmentation_inverts_each_transform(tid):
 
 
 def build_outputs():
-    """Two puzzles. p1: one test input; its truth gets 2 votes, a wrong answer 3 → solved at K=2, not 1.
+    """(outputs, identifier names) of `build_outputs_and_tasks` (tests/test_evaluate.py uses them)."""
+    return build_outputs_and_tasks()[:2]
+
+
+def build_outputs_and_tasks(style="hrm"):
+    """Three puzzles. p1: one test input; its truth gets 2 votes, a wrong answer 3 → solved at K=2, not 1.
     p2: two test inputs; the first is right at the top, the second's truth never appears → never solved.
-    p3: one test input; two answers tie on votes (2 each), the truth has the higher mean q_halt → solved at 1."""
+    p3: one test input; two answers tie on votes (2 each), the truth has the higher mean q_halt → solved at 1.
+    Returns (outputs, identifier names, test tasks as test_puzzles.json holds them)."""
     names = ["<blank>"]
     rows = []  # (identifier, input grid, label grid, predicted grid, q_halt logit), all augmented
+    tasks = {}
 
     def add_variants(base, tid_perms, test_in, test_out, answers):
+        tasks.setdefault(base, {"train": [], "test": []})["test"].append(
+            {"input": test_in.tolist(), "output": test_out.tolist()}
+        )
         for (tid, perm), (answer, q) in zip(tid_perms, answers):
-            name = base if tid is None else f"{base}_t{tid}_{perm_name(perm)}"
+            suffix = f"_t{tid}_{perm_name(perm)}" if style == "hrm" else f"|||t{tid}|||{perm_name(perm)}"
+            name = base if tid is None else base + suffix
             if name not in names:
                 names.append(name)
             t, p = (0, np.arange(10)) if tid is None else (tid, perm)
@@ -125,10 +192,23 @@ def build_outputs():
     # A padding row of the last batch (blank identifier) must be ignored.
     for key in outputs:
         outputs[key] = np.concatenate([outputs[key], np.zeros_like(outputs[key][:1])])
-    return outputs, names
+    return outputs, names, tasks
 
 
-def test_score_known_answers():
+def save_rank_files(folder, outputs, ranks=2, logits_on=()):
+    """Split rows over `ranks` files step_5_all_preds.{rank}; ranks in `logits_on` save one-hot logits."""
+    bounds = np.linspace(0, len(outputs["inputs"]), ranks + 1).astype(int)
+    files = []
+    for rank in range(ranks):
+        part = {k: np.ascontiguousarray(v[bounds[rank] : bounds[rank + 1]]) for k, v in outputs.items()}
+        if rank in logits_on:
+            part["logits"] = np.eye(12, dtype=np.float32)[part.pop("preds")]
+        files.append(folder / f"step_5_all_preds.{rank}")
+        torch.save({k: torch.from_numpy(v) for k, v in part.items()}, files[-1])
+    return [str(f) for f in files]
+
+
+def test_score_known_answers_notebook_rule_from_labels():
     outputs, names = build_outputs()
     score = score_predictions(outputs, names)
     assert score.num_puzzles == 3
@@ -149,32 +229,194 @@ def test_tie_broken_by_q_halt():
     assert score_predictions(outputs, names).solved_at[1] == 0
 
 
-def test_cli_reads_rank_files_with_logits(tmp_path, capsys):
-    outputs, names = build_outputs()
-    logits = np.eye(12, dtype=np.float32)[outputs.pop("preds")]  # one-hot logits, argmax = the prediction
-    outputs["logits"] = logits
-    half = len(outputs["inputs"]) // 2
-    for rank, sl in enumerate([slice(0, half), slice(half, None)]):
-        torch.save(
-            {k: torch.from_numpy(np.ascontiguousarray(v[sl])) for k, v in outputs.items()},
-            tmp_path / f"step_5_all_preds.{rank}",
-        )
-    (tmp_path / "identifiers.json").write_text(__import__("json").dumps(names))
-    files = [str(tmp_path / f"step_5_all_preds.{r}") for r in (1, 0)]  # any order
-    assert arc_scoring.main(["--predictions", *files, "--data-path", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert "3 puzzles" in out and "33.33%" in out
-
-
-def test_cli_missing_identifiers(tmp_path, capsys):
-    torch.save({"inputs": torch.zeros(1, 900)}, tmp_path / "p.0")
-    assert arc_scoring.main(["--predictions", str(tmp_path / "p.0"), "--data-path", str(tmp_path / "nope")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: identifiers.json not found") and "\n" not in err
-
-
 def test_inconsistent_labels_rejected():
     outputs, names = build_outputs()
     outputs["labels"][1] = outputs["labels"][0]  # variant 1 of p1 now claims the un-rotated answer
     with pytest.raises(ValueError, match="disagree"):
         score_predictions(outputs, names)
+
+
+def write_dataset(folder, names, tasks):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "identifiers.json").write_text(json.dumps(names))
+    (folder / "test_puzzles.json").write_text(json.dumps(tasks))
+    return str(folder)
+
+
+@pytest.mark.parametrize("style", ["hrm", "trm"])
+def test_official_and_notebook_rules_over_all_tasks(tmp_path, style):
+    outputs, names, tasks = build_outputs_and_tasks(style)
+    tasks["p4"] = {"train": [], "test": [{"input": [[1]], "output": [[1]]}]}  # never predicted: counts as 0
+    data = write_dataset(tmp_path / "data", names, tasks)
+    files = save_rank_files(tmp_path, outputs, logits_on=(1,))
+    official = score_prediction_files(files, data)
+    # per task at K=1: p1 0, p2 1/2, p3 1, p4 0; at K>=2: p1 1
+    assert official.metrics() == pytest.approx(
+        {"ARC/pass@1": 1.5 / 4, **{k: 2.5 / 4 for k in OFFICIAL_KEYS[1:]}}, abs=1e-12
+    )
+    assert official.missing == ["p4"] and official.num_puzzles == 4
+    notebook = score_prediction_files(files, data, rule="notebook")
+    assert notebook.metrics() == {
+        "ARC/notebook_pass@1": 1 / 4,
+        **{f"ARC/notebook_pass@{k}": 2 / 4 for k in (2, 5, 10, 100, 1000)},
+    }
+    submission = official.submission
+    assert list(submission) == ["p1", "p2", "p3", "p4"] and submission["p4"] == []
+    assert submission["p1"] == [{"attempt_1": [[7, 7, 2]], "attempt_2": [[7, 7, 1]]}]  # 3 votes, then 2
+    assert submission["p3"] == [{"attempt_1": [[3]], "attempt_2": [[1]]}]  # tie on votes, higher mean q first
+    assert submission["p2"][0] == {"attempt_1": [[2, 3], [4, 5]], "attempt_2": [[2, 3], [4, 5]]}  # one candidate
+
+
+def test_ties_keep_the_first_seen_answer_first(tmp_path):
+    outputs, names, tasks = build_outputs_and_tasks()
+    data = write_dataset(tmp_path / "data", names, tasks)
+    p3 = [i for i, ident in enumerate(outputs["puzzle_identifiers"]) if names[ident].startswith("p3")]
+    outputs["q_halt_logits"][p3] = 0.5  # votes tie 2:2 and mean q ties too
+    first = score_prediction_files(save_rank_files(tmp_path, outputs, ranks=1), data).submission["p3"]
+    assert first == [{"attempt_1": [[3]], "attempt_2": [[1]]}]  # the truth arrives first
+    order = list(range(len(outputs["inputs"])))
+    order[p3[0]], order[p3[1]] = p3[1], p3[0]  # a wrong answer arrives first now
+    swapped = {k: v[order] for k, v in outputs.items()}
+    second = score_prediction_files(save_rank_files(tmp_path, swapped, ranks=1), data).submission["p3"]
+    assert second == [{"attempt_1": [[1]], "attempt_2": [[3]]}]
+
+
+def test_cli_json_submission_and_rank_order(tmp_path, capsys):
+    outputs, names, tasks = build_outputs_and_tasks("trm")
+    data = write_dataset(tmp_path / "data", names, tasks)
+    files = save_rank_files(tmp_path, outputs, ranks=3, logits_on=(0, 2))
+    argv = ["--predictions", *files[::-1], "--data-path", data, "--json"]  # any order: pooled by rank
+    assert arc_scoring.main([*argv, "--submission-out", str(tmp_path / "s.json")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and list(json.loads(lines[0])) == OFFICIAL_KEYS
+    assert json.loads(lines[0])["ARC/pass@1"] == pytest.approx(1.5 / 3)
+    expected = score_prediction_files(files, data).submission
+    assert (tmp_path / "s.json").read_text() == json.dumps(expected)
+    assert arc_scoring.main([*argv, "--rule", "notebook"]) == 0
+    assert list(json.loads(capsys.readouterr().out)) == [f"ARC/notebook_pass@{k}" for k in (1, 2, 5, 10, 100, 1000)]
+    assert arc_scoring.main(argv[:-1]) == 0  # the table
+    assert "official rule" in capsys.readouterr().out
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    outputs, names, tasks = build_outputs_and_tasks()
+    files = save_rank_files(tmp_path, outputs)
+    cases = [
+        (tmp_path / "nope", "identifiers.json not found"),
+        (tmp_path / "no_tasks", "neither test_puzzles.json nor the test split"),
+    ]
+    (tmp_path / "no_tasks").mkdir()
+    (tmp_path / "no_tasks" / "identifiers.json").write_text(json.dumps(names))
+    torch.save({"inputs": torch.zeros(1, 900)}, tmp_path / "thin.0")
+    data = write_dataset(tmp_path / "data", names, tasks)
+    for data_path, message in cases:
+        assert arc_scoring.main(["--predictions", *files, "--data-path", str(data_path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and "\n" not in err
+    assert arc_scoring.main(["--predictions", str(tmp_path / "thin.0"), "--data-path", data]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "needs saved puzzle_identifiers, q_halt_logits, logits or preds" in err and "\n" not in err
+
+
+# ----------------------------------------------------------------------------------------------
+# Real datasets: predictions equal to the labels give back the real solutions
+# ----------------------------------------------------------------------------------------------
+
+
+def labels_as_predictions(data, folder, ranks=2):
+    """Rank files predicting every test example's label, q_halt 1 (padding rows included)."""
+    arrays = {k: np.load(data / "test" / f"all__{k}.npy") for k in ("inputs", "labels", "puzzle_identifiers")}
+    ids = np.repeat(arrays["puzzle_identifiers"], np.diff(np.load(data / "test" / "all__puzzle_indices.npy")))
+    outputs = {
+        "inputs": arrays["inputs"].astype(np.int32),
+        "preds": arrays["labels"].astype(np.int32),
+        "puzzle_identifiers": ids.astype(np.int32),
+        "q_halt_logits": np.ones(len(ids), np.float32),
+    }
+    for k in outputs:
+        outputs[k] = np.concatenate([outputs[k], np.zeros_like(outputs[k][:2])])
+    return save_rank_files(folder, outputs, ranks=ranks)
+
+
+def test_folder_build_scores_its_evaluation_puzzles(raw_data_dir, tmp_path):
+    """HRM names and no test_puzzles.json: the tasks come from the test split."""
+    root = tmp_path / "raw"
+    evaluation = sorted((raw_data_dir / "ARC-AGI/data/evaluation").glob("*.json"))[:6]
+    for sub, files in (("evaluation", evaluation), ("training", sorted((raw_data_dir / "ARC-AGI/data/training").glob("*.json"))[:2])):  # fmt: skip
+        (root / sub).mkdir(parents=True)
+        for f in files:
+            shutil.copy(f, root / sub)
+    data = tmp_path / "data"
+    assert run_cli(build_main, ArcBuildConfig, ["--dataset-dirs", str(root), "--output-dir", str(data), "--num-aug", "3"]) == 0  # fmt: skip
+    score = score_prediction_files(labels_as_predictions(data, tmp_path), str(data))
+    assert score.metrics() == {k: 1.0 for k in OFFICIAL_KEYS}
+    assert list(score.submission) == [f.stem for f in evaluation]
+    for f in evaluation:
+        truth = [pair["output"] for pair in json.loads(f.read_text())["test"]]
+        assert [a["attempt_1"] for a in score.submission[f.stem]] == truth
+        assert all(a["attempt_2"] == a["attempt_1"] for a in score.submission[f.stem])
+
+
+# ----------------------------------------------------------------------------------------------
+# TRM's evaluator on the same predictions (golden values)
+# ----------------------------------------------------------------------------------------------
+
+
+def synthetic_rank_files(data, folder):
+    """Deterministic predictions for the test split, by row r: the label when r % 4 == 0, nothing (an
+    empty answer) when r % 4 is 1 or 2, the label with its first cell's colour moved up by one when
+    r % 4 == 3; q_halt logit ((7 r) % 5 - 2) / 2. Rows of the third test input of a task are dropped
+    (a test input without predictions). Two ranks (halves), rank 1 saving one-hot logits, 3 padding rows each."""
+    test = data / "test"
+    labels = np.load(test / "all__labels.npy").astype(np.int32)
+    sizes = np.diff(np.load(test / "all__puzzle_indices.npy"))
+    ids = np.repeat(np.load(test / "all__puzzle_identifiers.npy"), sizes)
+    example = np.concatenate([np.arange(n) for n in sizes])
+    preds = labels.copy()
+    for r in range(len(preds)):
+        if r % 4 in (1, 2):
+            preds[r] = 0
+        elif r % 4 == 3:
+            preds[r, 0] = (preds[r, 0] - 2 + 1) % 10 + 2
+    q = ((np.arange(len(preds)) * 7) % 5 - 2) / 2
+    keep = example != 2
+    outputs = {
+        "inputs": np.load(test / "all__inputs.npy").astype(np.int32)[keep],
+        "labels": labels[keep],
+        "puzzle_identifiers": ids.astype(np.int32)[keep],
+        "preds": preds[keep],
+        "q_halt_logits": q.astype(np.float32)[keep],
+    }
+    half = len(outputs["inputs"]) // 2
+    files = []
+    for rank, rows in enumerate((slice(0, half), slice(half, None))):
+        part = {k: np.concatenate([v[rows], np.zeros_like(v[:3])]) for k, v in outputs.items()}
+        if rank == 1:
+            part["logits"] = np.eye(12, dtype=np.float32)[part.pop("preds")]
+        files.append(str(folder / f"step_9_all_preds.{rank}"))
+        torch.save({k: torch.from_numpy(v) for k, v in part.items()}, files[-1])
+    return files
+
+
+TRM_EVALUATOR_GOLDEN = {  # (pass@1, 2, 5, 10, 100, 1000), sha256 of submission.json
+    "A": ((0.5,) * 6, "2492524887d799666069d41155fccaf0c8ff858d78b275cb727e99eb63a768ff"),
+    "B": (
+        (0.0, 0.41666666666666663) + (0.5833333333333333,) * 4,
+        "e4b01531fb5cfd258e627e4539a86ee5a0d099ea3c9f078fd0e183ce60703086",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TRM_EVALUATOR_GOLDEN))
+def test_matches_trm_evaluator_golden(raw_data_dir, tmp_path, case):
+    picks = GOLDEN_PICKS if case == "B" else {k: v for k, v in GOLDEN_PICKS.items() if k != "concept"}
+    prefix = prize_files(raw_data_dir / "kaggle-combined", tmp_path / "src", picks, without_solutions=("concept",))
+    data = tmp_path / "data"
+    argv = ["--input-file-prefix", prefix, "--output-dir", str(data), *GOLDEN[case][0]]
+    assert run_cli(build_main, ArcBuildConfig, argv) == 0
+    metrics, digest = TRM_EVALUATOR_GOLDEN[case]
+    score = score_prediction_files(
+        synthetic_rank_files(data, tmp_path), str(data), submission_path=str(tmp_path / "s.json")
+    )
+    assert score.metrics() == dict(zip(OFFICIAL_KEYS, metrics))  # the same floats
+    assert hashlib.sha256((tmp_path / "s.json").read_bytes()).hexdigest() == digest

@@ -281,3 +281,38 @@ def test_missing_dataset_dir(tmp_path, capsys):
         == 2
     )
     assert "no sub-folder with puzzle *.json files" in capsys.readouterr().err
+
+
+def test_puzzles_contributing_nothing_are_warned_about(tmp_path, capsys):
+    root = tmp_path / "raw"
+    write_puzzle(root / "training", "fine", [[[1]], [[2]]])
+    (root / "evaluation").mkdir()
+    pair = {"input": [[1]], "output": [[2]]}
+    (root / "evaluation" / "no_tests.json").write_text(json.dumps({"train": [pair], "test": []}))
+    (root / "training" / "no_pairs.json").write_text(json.dumps({"train": [], "test": []}))
+    other = {"input": [[3]], "output": [[4]]}  # not a pair of another task: no leakage warning
+    (root / "evaluation" / "scored.json").write_text(json.dumps({"train": [pair], "test": [other]}))
+    out = build(tmp_path / "out", [root], "--num-aug", "0")
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 2
+    assert "no_tests.json: evaluation puzzle has an empty 'test' list" in warnings[0]
+    assert "no_pairs.json: puzzle has no pairs and contributes nothing" in warnings[1]
+    names = json.loads((out / "identifiers.json").read_text())
+    assert [names[i] for i in load(out, "test")["puzzle_identifiers"]] == ["scored"]
+
+
+def test_leakage_warning_by_name_and_by_content(raw_data_dir, tmp_path, capsys):
+    """ARC-AGI-2's training folder holds ARC-AGI-1 evaluation task 00576224 (demonstrations reordered)."""
+    v1, v2 = tmp_path / "v1", tmp_path / "v2"
+    (v1 / "evaluation").mkdir(parents=True)
+    (v2 / "training").mkdir(parents=True)
+    shutil.copy(raw_data_dir / "ARC-AGI/data/evaluation/00576224.json", v1 / "evaluation")
+    shutil.copy(raw_data_dir / "ARC-AGI-2/data/training/00576224.json", v2 / "training")
+    build(tmp_path / "a", [v1, v2], "--num-aug", "0")
+    (v2 / "training" / "00576224.json").rename(v2 / "training" / "renamed.json")
+    build(tmp_path / "b", [v1, v2], "--num-aug", "0")
+    build(tmp_path / "c", [v1], "--num-aug", "0")
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 2  # a and b, not c
+    for line in warnings:
+        assert "1 of 1 test tasks also appear in the train split" in line and ": 00576224;" in line

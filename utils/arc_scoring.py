@@ -1,19 +1,28 @@
-"""ARC scoring of saved evaluation outputs: crop, undo augmentation, vote, pass@K.
+"""ARC scoring of predictions: crop, undo augmentation, vote, pass@K, ARC Prize submission.
 
-Design choices (SPEC §7; the reference does this in a notebook):
-- Input: the per-rank files `step_{N}_all_preds.{rank}` that evaluation saves, with keys `inputs`,
-  `labels`, `puzzle_identifiers`, `q_halt_logits` and `logits` (or already-argmaxed `preds`), plus
-  the dataset's `identifiers.json` (identifier → name, augmented variants named `<id>_t<k>_<perm>`).
-- Each sequence is a 30×30 canvas (PAD 0, EOS 1, colour c → c+2). An answer is the largest
-  top-left rectangle free of PAD/EOS (and of the ignore label −100 in `labels`), minus 2.
-- The augmentation applied colours first, then the dihedral transform, so it is undone in the
-  opposite order: inverse dihedral (`dataset.common`, table [0,3,2,1,4,5,6,7]), then the inverse
-  colour permutation.
-- The ground truth comes from the saved labels, un-augmented the same way (all variants of a test
-  input must agree, else the files are inconsistent and we refuse). A test input is identified by
-  its base puzzle and its un-augmented input grid, so rank files can be read in any order.
-- Identical answers for a test input are pooled: ranked by vote count, ties by mean sigmoid(q_halt).
-  A puzzle counts as solved at K when every one of its test inputs has its truth among the top K.
+    python -m utils.arc_scoring --predictions RUN/step_N_all_preds.* --data-path data/arc1concept-aug-1000 \
+        --submission-out submission.json [--rule official|notebook] [--json]
+
+Design choices (SPEC §7, §12):
+- Each sequence is a 30x30 canvas (PAD 0, EOS 1, colour c -> c + 2). An answer is the largest
+  top-left rectangle free of PAD/EOS, minus 2 (computed for a whole batch at once).
+- A puzzle identifier's name says which augmentation produced the example: `<id>_t<k>_<perm>`
+  (HRM, our folder builds) or `<id>|||t<k>|||<perm>` (TRM, ARC Prize builds). The augmentation
+  applied colours first, then the dihedral transform, so it is undone in the opposite order.
+- The tasks and their true test outputs come from the dataset: `test_puzzles.json` (TRM's
+  builder, ours in ARC Prize mode) or, for folder builds, the un-augmented examples of the test
+  split. Every test task counts; a task without predictions scores 0.
+- Votes are kept as TRM's evaluator keeps them: per (task, un-augmented test input), the list of
+  (answer, sigmoid(q_halt) in float64) in arrival order, pooled over ranks in rank order; answers
+  are ranked by (votes, mean q) descending with ties in first-seen order. The same floats and the
+  same order make the attempts, and so `submission.json`, identical to TRM's for the same predictions.
+- Two rules over one ranking. "official" (ARC Prize, TRM's evaluator; reported as `ARC/pass@K`): a
+  task scores the fraction of its test inputs whose truth is among the top K, pass@K is the mean
+  over tasks. "notebook" (HRM's notebook; `ARC/notebook_pass@K`): a task counts only when all its
+  test inputs are right.
+- submission.json follows the ARC Prize format, {task: [{"attempt_1": grid, "attempt_2": grid}, ...]},
+  one entry per test input, attempt 2 repeating attempt 1 when there is one candidate. As in TRM's
+  evaluator, a test input without predictions gets no entry (a warning names the tasks).
 """
 
 import argparse
@@ -21,187 +30,427 @@ import json
 import os
 import re
 import sys
-from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from dataset.common import inverse_dihedral_transform
 
-PASS_KS = (1, 2, 10, 100, 1000)
+PASS_KS = (1, 2, 5, 10, 100, 1000)
+NOTEBOOK_PASS_KS = (1, 2, 10, 100, 1000)  # the notebook's K list (SPEC §7), kept by `score_predictions`
+RULES = ("official", "notebook")
+SUBMISSION_K = 2  # attempts per test input in the ARC Prize format
+ROWS_PER_CHUNK = 8192  # saved rows voted at once
 GRID_SIZE = 30
 COLOUR_OFFSET = 2  # token = colour + 2 (PAD 0, EOS 1)
 NUM_COLOURS = 10
-AUGMENTED_NAME = re.compile(r"^(?P<base>.+)_t(?P<tid>[0-7])_(?P<perm>[0-9]{10})$")
+AUGMENTED_NAMES = (
+    re.compile(r"^(?P<base>.+)_t(?P<tid>[0-7])_(?P<perm>[0-9]{10})$"),  # HRM
+    re.compile(r"^(?P<base>.+?)\|\|\|t(?P<tid>[0-7])\|\|\|(?P<perm>[0-9]{10})$"),  # TRM
+)
+IDENTITY = np.arange(NUM_COLOURS)
 
 
 def parse_identifier(name: str) -> tuple[str, int, np.ndarray]:
-    """`<id>_t<k>_<perm>` → (id, k, colour map); a name without that suffix is the un-augmented puzzle."""
-    m = AUGMENTED_NAME.match(name)
-    if m is None:
-        return name, 0, np.arange(NUM_COLOURS)
-    mapping = np.array([int(c) for c in m.group("perm")])
-    if sorted(mapping.tolist()) != list(range(NUM_COLOURS)):
-        raise ValueError(f"identifier {name!r}: colour map {m.group('perm')} is not a permutation of 0..9")
-    return m.group("base"), int(m.group("tid")), mapping
+    """Variant name -> (task id, dihedral id, colour map); a name without a suffix is the un-augmented task."""
+    for pattern in AUGMENTED_NAMES:
+        m = pattern.match(name)
+        if m is not None:
+            mapping = np.array([int(c) for c in m.group("perm")])
+            if sorted(mapping.tolist()) != list(range(NUM_COLOURS)):
+                raise ValueError(f"identifier {name!r}: colour map {m.group('perm')} is not a permutation of 0..9")
+            return m.group("base"), int(m.group("tid")), mapping
+    return name, 0, IDENTITY
 
 
 def is_arc_dataset(identifier_names: Sequence[str]) -> bool:
-    return any(AUGMENTED_NAME.match(name) for name in identifier_names)
+    return any(p.match(name) for name in identifier_names for p in AUGMENTED_NAMES)
+
+
+def crop_shapes(tokens: np.ndarray, grid_size: int = GRID_SIZE) -> np.ndarray:
+    """[N, grid_size**2] canvases -> [N, 2] (rows, cols) of the largest top-left colour rectangle."""
+    grids = np.asarray(tokens).reshape(-1, grid_size, grid_size)  # [N, rows, cols]
+    valid = (grids >= COLOUR_OFFSET) & (grids < COLOUR_OFFSET + NUM_COLOURS)
+    runs = np.where(valid.all(axis=2), grid_size, valid.argmin(axis=2))  # [N, rows]: leading colour cells
+    widths = np.minimum.accumulate(runs, axis=1)  # widest rectangle using rows 0..r
+    areas = widths * np.arange(1, grid_size + 1)
+    best = areas.argmax(axis=1)  # the first largest, as a scan keeping strict improvements finds
+    found = areas.max(axis=1) > 0
+    return np.stack([np.where(found, best + 1, 0), np.where(found, widths[np.arange(len(best)), best], 0)], axis=1)
 
 
 def crop(tokens: np.ndarray, grid_size: int = GRID_SIZE) -> np.ndarray:
-    """Largest top-left rectangle of colour tokens in a flattened canvas, as colours 0..9."""
-    grid = np.asarray(tokens).reshape(grid_size, grid_size)  # [rows, cols]
-    valid = (grid >= COLOUR_OFFSET) & (grid < COLOUR_OFFSET + NUM_COLOURS)
-    row_runs = np.where(valid.all(axis=1), grid_size, valid.argmin(axis=1))  # leading valid cells per row
-    widths = np.minimum.accumulate(row_runs)  # widest rectangle using rows 0..r
-    areas = widths * np.arange(1, grid_size + 1)
-    best = int(areas.argmax())
-    if areas[best] == 0:
-        return np.zeros((0, 0), dtype=np.int64)
-    return grid[: best + 1, : widths[best]].astype(np.int64) - COLOUR_OFFSET
+    """Largest top-left rectangle of colour tokens in one flattened canvas, as colours 0..9."""
+    rows, cols = crop_shapes(tokens, grid_size)[0]
+    return np.asarray(tokens).reshape(grid_size, grid_size)[:rows, :cols].astype(np.int64) - COLOUR_OFFSET
 
 
 def undo_augmentation(grid: np.ndarray, tid: int, mapping: np.ndarray) -> np.ndarray:
-    """Inverse of `dihedral_transform(mapping[grid], tid)` (the ARC builder's augmentation)."""
-    unrotated = inverse_dihedral_transform(grid, tid)
-    return np.argsort(mapping)[unrotated]
+    """Inverse of `dihedral_transform(mapping[grid], tid)` (the ARC builders' augmentation)."""
+    return np.argsort(mapping)[inverse_dihedral_transform(grid, tid)]
 
 
-def _grid_key(grid: np.ndarray) -> tuple[tuple[int, ...], bytes]:
-    return grid.shape, np.ascontiguousarray(grid, dtype=np.int8).tobytes()
+def grid_key(grid: np.ndarray) -> bytes:
+    """Exact identity of a grid: rows, cols (each <= 30, one byte) then cells."""
+    grid = np.ascontiguousarray(grid, dtype=np.uint8)
+    return bytes(grid.shape) + grid.tobytes()
+
+
+def key_grid(key: bytes) -> np.ndarray:
+    return np.frombuffer(key, dtype=np.uint8, offset=2).reshape(key[0], key[1])
+
+
+def halt_probabilities(q_halt_logits) -> np.ndarray:
+    """sigmoid(q_halt) in float64 through torch, the computation TRM's evaluator ranks with."""
+    logits = q_halt_logits if isinstance(q_halt_logits, torch.Tensor) else torch.from_numpy(np.asarray(q_halt_logits))
+    return logits.detach().to("cpu", torch.float64).sigmoid().numpy()
+
+
+class Votes:
+    """Answers received per (task, un-augmented test input key): lists of (answer key, q) in arrival order."""
+
+    def __init__(self, identifier_names: Sequence[str], blank_identifier_id: int = 0):
+        self.names = identifier_names
+        self.blank_identifier_id = blank_identifier_id
+        self.entries: dict[str, dict[bytes, list[tuple[bytes, float]]]] = {}
+        self._variants: dict[int, tuple[str, int, np.ndarray]] = {}  # identifier -> (task, tid, inverse colour map)
+
+    def _variant(self, identifier: int) -> tuple[str, int, np.ndarray]:
+        if identifier not in self._variants:
+            if not 0 <= identifier < len(self.names):
+                raise ValueError(f"ARC scoring: puzzle identifier {identifier} not in identifiers.json")
+            base, tid, mapping = parse_identifier(self.names[identifier])
+            self._variants[identifier] = (base, tid, np.argsort(mapping).astype(np.uint8))
+        return self._variants[identifier]
+
+    def add(self, puzzle_identifiers, inputs, preds, q_halt_logits) -> None:
+        """One batch (tensors on any device, or arrays); rows with the blank identifier are padding."""
+        ids = np.asarray(torch.as_tensor(puzzle_identifiers).cpu()).reshape(-1)
+        keep = ids != self.blank_identifier_id
+        ids = ids[keep]
+        inputs = np.asarray(torch.as_tensor(inputs).cpu())[keep]
+        preds = np.asarray(torch.as_tensor(preds).cpu())[keep]
+        q = halt_probabilities(torch.as_tensor(q_halt_logits).reshape(-1))[keep]
+        grid_size = int(round(inputs.shape[-1] ** 0.5)) if len(ids) else GRID_SIZE
+        if grid_size * grid_size != inputs.shape[-1] or preds.shape[-1] != inputs.shape[-1]:
+            raise ValueError(f"ARC scoring: sequences of {inputs.shape[-1]} tokens are not one square canvas")
+        in_shapes, pred_shapes = crop_shapes(inputs, grid_size), crop_shapes(preds, grid_size)
+        for row, identifier in enumerate(ids.tolist()):
+            base, tid, inverse_map = self._variant(identifier)
+            answers = []
+            for tokens, (h, w) in ((inputs[row], in_shapes[row]), (preds[row], pred_shapes[row])):
+                grid = (tokens.reshape(grid_size, grid_size)[:h, :w] - COLOUR_OFFSET).astype(np.uint8)
+                answers.append(grid_key(inverse_map[inverse_dihedral_transform(grid, tid)]))
+            self.entries.setdefault(base, {}).setdefault(answers[0], []).append((answers[1], float(q[row])))
+
+
+def rank_answers(entries_per_rank: Sequence[dict], task: str, input_key: bytes) -> list[tuple[bytes, list]]:
+    """[(answer, [votes, mean q])], best first: pooled over ranks in rank order, stable sort."""
+    stats: dict[bytes, list] = {}
+    for entries in entries_per_rank:
+        for answer, q in entries.get(task, {}).get(input_key, ()):
+            s = stats.setdefault(answer, [0, 0.0])
+            s[0] += 1
+            s[1] += q
+    for s in stats.values():
+        s[1] /= s[0]
+    return sorted(stats.items(), key=lambda kv: kv[1], reverse=True)
+
+
+TestTasks = dict[str, list[tuple[bytes, bytes]]]  # task -> [(input key, true output key)] in test order
 
 
 @dataclass
 class ArcScore:
-    pass_at: dict[int, float]  # K → fraction of puzzles solved
-    solved_at: dict[int, int]  # K → number of puzzles solved
+    rule: str
+    pass_at: dict[int, float]  # K -> score (official: mean partial credit; notebook: fraction solved)
+    solved_at: dict[int, float]  # K -> tasks solved (official: sum of partial credits)
     num_puzzles: int
     num_test_inputs: int
     num_predictions: int
+    missing: list[str] = field(default_factory=list)  # tasks with a test input that received no prediction
+    submission: dict[str, list[dict]] = field(default_factory=dict)
+
+    def metrics(self) -> dict[str, float]:
+        prefix = "ARC/pass@" if self.rule == "official" else "ARC/notebook_pass@"
+        return {f"{prefix}{k}": v for k, v in self.pass_at.items()}
 
 
-def score_predictions(
-    outputs: dict[str, np.ndarray],
-    identifier_names: Sequence[str],
-    ks: Iterable[int] = PASS_KS,
-    blank_identifier_id: int = 0,
+def score_votes(
+    tasks: TestTasks,
+    entries_per_rank: Sequence[dict],
+    rule: str = "official",
+    pass_ks: Iterable[int] = PASS_KS,
+    submission_k: int = SUBMISSION_K,
 ) -> ArcScore:
-    """pass@K over saved evaluation outputs (arrays with one row per test example)."""
-    for key in ("inputs", "labels", "puzzle_identifiers", "q_halt_logits"):
-        if key not in outputs:
-            raise ValueError(f"ARC scoring needs saved {key!r} (have: {', '.join(sorted(outputs))})")
-    if "preds" in outputs:
-        preds = np.asarray(outputs["preds"])
-    elif "logits" in outputs:
-        preds = np.asarray(outputs["logits"]).argmax(-1)
-    else:
-        raise ValueError("ARC scoring needs saved 'logits' or 'preds'")
-    seq_len = preds.shape[-1]
-    grid_size = int(round(seq_len**0.5))
-    if grid_size * grid_size != seq_len:
-        raise ValueError(f"ARC scoring: sequence length {seq_len} is not a square canvas")
-    q_halt = 1 / (1 + np.exp(-np.asarray(outputs["q_halt_logits"], dtype=np.float64)))
-
-    truths: dict[tuple, tuple] = {}  # (puzzle, input) → answer key
-    votes: dict[tuple, dict[tuple, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0, 0.0]))
-    num_predictions = 0
-    for row, identifier in enumerate(np.asarray(outputs["puzzle_identifiers"]).tolist()):
-        if identifier == blank_identifier_id:  # padding of the last batch
-            continue
-        if not 0 <= identifier < len(identifier_names):
-            raise ValueError(f"ARC scoring: puzzle identifier {identifier} not in identifiers.json")
-        base, tid, mapping = parse_identifier(identifier_names[identifier])
-        test_input = (base, _grid_key(undo_augmentation(crop(outputs["inputs"][row], grid_size), tid, mapping)))
-        truth = _grid_key(undo_augmentation(crop(outputs["labels"][row], grid_size), tid, mapping))
-        if truths.setdefault(test_input, truth) != truth:
-            raise ValueError(f"ARC scoring: variants of puzzle {base!r} disagree on the answer of a test input")
-        vote = votes[test_input][_grid_key(undo_augmentation(crop(preds[row], grid_size), tid, mapping))]
-        vote[0] += 1
-        vote[1] += float(q_halt[row])
-        num_predictions += 1
-
-    solved_inputs: dict[str, list[int]] = defaultdict(list)  # puzzle → rank of the truth per test input
-    for test_input, answers in votes.items():
-        ranking = sorted(answers, key=lambda a: (-answers[a][0], -answers[a][1] / answers[a][0]))
-        truth = truths[test_input]
-        rank = ranking.index(truth) + 1 if truth in answers else len(ranking) + 10**9
-        solved_inputs[test_input[0]].append(rank)
-
-    ks = tuple(ks)
-    worst_rank = {puzzle: max(ranks) for puzzle, ranks in solved_inputs.items()}
-    solved_at = {k: sum(r <= k for r in worst_rank.values()) for k in ks}
-    num_puzzles = len(worst_rank)
+    """Score pooled votes (`Votes.entries` of each rank, in rank order) against the test tasks."""
+    if rule not in RULES:
+        raise ValueError(f"ARC scoring: rule must be one of {', '.join(RULES)}, got {rule!r}")
+    pass_ks = tuple(pass_ks)
+    credit = [0.0] * len(pass_ks)
+    submission: dict[str, list[dict]] = {}
+    missing = []
+    for task, pairs in tasks.items():
+        submission[task] = []
+        correct = [0] * len(pass_ks)
+        for input_key, output_key in pairs:
+            ranking = rank_answers(entries_per_rank, task, input_key)
+            if not ranking:
+                missing.append(task)
+                continue
+            for i, k in enumerate(pass_ks):
+                correct[i] += any(answer == output_key for answer, _ in ranking[:k])
+            attempts = [key_grid(answer) for answer, _ in ranking[:submission_k]]
+            attempts += attempts[:1] * (submission_k - len(attempts))
+            submission[task].append({f"attempt_{i + 1}": grid.tolist() for i, grid in enumerate(attempts)})
+        for i in range(len(pass_ks)):
+            credit[i] += correct[i] / len(pairs) if rule == "official" else int(correct[i] == len(pairs))
+    if missing:
+        names = sorted(set(missing))
+        print(
+            f"warning: ARC scoring: {len(names)} of {len(tasks)} tasks lack predictions for some test input "
+            f"(scored 0 there, no submission entry): {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}",
+            file=sys.stderr,
+        )
     return ArcScore(
-        pass_at={k: solved_at[k] / max(num_puzzles, 1) for k in ks},
-        solved_at=solved_at,
-        num_puzzles=num_puzzles,
-        num_test_inputs=len(votes),
-        num_predictions=num_predictions,
+        rule=rule,
+        pass_at={k: credit[i] / max(len(tasks), 1) for i, k in enumerate(pass_ks)},
+        solved_at=dict(zip(pass_ks, credit)),
+        num_puzzles=len(tasks),
+        num_test_inputs=sum(len(p) for p in tasks.values()),
+        num_predictions=sum(len(v) for entries in entries_per_rank for e in entries.values() for v in e.values()),
+        missing=sorted(set(missing)),
+        submission=submission,
     )
 
 
-def format_table(score: ArcScore) -> str:
-    lines = [
-        f"ARC scoring: {score.num_puzzles} puzzles, {score.num_test_inputs} test inputs, "
-        f"{score.num_predictions} predictions",
-        f"{'metric':<10}{'solved':>10}{'rate':>10}",
-    ]
-    for k, rate in score.pass_at.items():
-        lines.append(f"{f'pass@{k}':<10}{score.solved_at[k]:>10}{100 * rate:>9.2f}%")
-    return "\n".join(lines)
+def write_submission(path: str, submission: dict) -> None:
+    """ARC Prize submission.json, serialised as TRM's evaluator does (json.dump defaults)."""
+    with open(path, "w") as f:
+        json.dump(submission, f)
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs: identifiers, test tasks, saved predictions
+# ----------------------------------------------------------------------------------------------
+
+
+def read_json_file(path: str, what: str):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
 
 
 def load_identifier_names(data_path: str) -> list[str]:
     path = os.path.join(data_path, "identifiers.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"identifiers.json not found in {data_path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            names = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    names = read_json_file(path, "identifiers.json")
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise ValueError(f"{path}: expected a list of identifier names")
     return names
 
 
+def tasks_from_test_puzzles(path: str) -> TestTasks:
+    """TRM's test_puzzles.json: task -> {"train": [...], "test": [{"input", "output"}]}."""
+    raw = read_json_file(path, "test_puzzles.json")
+    if not isinstance(raw, dict) or not raw:
+        raise ValueError(f"{path}: expected a non-empty object mapping task ids to puzzles")
+    tasks: TestTasks = {}
+    for task, puzzle in raw.items():
+        pairs = puzzle.get("test") if isinstance(puzzle, dict) else None
+        if not isinstance(pairs, list) or not pairs:
+            raise ValueError(f"{path}: task '{task}': expected a non-empty 'test' list")
+        tasks[task] = []
+        for i, pair in enumerate(pairs):
+            try:
+                grids = [np.array(pair[k]) for k in ("input", "output")]
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(
+                    f"{path}: task '{task}' field 'test[{i}]': expected grids 'input' and 'output'"
+                ) from None
+            if any(g.ndim != 2 or g.dtype.kind not in "iu" or g.size and (g.min() < 0 or g.max() > 9) for g in grids):
+                raise ValueError(f"{path}: task '{task}' field 'test[{i}]': grids must be 2-D lists of colours 0..9")
+            tasks[task].append((grid_key(grids[0]), grid_key(grids[1])))
+    return tasks
+
+
+def tasks_from_test_split(data_path: str, names: Sequence[str]) -> TestTasks:
+    """Test tasks of a folder build: the test split's examples, un-augmented, in order of appearance.
+
+    The un-augmented variant of a task (its plain name) is read when present, else every variant;
+    variants that disagree on a test input's answer mean inconsistent files and are refused.
+    """
+    split = os.path.join(data_path, "test")
+    arrays = {}
+    for name in ("inputs", "labels", "puzzle_identifiers", "puzzle_indices"):
+        path = os.path.join(split, f"all__{name}.npy")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{data_path}: neither test_puzzles.json nor the test split ({path}) found")
+        arrays[name] = np.load(path, mmap_mode="r")
+    variants = []  # (puzzle, its name, task, dihedral id, colour map)
+    for p, identifier in enumerate(np.asarray(arrays["puzzle_identifiers"]).tolist()):
+        if not 0 <= identifier < len(names):
+            raise ValueError(f"{split}: puzzle identifier {identifier} not in identifiers.json")
+        variants.append((p, names[identifier], *parse_identifier(names[identifier])))
+    plain = {base for _, name, base, _, _ in variants if name == base}
+    truths: dict[str, dict[bytes, bytes]] = {}
+    starts = np.asarray(arrays["puzzle_indices"])
+    for p, name, base, tid, mapping in variants:
+        if base in plain and name != base:
+            continue
+        rows = slice(int(starts[p]), int(starts[p + 1]))
+        keys = []
+        for tokens in (np.asarray(arrays["inputs"][rows]), np.asarray(arrays["labels"][rows])):
+            shapes = crop_shapes(tokens)
+            keys.append(
+                [grid_key(undo_augmentation(t.reshape(GRID_SIZE, GRID_SIZE)[:h, :w] - 2, tid, mapping))
+                 for t, (h, w) in zip(tokens, shapes)]
+            )  # fmt: skip
+        task = truths.setdefault(base, {})
+        for input_key, output_key in zip(*keys):
+            if task.setdefault(input_key, output_key) != output_key:
+                raise ValueError(f"{split}: variants of task {base!r} disagree on the answer of a test input")
+    return {task: list(pairs.items()) for task, pairs in truths.items()}
+
+
+def load_test_tasks(data_path: str, names: Sequence[str]) -> TestTasks:
+    path = os.path.join(data_path, "test_puzzles.json")
+    if os.path.isfile(path):
+        return tasks_from_test_puzzles(path)
+    return tasks_from_test_split(data_path, names)
+
+
+def read_prediction_file(path: str) -> dict[str, np.ndarray]:
+    """One rank's saved outputs; `logits` are reduced to `preds` (argmax) at once to save memory."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prediction file not found: {path}")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a corrupt file
+        raise ValueError(f"{path}: not a readable prediction file ({type(e).__name__})") from e
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: expected a dict of saved outputs")
+    if "logits" in saved and "preds" not in saved:
+        saved["preds"] = saved.pop("logits").argmax(-1)
+    return {k: (v.float().numpy() if v.is_floating_point() else v.numpy()) for k, v in saved.items()}
+
+
 def load_prediction_files(paths: Sequence[str]) -> dict[str, np.ndarray]:
-    """Concatenate per-rank prediction files; logits are reduced to argmax per file to save memory."""
+    """Concatenate per-rank prediction files (each reduced as `read_prediction_file` does)."""
     if not paths:
         raise FileNotFoundError("no prediction files given")
-    parts: dict[str, list[np.ndarray]] = defaultdict(list)
-    for path in paths:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"prediction file not found: {path}")
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # torch raises several types for a corrupt file
-            raise ValueError(f"{path}: not a readable prediction file ({type(e).__name__})") from e
-        if "logits" in saved and "preds" not in saved:
-            saved["preds"] = saved.pop("logits").argmax(-1)
-        for key, value in saved.items():
-            parts[key].append(value.float().numpy() if value.is_floating_point() else value.numpy())
-    lengths = {key: len(v) for key, v in parts.items()}
-    if len(set(lengths.values())) != 1:
-        raise ValueError(f"prediction files hold different keys per file: {lengths}")
-    return {key: np.concatenate(v, axis=0) for key, v in parts.items()}
+    parts = [read_prediction_file(p) for p in paths]
+    keys = {frozenset(p) for p in parts}
+    if len(keys) != 1:
+        raise ValueError(f"prediction files hold different keys: {sorted(sorted(k) for k in keys)}")
+    return {key: np.concatenate([p[key] for p in parts], axis=0) for key in parts[0]}
+
+
+def rank_of_file(path: str) -> tuple[int, str]:
+    """Sort key: the `.{rank}` suffix of `step_N_all_preds.{rank}`, so voting pools ranks in rank order."""
+    suffix = path.rsplit(".", 1)[-1]
+    return (int(suffix), path) if suffix.isdigit() else (sys.maxsize, path)
+
+
+def add_outputs(votes: Votes, outputs: dict[str, np.ndarray], where: str) -> None:
+    needed = ("inputs", "puzzle_identifiers", "q_halt_logits")
+    lacking = [k for k in needed if k not in outputs] + ([] if "preds" in outputs else ["logits or preds"])
+    if lacking:
+        raise ValueError(f"{where}: ARC scoring needs saved {', '.join(lacking)} (have: {', '.join(sorted(outputs))})")
+    for start in range(0, len(outputs["inputs"]), ROWS_PER_CHUNK):  # bounds the cropping temporaries
+        rows = slice(start, start + ROWS_PER_CHUNK)
+        votes.add(*(outputs[k][rows] for k in ("puzzle_identifiers", "inputs", "preds", "q_halt_logits")))
+
+
+def score_prediction_files(
+    paths: Sequence[str],
+    data_path: str,
+    *,
+    rule: str = "official",
+    pass_ks: Iterable[int] = PASS_KS,
+    submission_k: int = SUBMISSION_K,
+    submission_path: str | None = None,
+    blank_identifier_id: int = 0,
+) -> ArcScore:
+    """Score saved `step_N_all_preds.{rank}` files (logits or preds) of an ARC dataset at `data_path`.
+
+    The files are read one at a time, in rank order whatever order they are given in; with
+    `submission_path`, the ARC Prize submission.json is written there.
+    """
+    if rule not in RULES:
+        raise ValueError(f"ARC scoring: rule must be one of {', '.join(RULES)}, got {rule!r}")
+    if not paths:
+        raise FileNotFoundError("no prediction files given")
+    names = load_identifier_names(data_path)
+    tasks = load_test_tasks(data_path, names)
+    votes = Votes(names, blank_identifier_id)
+    for path in sorted(paths, key=rank_of_file):
+        add_outputs(votes, read_prediction_file(path), path)
+    score = score_votes(tasks, [votes.entries], rule, pass_ks, submission_k)
+    if submission_path is not None:
+        write_submission(submission_path, score.submission)
+    return score
+
+
+def score_predictions(
+    outputs: dict[str, np.ndarray],
+    identifier_names: Sequence[str],
+    ks: Iterable[int] = NOTEBOOK_PASS_KS,
+    blank_identifier_id: int = 0,
+) -> ArcScore:
+    """The notebook rule on saved outputs alone, truth from their saved labels (no dataset folder needed)."""
+    if "labels" not in outputs:
+        raise ValueError(f"ARC scoring needs saved 'labels' (have: {', '.join(sorted(outputs))})")
+    if "preds" not in outputs and "logits" in outputs:
+        outputs = {**outputs, "preds": np.asarray(outputs["logits"]).argmax(-1)}
+    votes = Votes(identifier_names, blank_identifier_id)
+    add_outputs(votes, outputs, "saved outputs")
+    truth = Votes(identifier_names, blank_identifier_id)  # the labels, voted once each, give the answer keys
+    add_outputs(truth, {**outputs, "preds": outputs["labels"]}, "saved outputs")
+    tasks: TestTasks = {}
+    for task, inputs in truth.entries.items():
+        tasks[task] = []
+        for input_key, labels in inputs.items():
+            if len({answer for answer, _ in labels}) > 1:
+                raise ValueError(f"ARC scoring: variants of puzzle {task!r} disagree on the answer of a test input")
+            tasks[task].append((input_key, labels[0][0]))
+    return score_votes(tasks, [votes.entries], "notebook", ks)
+
+
+def format_table(score: ArcScore) -> str:
+    lines = [
+        f"ARC scoring ({score.rule} rule): {score.num_puzzles} puzzles, {score.num_test_inputs} test inputs, "
+        f"{score.num_predictions} predictions",
+        f"{'metric':<10}{'solved':>10}{'rate':>10}",
+    ]
+    for k, rate in score.pass_at.items():
+        lines.append(f"{f'pass@{k}':<10}{score.solved_at[k]:>10.4g}{100 * rate:>9.2f}%")
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="ARC pass@K from saved evaluation outputs (step_N_all_preds.*).")
+    parser = argparse.ArgumentParser(description="ARC pass@K and submission.json from saved step_N_all_preds.* files.")
     parser.add_argument("--predictions", nargs="+", required=True, help="the per-rank step_N_all_preds.R files")
-    parser.add_argument("--data-path", required=True, help="the ARC dataset folder (holds identifiers.json)")
+    parser.add_argument("--data-path", required=True, help="the ARC dataset folder (identifiers.json, test tasks)")
+    parser.add_argument("--submission-out", default=None, help="write the ARC Prize submission.json here")
+    parser.add_argument("--rule", choices=RULES, default="official", help="official (ARC Prize) or notebook")
+    parser.add_argument("--json", action="store_true", help="print one JSON line of ARC/pass@K instead of a table")
     args = parser.parse_args(argv)
     try:
-        score = score_predictions(load_prediction_files(args.predictions), load_identifier_names(args.data_path))
-    except (ValueError, FileNotFoundError) as e:
+        score = score_prediction_files(
+            args.predictions, args.data_path, rule=args.rule, submission_path=args.submission_out
+        )
+    except (ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(format_table(score))
+    print(json.dumps(score.metrics()) if args.json else format_table(score))
     return 0
 
 

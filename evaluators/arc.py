@@ -1,0 +1,83 @@
+"""ARC evaluator run during training or evaluation (`evaluators=[{name: arc@ARC}]`, TRM's protocol).
+
+The launcher builds it with `load_model_class("arc@ARC", prefix="evaluators.")(data_path=...,
+eval_metadata=..., **options)`, adds `required_outputs` to the outputs the model returns, calls
+`begin_eval()`, then `update_batch(batch, outputs)` per evaluation batch on every rank, then
+`result(save_path, rank, world_size, group)` on every rank.
+
+Design choices:
+- Scoring is `utils.arc_scoring` (official ARC Prize rule by default, or the notebook's), so a
+  score computed here equals the one computed later from the saved `step_N_all_preds.*` files.
+- Each rank keeps only its votes (per task and test input, the answer and sigmoid(q_halt) of
+  each prediction); `result` gathers them to rank 0 with `gather_object` on `group` (a gloo group
+  suits: the votes are Python objects), pooled in rank order as TRM's evaluator pools them. With
+  one process no process group is needed.
+- `aggregated_voting` keeps the votes of earlier evaluations (TRM's default is on, ours off: a
+  score should describe one checkpoint).
+- Predictions are the model's `preds`, or the argmax of its `logits` when it returns no `preds`.
+"""
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from utils.arc_scoring import (
+    PASS_KS,
+    RULES,
+    SUBMISSION_K,
+    Votes,
+    load_identifier_names,
+    load_test_tasks,
+    score_votes,
+    write_submission,
+)
+
+
+class ARC:
+    required_outputs = {"inputs", "puzzle_identifiers", "q_halt_logits", "preds"}
+
+    def __init__(
+        self,
+        data_path: str,
+        eval_metadata: Any,
+        submission_K: int = SUBMISSION_K,
+        pass_Ks: Sequence[int] = PASS_KS,
+        aggregated_voting: bool = False,
+        rule: str = "official",
+    ):
+        if rule not in RULES:
+            raise ValueError(f"ARC evaluator: rule must be one of {', '.join(RULES)}, got {rule!r}")
+        self.submission_K, self.pass_Ks, self.rule = int(submission_K), tuple(pass_Ks), rule
+        self.aggregated_voting = aggregated_voting
+        self.blank_identifier_id = eval_metadata.blank_identifier_id
+        self.identifier_names = load_identifier_names(data_path)
+        self.tasks = load_test_tasks(data_path, self.identifier_names)
+        self.votes = Votes(self.identifier_names, self.blank_identifier_id)
+
+    def begin_eval(self) -> None:
+        if not self.aggregated_voting:
+            self.votes = Votes(self.identifier_names, self.blank_identifier_id)
+
+    def update_batch(self, batch: dict[str, torch.Tensor], preds: dict[str, torch.Tensor]) -> None:
+        tokens = preds["preds"] if "preds" in preds else preds["logits"].argmax(-1)
+        self.votes.add(batch["puzzle_identifiers"], batch["inputs"], tokens, preds["q_halt_logits"])
+
+    def result(
+        self, save_path: str | None, rank: int, world_size: int, group: dist.ProcessGroup | None = None
+    ) -> dict[str, float] | None:
+        """Rank 0: {"ARC/pass@K": ...} and `save_path`/submission.json; other ranks: None."""
+        if world_size > 1:
+            gathered = [None] * world_size if rank == 0 else None
+            dist.gather_object(self.votes.entries, gathered, dst=0, group=group)
+        else:
+            gathered = [self.votes.entries]
+        if rank != 0:
+            return None
+        score = score_votes(self.tasks, gathered, self.rule, self.pass_Ks, self.submission_K)
+        if save_path is not None:
+            os.makedirs(save_path, exist_ok=True)
+            write_submission(os.path.join(save_path, "submission.json"), score.submission)
+        return score.metrics()
