@@ -15,6 +15,9 @@ Design choices:
 - `aggregated_voting` keeps the votes of earlier evaluations (TRM's default is on, ours off: a
   score should describe one checkpoint).
 - Predictions are the model's `preds`, or the argmax of its `logits` when it returns no `preds`.
+- On a dataset that is not ARC (no identifiers.json; no test_puzzles.json, 30x30 ARC encoding or ARC names)
+  the constructor raises `EvaluatorNotApplicable`: the launcher leaves the evaluator out with a notice,
+  so the default `evaluators: [{name: arc@ARC}]` (TRM's) costs nothing on Sudoku or mazes.
 """
 
 import os
@@ -29,11 +32,13 @@ from utils.arc_scoring import (
     RULES,
     SUBMISSION_K,
     Votes,
+    is_arc_dataset,
     load_identifier_names,
     load_test_tasks,
     score_votes,
     write_submission,
 )
+from utils.evaluation import EvaluatorNotApplicable
 
 
 class ARC:
@@ -53,7 +58,13 @@ class ARC:
         self.submission_K, self.pass_Ks, self.rule = int(submission_K), tuple(pass_Ks), rule
         self.aggregated_voting = aggregated_voting
         self.blank_identifier_id = eval_metadata.blank_identifier_id
+        if not os.path.isfile(os.path.join(data_path, "identifiers.json")):
+            raise EvaluatorNotApplicable("no identifiers.json: not an ARC dataset")
         self.identifier_names = load_identifier_names(data_path)
+        arc_encoding = (eval_metadata.seq_len, eval_metadata.vocab_size) == (30 * 30, 12)  # 30x30 canvas, PAD/EOS + 10
+        has_test_puzzles = os.path.isfile(os.path.join(data_path, "test_puzzles.json"))
+        if not (has_test_puzzles or arc_encoding or is_arc_dataset(self.identifier_names)):
+            raise EvaluatorNotApplicable("not an ARC dataset (no test_puzzles.json, no ARC grids or puzzle names)")
         self.tasks = load_test_tasks(data_path, self.identifier_names)
         self.votes = Votes(self.identifier_names, self.blank_identifier_id)
 

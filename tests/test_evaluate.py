@@ -7,13 +7,11 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
 import evaluate
 import pretrain
-from tests.test_arc_scoring import build_outputs
 from tests.test_pretrain_helpers import REPO, make_tiny_dataset, tiny_config
 from utils import evaluation
 from utils.distributed import DistInfo
@@ -90,23 +88,42 @@ def test_mismatched_checkpoint_is_one_line_error(trained, tmp_path):
         run_eval(tmp_path / "nope")
 
 
-def test_arc_scoring_hook(tmp_path):
-    outputs, names = build_outputs()
-    (tmp_path / "identifiers.json").write_text(json.dumps(names))
-    half = len(outputs["inputs"]) // 2
-    for rank, sl in enumerate([slice(0, half), slice(half, None)]):
-        torch.save(
-            {k: torch.from_numpy(np.ascontiguousarray(v[sl])) for k, v in outputs.items()},
-            tmp_path / f"step_7_all_preds.{rank}",
-        )
-    config = tiny_config(tmp_path, tmp_path, "eval_save_outputs=[inputs,labels,puzzle_identifiers,preds,q_halt_logits]")
-    score = evaluate.score_arc_outputs(config, 7, world_size=2)
-    assert score is not None and score.solved_at == {1: 1, 2: 2, 10: 2, 100: 2, 1000: 2}
-    # Outputs needed for scoring not saved → no scoring.
-    assert evaluate.score_arc_outputs(config.model_copy(update={"eval_save_outputs": ["logits"]}), 7, 2) is None
-    # Not an ARC dataset (no augmented names) → no scoring.
-    (tmp_path / "identifiers.json").write_text(json.dumps(["<blank>", "a", "b"]))
-    assert evaluate.score_arc_outputs(config, 7, world_size=2) is None
+def test_arc_checkpoint_scored_as_the_arc_prize_does(raw_data_dir, tmp_path):
+    """evaluate.py on an ARC run: the ARC evaluator's pass@K and submission.json equal the file-based scorer's
+    on the outputs the same evaluation saved (official rule: partial credit per test input)."""
+    from dataset.build_arc_dataset import ArcBuildConfig
+    from dataset.build_arc_dataset import main as build_main
+    from dataset.cli import run_cli
+    from tests.test_build_arc_prize import prize_files
+    from utils.arc_scoring import score_prediction_files
+
+    kaggle = raw_data_dir / "kaggle-combined"
+    picks = {
+        subset: sorted(json.loads((kaggle / f"arc-agi_{subset}_challenges.json").read_text()))[:3]
+        for subset in ("training", "evaluation")
+    }
+    prefix = prize_files(kaggle, tmp_path / "src", picks)
+    data = tmp_path / "arc"
+    flags = ["--input-file-prefix", prefix, "--output-dir", str(data), "--subsets", "training", "evaluation"]
+    assert run_cli(build_main, ArcBuildConfig, [*flags, "--test-set-name", "evaluation", "--num-aug", "2"]) == 0
+    run = tmp_path / "run"
+    pretrain.run(tiny_config(data, run, "epochs=1", "eval_interval=1", "global_batch_size=8", "evaluators=[]"))
+    (checkpoint,) = run.glob("step_*")
+    keys = "[inputs,labels,puzzle_identifiers,preds,q_halt_logits]"
+    result = cli(f"checkpoint={checkpoint}", "device=cpu", f"save_outputs={keys}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed = dict(line.split(": ") for line in result.stdout.splitlines() if line.startswith("ARC/"))
+    assert sorted(printed) == sorted(f"ARC/pass@{k}" for k in (1, 2, 5, 10, 100, 1000))
+    step = checkpoint.name.split("_")[1]
+    expected = score_prediction_files([str(run / f"step_{step}_all_preds.0")], str(data))
+    for key, value in expected.metrics().items():
+        assert float(printed[key]) == pytest.approx(value, abs=1e-6), key
+    submission = json.loads((run / f"evaluator_ARC_step_{step}" / "submission.json").read_text())
+    tasks = json.loads((data / "test_puzzles.json").read_text())
+    assert sorted(submission) == sorted(tasks)
+    for task, attempts in submission.items():
+        assert len(attempts) == len(tasks[task]["test"])
+        assert all(set(a) == {"attempt_1", "attempt_2"} for a in attempts)
 
 
 @pytest.mark.slow

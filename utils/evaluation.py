@@ -175,7 +175,7 @@ def evaluate(
     """
     feed = identifier_feed(identifiers, metadata, config.seed)
     set_ids = {name: i for i, name in enumerate(metadata.sets)}
-    sources = getattr(loader.dataset, "set_sources", None) or {name: (0, name, 0) for name in metadata.sets}
+    sources = getattr(getattr(loader, "dataset", None), "set_sources", None) or {n: (0, n, 0) for n in metadata.sets}
     save_keys = set(config.eval_save_outputs)
     return_keys = sorted(save_keys.union(*(ev.required_outputs for _, ev in evaluators)))
     for _, evaluator in evaluators:
