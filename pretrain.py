@@ -89,7 +89,7 @@ __all__ = [  # the reference's names, and what tests and benchmarks use from her
 
 # The config folder beside this file, absolute so `pretrain.launch` also works when imported (Hydra would
 # otherwise look for a Python package named `config`).
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config")
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.realpath(__file__)), "config")
 
 # ------------------------------------------------------------------------------------------- config
 

@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import pretrain  # noqa: E402
 from dataset.common import PuzzleDatasetMetadata  # noqa: E402
-from utils import build, train_step
+from utils import build, evaluation, train_step  # noqa: E402
 from utils.distributed import distributed_context  # noqa: E402
 
 
@@ -46,6 +46,10 @@ class Shape:
     num_puzzle_identifiers: int
     global_batch_size: int
     arch: str = "hrm_v1"
+    overrides: tuple[str, ...] = ()  # Hydra overrides of the shape (TRM's README recipes)
+
+
+TRM_SUDOKU = ("arch.L_layers=2", "arch.H_cycles=3", "arch.L_cycles=6")
 
 
 SHAPES = {
@@ -54,6 +58,14 @@ SHAPES = {
     "arc": Shape("arc", seq_len=900, vocab_size=12, num_puzzle_identifiers=1000, global_batch_size=96),
     "hrm3": Shape(
         "hrm3", seq_len=81, vocab_size=11, num_puzzle_identifiers=1, global_batch_size=768, arch="hrm_3level"
+    ),
+    # TRM with its README's recipes: Sudoku attention and MLP (mlp_t, no positions), ARC (L_cycles 4).
+    "trm": Shape("trm", 81, 11, 1, 768, arch="trm", overrides=TRM_SUDOKU),
+    "trm_mlp": Shape(
+        "trm_mlp", 81, 11, 1, 768, arch="trm", overrides=(*TRM_SUDOKU, "arch.mlp_t=True", "arch.pos_encodings=none")
+    ),
+    "trm_arc": Shape(
+        "trm_arc", 900, 12, 1000, 96, arch="trm", overrides=("arch.L_layers=2", "arch.H_cycles=3", "arch.L_cycles=4")
     ),
 }
 
@@ -68,6 +80,8 @@ def compose_config(shape: Shape, global_batch_size: int, extra: list[str]) -> pr
         "checkpoint_path=/tmp/hrm-bench",
         "project_name=bench",
         "run_name=bench",
+        "evaluators=[]",
+        *shape.overrides,
         *extra,
     ]
     return compose(overrides)
@@ -80,13 +94,42 @@ def block_flops(tokens: int, seq: int, batch: int, hidden: int, inter: int) -> f
     return float(matmul + attention)
 
 
+def mlp_t_block_flops(batch: int, seq: int, hidden: int, inter: int, expansion: float) -> float:
+    """FLOPs of one TRM mlp_t block: a SwiGLU over the positions of every channel, then the channel SwiGLU."""
+    token_inter = -(round(expansion * seq * 2 / 3) // -256) * 256
+    token_mix = 2 * batch * hidden * seq * 3 * token_inter  # gate/up (2m) and down (m), per (row, channel)
+    channel = 2 * batch * seq * hidden * 3 * inter
+    return float(token_mix + channel)
+
+
+def trm_step_flops(model_cfg, local_batch: int, world_size: int) -> tuple[float, float]:
+    """(train-step FLOPs, eval-batch FLOPs) of TRM: per ACT step H_cycles x (L_cycles + 1) L_level calls of
+    L_layers blocks, the last cycle with gradient (x3); no target-Q pass with no_ACT_continue."""
+    hidden = model_cfg.hidden_size
+    inter = -(round(model_cfg.expansion * hidden * 2 / 3) // -256) * 256
+    prefix = model_cfg.puzzle_emb_len or -(model_cfg.puzzle_emb_ndim // -hidden)
+    seq = model_cfg.seq_len + prefix
+    batch = local_batch * world_size
+    if model_cfg.mlp_t:
+        per_block = mlp_t_block_flops(batch, seq, hidden, inter, model_cfg.expansion)
+    else:
+        per_block = block_flops(batch * seq, seq, batch, hidden, inter)
+    per_pass = model_cfg.H_cycles * (model_cfg.L_cycles + 1) * model_cfg.L_layers
+    with_grad = (model_cfg.L_cycles + 1) * model_cfg.L_layers
+    target_pass = 0 if model_cfg.no_ACT_continue else per_pass
+    train_blocks = (per_pass - with_grad) + 3 * with_grad + target_pass
+    return train_blocks * per_block, model_cfg.halt_max_steps * per_pass * per_block
+
+
 def step_flops(model, local_batch: int, world_size: int) -> tuple[float, float]:
-    """(train-step FLOPs, eval-batch FLOPs) over the global batch, per SPEC §9 for HRM ACT-v1.
+    """(train-step FLOPs, eval-batch FLOPs) over the global batch, per SPEC §9 for HRM ACT-v1 (TRM: its own count).
 
     A model without H/L cycles (the single-step three-level model) is counted as 2·params per token
     forward and 3× that for a train step, attention excluded: an approximation, marked so in the docs.
     """
     model_cfg = model.config
+    if hasattr(model_cfg, "mlp_t"):
+        return trm_step_flops(model_cfg, local_batch, world_size)
     if not hasattr(model_cfg, "H_cycles"):
         params = sum(p.numel() for p in model.parameters())
         prefix = -(getattr(model_cfg, "puzzle_emb_ndim", 0) // -model_cfg.hidden_size)
@@ -118,18 +161,6 @@ def synthetic_batches(shape: Shape, local_batch: int, count: int, device: torch.
     if device.type == "cuda":
         batches = [{k: v.pin_memory() for k, v in b.items()} for b in batches]
     return batches
-
-
-def eval_batch_fallback(config, state, batch, info) -> None:
-    """Same loop as `pretrain.evaluate` for one batch: a fresh carry, forward until every row halted."""
-    with torch.inference_mode():
-        batch = {k: v.to(info.device, non_blocking=True) for k, v in batch.items()}
-        with torch.device(info.device):
-            carry = state.model.initial_carry(batch)
-        while True:
-            carry, _, _metrics, _preds, all_halted = state.forward(carry=carry, batch=batch, return_keys=[])
-            if all_halted:
-                break
 
 
 def run_train_steps(config, state, batches, gbs, info, count: int, finish_last: bool = True):
@@ -245,7 +276,7 @@ def bench_shape(shape: Shape, args, info) -> dict | None:
             config, state, batches, gbs, info, os.path.join(args.profile_dir, f"profile_{shape.name}.txt")
         )
 
-    eval_batch = getattr(pretrain, "eval_batch", eval_batch_fallback)
+    eval_batch = evaluation.eval_batch
     eval_ms = float("nan")
     if args.eval_batches > 0:
         state.model.eval()

@@ -1,4 +1,5 @@
-"""GPU checks: the bf16 CUDA forward (fused and unfused) agrees with the float32 CPU forward on the same weights.
+"""GPU checks: the bf16 CUDA forward (fused and unfused) agrees with the float32 CPU forward on the same weights,
+for HRM and for TRM (attention and mlp_t); compiled train steps match eager ones.
 
 Skipped without CUDA (CI has none); run on the GPU machine with `python -m pytest tests/test_gpu.py`.
 """
@@ -8,6 +9,16 @@ import torch
 
 from models.hrm.hrm_act_v1 import HierarchicalReasoningModel_ACTV1
 from models.losses import ACTLossHead
+from models.recursive_reasoning.trm import TinyRecursiveReasoningModel_ACTV1
+
+MODELS = {  # kind: (class, extra config)
+    "hrm": (HierarchicalReasoningModel_ACTV1, {}),
+    "trm": (TinyRecursiveReasoningModel_ACTV1, {"H_cycles": 2, "L_cycles": 3, "puzzle_emb_len": 4}),
+    "trm_mlp": (
+        TinyRecursiveReasoningModel_ACTV1,
+        {"H_cycles": 2, "L_cycles": 3, "puzzle_emb_len": 4, "mlp_t": True, "pos_encodings": "none"},
+    ),
+}
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -60,25 +71,32 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def _models_with_same_weights(**gpu_overrides):
+def _build(kind: str, **overrides):
+    cls, extra = MODELS[kind]
+    return cls(_config(**{**extra, **overrides}))
+
+
+def _models_with_same_weights(kind: str = "hrm", **gpu_overrides):
     torch.manual_seed(0)
-    cpu = HierarchicalReasoningModel_ACTV1(_config(forward_dtype="float32"))
+    cpu = _build(kind, forward_dtype="float32")
     # Non-zero puzzle embeddings so that path is exercised too.
     cpu.inner.puzzle_emb.weights.copy_(torch.randn_like(cpu.inner.puzzle_emb.weights) * 0.1)
     with torch.device("cuda"):
-        gpu = HierarchicalReasoningModel_ACTV1(_config(forward_dtype="bfloat16", **gpu_overrides))
+        gpu = _build(kind, forward_dtype="bfloat16", **gpu_overrides)
     state = {k: v.to(gpu.state_dict()[k].dtype) for k, v in cpu.state_dict().items()}
     gpu.load_state_dict(state)
     return cpu, gpu
 
 
-@pytest.mark.parametrize("fused_ops", [False, True])
-def test_bf16_gpu_forward_matches_fp32_cpu(fused_ops):
+@pytest.mark.parametrize(
+    "kind, fused_ops", [("hrm", False), ("hrm", True), ("trm", False), ("trm", True), ("trm_mlp", False)]
+)
+def test_bf16_gpu_forward_matches_fp32_cpu(kind, fused_ops):
     """bf16 tolerance, measured rather than guessed: the same weights run in bf16 on the CPU deviate from
     the fp32 CPU forward by what bf16 rounding alone does through the recurrence; the GPU's bf16 forward
     may deviate at most twice that (different kernels round differently, but not more coarsely)."""
-    cpu, gpu = _models_with_same_weights(fused_ops=fused_ops)
-    cpu_bf16 = HierarchicalReasoningModel_ACTV1(_config(forward_dtype="bfloat16"))
+    cpu, gpu = _models_with_same_weights(kind, fused_ops=fused_ops)
+    cpu_bf16 = _build(kind, forward_dtype="bfloat16")
     cpu_bf16.load_state_dict({k: v.to(cpu_bf16.state_dict()[k].dtype) for k, v in cpu.state_dict().items()})
     ref = _eval_logits(cpu, "cpu", steps=2)
     rounding_only = _eval_logits(cpu_bf16, "cpu", steps=2)
@@ -92,17 +110,19 @@ def test_bf16_gpu_forward_matches_fp32_cpu(fused_ops):
     assert agree > 0.97
 
 
-def test_fused_and_unfused_bf16_agree():
-    _, unfused = _models_with_same_weights(fused_ops=False)
-    _, fused = _models_with_same_weights(fused_ops=True)
+@pytest.mark.parametrize("kind", ["hrm", "trm"])
+def test_fused_and_unfused_bf16_agree(kind):
+    _, unfused = _models_with_same_weights(kind, fused_ops=False)
+    _, fused = _models_with_same_weights(kind, fused_ops=True)
     for a, b in zip(_eval_logits(fused, "cuda", steps=3), _eval_logits(unfused, "cuda", steps=3)):
         assert _rel(a, b) < 2e-2
 
 
-def test_compiled_train_step_runs_and_matches_eager_loss():
+@pytest.mark.parametrize("kind", ["hrm", "trm", "trm_mlp"])
+def test_compiled_train_step_runs_and_matches_eager_loss(kind):
     torch.manual_seed(0)
     with torch.device("cuda"):
-        head = ACTLossHead(HierarchicalReasoningModel_ACTV1(_config()), loss_type="stablemax_cross_entropy")
+        head = ACTLossHead(_build(kind), loss_type="stablemax_cross_entropy")
     compiled = torch.compile(head, dynamic=False)
     batch = _batch("cuda")
     losses = []
