@@ -152,7 +152,9 @@ def main() -> None:
         if shape not in SHAPES:
             parser.exit(2, f"error: unknown shape {shape!r}; choose from {sorted(SHAPES)}\n")
         torch.manual_seed(0)
-        head, forward, optimizers, backend, (seq_len, vocab, ids, gbs) = build(ref_dir, shape, device, args.global_batch_size)
+        head, forward, optimizers, backend, (seq_len, vocab, ids, gbs) = build(
+            ref_dir, shape, device, args.global_batch_size
+        )
         pool = batches(seq_len, vocab, ids, gbs, device)
         state = {"carry": None}
         head.train()
