@@ -56,7 +56,7 @@ from utils.train_state import (
     TrainState,
     names_from_resume,
     read_train_state,
-    resolve_resume_path,
+    resolve_resume_path_on_every_rank,
     restore_train_state,
     save_train_state,
 )
@@ -252,9 +252,9 @@ def train(config: PretrainConfig, info: DistInfo, logger: MetricLogger | None = 
     check_test_identifiers(train_dataset.metadata, eval_dataset.metadata)
     evaluators = create_evaluators(config, eval_dataset.metadata, info)
 
-    # Model and optimizers, or the saved train state of this run.
+    # Model and optimizers, or the saved train state of this run (found alike by every rank).
+    resume_path = resolve_resume_path_on_every_rank(config, info)
     state, sources = init_train_state(config, train_dataset.metadata, info)
-    resume_path = resolve_resume_path(config)
     if resume_path is not None:
         restore_train_state(read_train_state(resume_path), resume_path, config, state, info)
         if info.is_main:

@@ -10,7 +10,8 @@ Design choices:
 - `torch.compile` is on for CUDA unless disabled (the reference's env `DISABLE_COMPILE` too), off on CPU.
 - Loaders use one worker with prefetching and, on CUDA, pinned memory (SPEC §8); the worker's seed
   comes from a private generator, so building a loader never draws from the global RNG (a resumed
-  run's ACT exploration noise would drift otherwise).
+  run's ACT exploration noise would drift otherwise). The worker dies with its parent
+  (`utils.distributed.exit_with_parent`), so a killed rank's sockets close at once.
 - Several training datasets (TRM's `data_paths`) keep their puzzle identifiers apart: where their
   identifier ranges overlap (each built numbering from 1), each dataset's identifiers are shifted past
   the previous datasets' (`num_puzzle_identifiers` of each); where they are already disjoint (built with
@@ -25,6 +26,7 @@ Design choices:
   evaluator on Sudoku) says so in a notice and is left out.
 """
 
+import functools
 import inspect
 import os
 import sys
@@ -36,7 +38,7 @@ from torch.utils.data import DataLoader
 
 from utils import checkpointing as ckpt
 from utils.config import PretrainConfig, test_data_paths, train_data_paths
-from utils.distributed import DistInfo, broadcast_module_state
+from utils.distributed import DistInfo, broadcast_module_state, exit_with_parent
 
 PUZZLE_TABLE_KEY = "model.inner.puzzle_emb.weights"
 
@@ -115,6 +117,7 @@ def create_dataloader(config: PretrainConfig, split: str, info: DistInfo, *, tes
         pin_memory=info.device.type == "cuda",
         persistent_workers=True,
         generator=torch.Generator(),
+        worker_init_fn=functools.partial(exit_with_parent, os.getpid()),
     )
     return dataset, loader
 

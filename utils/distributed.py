@@ -17,11 +17,24 @@ Design choices:
   surviving ranks leave through `DistributedFailure`: one line naming the rank, exit status 5.
   Under torchrun the agent also notices a dead worker (every 0.1 s), sends SIGTERM to the
   others and exits non-zero (or restarts the group with `--max-restarts`).
+- A DataLoader worker is forked after the process group exists, so it holds copies of the group's
+  sockets. When only the training process is killed (a crash, the OOM killer, `kill -9 PID`), the
+  loader worker would keep those sockets open until its watchdog notices the missing parent (up to
+  5 s), and the peers would not see the connection drop until then. `exit_with_parent` (the loaders'
+  `worker_init_fn`) makes the kernel kill the loader worker with its parent (Linux prctl).
+- `torchrun --max-restarts N` restarts a failed group, but by default (torch >= 2.5) its workers share
+  the agent's TCP store, which outlives the group with the old group's connection keys in it: the new
+  workers can read a dead worker's address and fail to connect (seen with torch 2.13 and gloo; see
+  pytorch/pytorch#135712). `TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1` in torchrun's environment gives
+  every group a fresh store; rank 0 warns when restarts are enabled without it.
 """
 
+import ctypes
 import datetime
 import math
 import os
+import signal
+import sys
 import traceback
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -78,6 +91,12 @@ def setup_distributed(device_name: str = "auto", timeout_s: float = DEFAULT_TIME
         return DistInfo(rank=0, world_size=1, local_rank=0, device=resolve_device(device_name))
     if not (math.isfinite(timeout_s) and timeout_s > 0):
         raise ValueError(f"config key 'dist_timeout_s': must be a positive number of seconds, got {timeout_s}")
+    if os.environ.get("RANK") == "0" and restarts_share_agent_store():
+        print(
+            "warning: torchrun --max-restarts with the agent's shared TCP store: a restarted group can read the "
+            "previous group's addresses and fail to connect; launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1",
+            file=sys.stderr,
+        )
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name, local_rank)
     if device.type == "cuda":
@@ -87,6 +106,23 @@ def setup_distributed(device_name: str = "auto", timeout_s: float = DEFAULT_TIME
             backend="nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout_s)
         )
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device)
+
+
+def restarts_share_agent_store() -> bool:
+    """True under `torchrun --max-restarts N` (N > 0) whose workers use the agent's store (module docstring)."""
+    restarts = os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and restarts.isdigit() and int(restarts) > 0
+
+
+def exit_with_parent(parent_pid: int, _worker_id: int = 0) -> None:
+    """DataLoader `worker_init_fn`: on Linux, have the kernel SIGKILL this loader worker when the process that
+    forked it dies (see module docstring); elsewhere a no-op (the loader's own watchdog still ends it)."""
+    if not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1  # <linux/prctl.h>
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before the request took effect
+        os._exit(0)
 
 
 def cleanup_distributed() -> None:

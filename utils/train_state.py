@@ -8,6 +8,9 @@ Design choices:
 - A train state file (`train_state_step_{N:06d}.pt`, written atomically by rank 0) adds what is
   per rank: every rank's ACT carry and RNG states, gathered to rank 0, plus world size and config.
   Only the newest is kept; resuming needs the same world size, and lists changed config keys.
+- Every rank looks for the train state itself (`resume=auto` on every node), and the ranks compare what
+  they found before anyone loads it: a checkpoint folder that not every node sees would otherwise let
+  rank 0 resume while the others start fresh, training different weights until a collective mismatches.
 - `call` is the one place the (compiled) head is called: under CUDA graphs a replay reuses the
   memory of the previous one's outputs, so the carry that lives on across calls is copied out.
 """
@@ -157,6 +160,33 @@ def resolve_resume_path(config: PretrainConfig) -> str | None:
     if not os.path.isfile(config.resume):
         raise FileNotFoundError(f"config key 'resume': train state not found: {config.resume}")
     return config.resume
+
+
+def resolve_resume_path_on_every_rank(config: PretrainConfig, info: DistInfo) -> str | None:
+    """Collective: `resolve_resume_path` on every rank, the same answer everywhere or the same error on all."""
+    try:
+        found, error = resolve_resume_path(config), None
+    except (ValueError, FileNotFoundError) as e:
+        found, error = None, e
+    if info.world_size == 1:
+        if error is not None:
+            raise error
+        return found
+    answers: list[Any] = [None] * info.world_size
+    failure = None if error is None else (isinstance(error, FileNotFoundError), str(error))
+    dist.all_gather_object(answers, (found, failure))
+    for rank, (_, failed) in enumerate(answers):
+        if failed is not None:  # every rank leaves with the same one-line error (status 2)
+            not_found, message = failed
+            raise (FileNotFoundError if not_found else ValueError)(f"{message} (on rank {rank} of {info.world_size})")
+    for rank, (path, _) in enumerate(answers):
+        if path != answers[0][0]:
+            raise ValueError(
+                f"config key 'resume': rank 0 finds {answers[0][0] or 'no train state'}, rank {rank} finds "
+                f"{path or 'no train state'} in checkpoint_path={config.checkpoint_path}: it must be a folder "
+                "every node sees"
+            )
+    return found
 
 
 def read_train_state(path: str) -> dict[str, Any]:
