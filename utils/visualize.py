@@ -411,7 +411,7 @@ def act_step_accuracy(head, batches: Iterable, device="cpu", max_calls: int = 10
     count = 0
     with torch.inference_mode():
         for item in batches:
-            batch = item[1] if isinstance(item, tuple) else item
+            batch = item[1] if isinstance(item, (tuple, list)) else item  # a loader item: (set, batch, size)
             batch = {k: v.to(device) for k, v in batch.items()}
             labels = batch["labels"]
             mask = labels != IGNORE_LABEL_ID
