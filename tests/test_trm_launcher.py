@@ -124,6 +124,7 @@ def tiny_run_command(command: str, global_batch_size: int) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.full_size
 @pytest.mark.parametrize("name", sorted(TRM_README))
 def test_trm_readme_command_runs_on_tiny_data(tmp_path, name):
     """The full-size TRM (d=512, bf16) for one step and one evaluation: 1 example per rank, 1 test example."""
@@ -461,3 +462,15 @@ def test_our_dataset_json_has_every_field_trms_loader_requires(tmp_path):
     for split in ("train", "test"):
         meta = json.loads((data / split / "dataset.json").read_text())
         assert trm_fields <= set(meta) and meta["total_puzzles"] is not None
+
+
+def test_a_dataset_json_as_trms_sudoku_builder_writes_it_loads(tmp_path):
+    """TRM's Sudoku and Maze builders write total_puzzles = the number of groups; our loader reads such files."""
+    data = make_tiny_dataset(tmp_path / "data", num_groups=4, aug_per_group=2)
+    for split in ("train", "test"):
+        path = data / split / "dataset.json"
+        meta = json.loads(path.read_text())
+        meta["total_puzzles"] = meta["total_groups"]
+        path.write_text(json.dumps(meta))
+    ds = loader([data], None)
+    assert ds.metadata.total_puzzles == 4 and [s for s, _, _ in ds] == ["all"]
