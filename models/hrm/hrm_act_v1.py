@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from pydantic import field_validator, model_validator
 from torch import nn
 
-from models.common import ModelConfig, build_model_config, trunc_normal_init_
+from models.act import ACTModel
+from models.common import ModelConfig, trunc_normal_init_
 from models.fused_ops import post_norm_block
 from models.layers import Attention, CastedEmbedding, CastedLinear, ReasoningModule, RotaryEmbedding, SwiGLU
 from models.sparse_embedding import CastedSparseEmbedding
@@ -259,66 +260,9 @@ class HierarchicalReasoningModel_ACTV1_Inner(nn.Module):
         return new_carry, output, (q_logits[..., 0], q_logits[..., 1])
 
 
-class HierarchicalReasoningModel_ACTV1(nn.Module):
-    """ACT wrapper: keeps the carry of every batch row, decides halting, and refills halted rows."""
+class HierarchicalReasoningModel_ACTV1(ACTModel):
+    """ACT wrapper (models/act.py): keeps the carry of every batch row, decides halting, and refills halted rows."""
 
-    def __init__(self, config_dict: dict):
-        super().__init__()
-        self.config = build_model_config(
-            HierarchicalReasoningModel_ACTV1Config, config_dict, "HierarchicalReasoningModel_ACTV1"
-        )
-        self.inner = HierarchicalReasoningModel_ACTV1_Inner(self.config)
-
-    @property
-    def puzzle_emb(self):
-        return self.inner.puzzle_emb
-
-    def initial_carry(self, batch: dict[str, torch.Tensor]) -> HierarchicalReasoningModel_ACTV1Carry:
-        batch_size = batch["inputs"].shape[0]
-        device = batch["inputs"].device
-        return HierarchicalReasoningModel_ACTV1Carry(
-            inner_carry=self.inner.empty_carry(batch_size, device=device),
-            steps=torch.zeros((batch_size,), dtype=torch.int32, device=device),
-            halted=torch.ones((batch_size,), dtype=torch.bool, device=device),  # all halted: load data on first step
-            current_data={k: torch.empty_like(v) for k, v in batch.items()},
-        )
-
-    def forward(
-        self, carry: HierarchicalReasoningModel_ACTV1Carry, batch: dict[str, torch.Tensor]
-    ) -> tuple[HierarchicalReasoningModel_ACTV1Carry, dict[str, torch.Tensor]]:
-        # Halted rows restart from the initial state with the next example of the batch.
-        new_inner_carry = self.inner.reset_carry(carry.halted, carry.inner_carry)
-        new_steps = torch.where(carry.halted, 0, carry.steps)
-        new_current_data = {
-            k: torch.where(carry.halted.view((-1,) + (1,) * (batch[k].ndim - 1)), batch[k], v)
-            for k, v in carry.current_data.items()
-        }
-
-        new_inner_carry, logits, (q_halt_logits, q_continue_logits) = self.inner(new_inner_carry, new_current_data)
-        outputs = {"logits": logits, "q_halt_logits": q_halt_logits, "q_continue_logits": q_continue_logits}
-
-        with torch.no_grad():
-            new_steps = new_steps + 1
-            is_last_step = new_steps >= self.config.halt_max_steps
-            halted = is_last_step
-
-            # Eval keeps every row running to halt_max_steps, so a batch finishes together.
-            if self.training and self.config.halt_max_steps > 1:
-                halted = halted | (q_halt_logits > q_continue_logits)
-
-                # Exploration: with probability halt_exploration_prob a row must run at least
-                # U{2..halt_max_steps} steps before it may halt.
-                explore = torch.rand_like(q_halt_logits) < self.config.halt_exploration_prob
-                min_halt_steps = explore * torch.randint_like(new_steps, low=2, high=self.config.halt_max_steps + 1)
-                halted = halted & (new_steps >= min_halt_steps)
-
-                # Q-learning target for "continue": the value of the next step (no bootstrapping
-                # beyond the step limit, where only halting is possible).
-                next_q_halt_logits, next_q_continue_logits = self.inner(new_inner_carry, new_current_data)[-1]
-                outputs["target_q_continue"] = torch.sigmoid(
-                    torch.where(
-                        is_last_step, next_q_halt_logits, torch.maximum(next_q_halt_logits, next_q_continue_logits)
-                    )
-                )
-
-        return HierarchicalReasoningModel_ACTV1Carry(new_inner_carry, new_steps, halted, new_current_data), outputs
+    config_cls = HierarchicalReasoningModel_ACTV1Config
+    inner_cls = HierarchicalReasoningModel_ACTV1_Inner
+    carry_cls = HierarchicalReasoningModel_ACTV1Carry
