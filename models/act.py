@@ -1,6 +1,11 @@
-"""Adaptive computation time (ACT): the wrapper HRM and TRM share around their inner recurrent model.
+"""What HRM and TRM share around their recursion: the inner model's input/output layers, and the ACT wrapper.
 
 Design choices:
+- `RecursiveInner` holds the inner models' input and output: token embedding (scaled by sqrt(hidden)), the
+  sparse puzzle embedding as a prefix of `puzzle_emb_len` rows (zero-padded), RoPE or learned positions (or
+  none), the LM head, the Q head (zero weights, bias -5: Q starts at "continue"), and the fixed initial states
+  `H_init` / `L_init`. It builds them in the references' order, with the subclass's recurrent modules
+  (`build_levels`) in the middle where the references create them, so one seed gives their initial weights.
 - One definition, subclassed per model (`HierarchicalReasoningModel_ACTV1`, `TinyRecursiveReasoningModel_ACTV1`):
   a subclass names its config, inner model and carry classes (state-dict keys `inner.*` and carry field names
   are an interface) and, where its halting differs, overrides `halt_signal` and `bootstraps_continue`.
@@ -14,12 +19,117 @@ Design choices:
 - No host synchronisation: every decision is a tensor op, so the wrapper compiles into one graph.
 """
 
+import math
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from models.common import build_model_config
+from models.common import build_model_config, trunc_normal_init_
+from models.layers import CastedEmbedding, CastedLinear, RotaryEmbedding
+from models.sparse_embedding import CastedSparseEmbedding
+
+
+class RecursiveInner(nn.Module):
+    carry_cls: ClassVar[type]  # the inner carry dataclass (z_H, z_L)
+
+    def __init__(self, config: Any, puzzle_emb_len: int) -> None:
+        super().__init__()
+        self.config = config
+        self.forward_dtype = getattr(torch, config.forward_dtype)
+
+        self.embed_scale = math.sqrt(config.hidden_size)
+        embed_init_std = 1.0 / self.embed_scale
+
+        self.embed_tokens = CastedEmbedding(
+            config.vocab_size, config.hidden_size, init_std=embed_init_std, cast_to=self.forward_dtype
+        )
+        self.lm_head = CastedLinear(config.hidden_size, config.vocab_size, bias=False)
+        self.q_head = CastedLinear(config.hidden_size, 2, bias=True)
+
+        self.puzzle_emb_len = puzzle_emb_len
+        if config.puzzle_emb_ndim > 0:
+            # Zero init: a new puzzle starts with no identity signal.
+            self.puzzle_emb = CastedSparseEmbedding(
+                config.num_puzzle_identifiers,
+                config.puzzle_emb_ndim,
+                batch_size=config.batch_size,
+                init_std=0,
+                cast_to=self.forward_dtype,
+            )
+
+        total_len = config.seq_len + self.puzzle_emb_len
+        if config.pos_encodings == "rope":
+            self.rotary_emb = RotaryEmbedding(
+                dim=config.hidden_size // config.num_heads, max_position_embeddings=total_len, base=config.rope_theta
+            )
+        elif config.pos_encodings == "learned":
+            self.embed_pos = CastedEmbedding(
+                total_len, config.hidden_size, init_std=embed_init_std, cast_to=self.forward_dtype
+            )
+        # anything else: no position encoding (TRM's `none`; HRM's config allows only the two above)
+
+        self.build_levels()
+
+        self.H_init = nn.Buffer(
+            trunc_normal_init_(torch.empty(config.hidden_size, dtype=self.forward_dtype), std=1), persistent=True
+        )
+        self.L_init = nn.Buffer(
+            trunc_normal_init_(torch.empty(config.hidden_size, dtype=self.forward_dtype), std=1), persistent=True
+        )
+
+        # Q head starts at "continue" (halt logit -5), so early training does not halt at once.
+        with torch.no_grad():
+            self.q_head.weight.zero_()
+            self.q_head.bias.fill_(-5)
+
+    def build_levels(self) -> None:
+        """Create the recurrent modules (HRM: H_level then L_level; TRM: L_level)."""
+        raise NotImplementedError
+
+    def _input_embeddings(self, input: torch.Tensor, puzzle_identifiers: torch.Tensor) -> torch.Tensor:
+        embedding = self.embed_tokens(input.to(torch.int32))  # [B, S, d]
+
+        if self.puzzle_emb_len > 0:
+            width = self.puzzle_emb_len * self.config.hidden_size
+            if self.config.puzzle_emb_ndim > 0:
+                puzzle_embedding = self.puzzle_emb(puzzle_identifiers)  # [B, puzzle_emb_ndim]
+                pad_count = width - puzzle_embedding.shape[-1]
+                if pad_count > 0:
+                    puzzle_embedding = F.pad(puzzle_embedding, (0, pad_count))  # [B, P * d]
+            else:  # TRM's prefix rows without a puzzle embedding: zeros
+                puzzle_embedding = embedding.new_zeros(embedding.shape[0], width)  # [B, P * d]
+            puzzle_embedding = puzzle_embedding.view(-1, self.puzzle_emb_len, self.config.hidden_size)  # [B, P, d]
+            embedding = torch.cat((puzzle_embedding, embedding), dim=-2)  # [B, P + S, d]
+
+        if self.config.pos_encodings == "learned":
+            # Scale by 1/√2 to keep the sum of two unit-variance embeddings at unit variance.
+            embedding = 0.707106781 * (embedding + self.embed_pos.embedding_weight.to(self.forward_dtype))
+
+        return self.embed_scale * embedding
+
+    def empty_carry(self, batch_size: int, device=None) -> Any:
+        # Uninitialised on purpose: every row is halted at the start and gets reset before use.
+        shape = (batch_size, self.config.seq_len + self.puzzle_emb_len, self.config.hidden_size)
+        return self.carry_cls(
+            z_H=torch.empty(shape, dtype=self.forward_dtype, device=device),
+            z_L=torch.empty(shape, dtype=self.forward_dtype, device=device),
+        )
+
+    def reset_carry(self, reset_flag: torch.Tensor, carry: Any) -> Any:
+        flag = reset_flag.view(-1, 1, 1)  # [B, 1, 1]
+        return self.carry_cls(
+            z_H=torch.where(flag, self.H_init, carry.z_H),
+            z_L=torch.where(flag, self.L_init, carry.z_L),
+        )
+
+    def outputs(self, z_H: torch.Tensor, z_L: torch.Tensor):
+        """(detached new carry, logits without the puzzle prefix, (q_halt, q_continue) in float32)."""
+        new_carry = self.carry_cls(z_H=z_H.detach(), z_L=z_L.detach())
+        output = self.lm_head(z_H)[:, self.puzzle_emb_len :]  # [B, S, V], drops the puzzle prefix
+        q_logits = self.q_head(z_H[:, 0]).to(torch.float32)  # [B, 2], from the first prefix row
+        return new_carry, output, (q_logits[..., 0], q_logits[..., 1])
 
 
 class ACTModel(nn.Module):

@@ -40,19 +40,16 @@ Where this differs from TRM's repository (commit e7b6871), each on input where T
   passes to every model, is accepted when False.
 """
 
-import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from pydantic import field_validator, model_validator
 from torch import nn
 
-from models.act import ACTModel
-from models.common import ModelConfig, trunc_normal_init_
+from models.act import ACTModel, RecursiveInner
+from models.common import ModelConfig
 from models.fused_ops import post_norm_block
-from models.layers import Attention, CastedEmbedding, CastedLinear, ReasoningModule, RotaryEmbedding, SwiGLU, rms_norm
-from models.sparse_embedding import CastedSparseEmbedding
+from models.layers import Attention, ReasoningModule, SwiGLU, rms_norm
 
 
 @dataclass
@@ -188,95 +185,17 @@ class TinyRecursiveReasoningModel_ACTV1ReasoningModule(ReasoningModule):
     """TRM's one network: a stack of blocks applied to `hidden_states + input_injection`."""
 
 
-class TinyRecursiveReasoningModel_ACTV1_Inner(nn.Module):
+class TinyRecursiveReasoningModel_ACTV1_Inner(RecursiveInner):
+    """TRM's recursion between the shared input/output layers (models/act.py): one network updates z, then y."""
+
+    carry_cls = TinyRecursiveReasoningModel_ACTV1InnerCarry
+
     def __init__(self, config: TinyRecursiveReasoningModel_ACTV1Config) -> None:
-        super().__init__()
-        self.config = config
-        self.forward_dtype = getattr(torch, config.forward_dtype)
+        super().__init__(config, _puzzle_prefix_len(config.puzzle_emb_len, config.puzzle_emb_ndim, config.hidden_size))
 
-        # Construction order matches TRM's, so one seed gives the same initial weights.
-        self.embed_scale = math.sqrt(config.hidden_size)
-        embed_init_std = 1.0 / self.embed_scale
-
-        self.embed_tokens = CastedEmbedding(
-            config.vocab_size, config.hidden_size, init_std=embed_init_std, cast_to=self.forward_dtype
-        )
-        self.lm_head = CastedLinear(config.hidden_size, config.vocab_size, bias=False)
-        self.q_head = CastedLinear(config.hidden_size, 2, bias=True)
-
-        self.puzzle_emb_len = _puzzle_prefix_len(config.puzzle_emb_len, config.puzzle_emb_ndim, config.hidden_size)
-        if config.puzzle_emb_ndim > 0:
-            # Zero init: a new puzzle starts with no identity signal.
-            self.puzzle_emb = CastedSparseEmbedding(
-                config.num_puzzle_identifiers,
-                config.puzzle_emb_ndim,
-                batch_size=config.batch_size,
-                init_std=0,
-                cast_to=self.forward_dtype,
-            )
-
-        total_len = config.seq_len + self.puzzle_emb_len
-        if config.pos_encodings == "rope":
-            self.rotary_emb = RotaryEmbedding(
-                dim=config.hidden_size // config.num_heads, max_position_embeddings=total_len, base=config.rope_theta
-            )
-        elif config.pos_encodings == "learned":
-            self.embed_pos = CastedEmbedding(
-                total_len, config.hidden_size, init_std=embed_init_std, cast_to=self.forward_dtype
-            )
-
+    def build_levels(self) -> None:
         self.L_level = TinyRecursiveReasoningModel_ACTV1ReasoningModule(
-            layers=[TinyRecursiveReasoningModel_ACTV1Block(config) for _ in range(config.L_layers)]
-        )
-
-        self.H_init = nn.Buffer(
-            trunc_normal_init_(torch.empty(config.hidden_size, dtype=self.forward_dtype), std=1), persistent=True
-        )
-        self.L_init = nn.Buffer(
-            trunc_normal_init_(torch.empty(config.hidden_size, dtype=self.forward_dtype), std=1), persistent=True
-        )
-
-        # Q head starts at "continue" (halt logit -5), so early training does not halt at once.
-        with torch.no_grad():
-            self.q_head.weight.zero_()
-            self.q_head.bias.fill_(-5)
-
-    def _input_embeddings(self, input: torch.Tensor, puzzle_identifiers: torch.Tensor) -> torch.Tensor:
-        embedding = self.embed_tokens(input.to(torch.int32))  # [B, S, d]
-
-        if self.puzzle_emb_len > 0:
-            width = self.puzzle_emb_len * self.config.hidden_size
-            if self.config.puzzle_emb_ndim > 0:
-                puzzle_embedding = self.puzzle_emb(puzzle_identifiers)  # [B, puzzle_emb_ndim]
-                pad_count = width - puzzle_embedding.shape[-1]
-                if pad_count > 0:
-                    puzzle_embedding = F.pad(puzzle_embedding, (0, pad_count))  # [B, P * d]
-            else:
-                puzzle_embedding = embedding.new_zeros(embedding.shape[0], width)  # [B, P * d]
-            puzzle_embedding = puzzle_embedding.view(-1, self.puzzle_emb_len, self.config.hidden_size)  # [B, P, d]
-            embedding = torch.cat((puzzle_embedding, embedding), dim=-2)  # [B, P + S, d]
-
-        if self.config.pos_encodings == "learned":
-            # Scale by 1/√2 to keep the sum of two unit-variance embeddings at unit variance.
-            embedding = 0.707106781 * (embedding + self.embed_pos.embedding_weight.to(self.forward_dtype))
-
-        return self.embed_scale * embedding
-
-    def empty_carry(self, batch_size: int, device=None) -> TinyRecursiveReasoningModel_ACTV1InnerCarry:
-        # Uninitialised on purpose: every row is halted at the start and gets reset before use.
-        shape = (batch_size, self.config.seq_len + self.puzzle_emb_len, self.config.hidden_size)
-        return TinyRecursiveReasoningModel_ACTV1InnerCarry(
-            z_H=torch.empty(shape, dtype=self.forward_dtype, device=device),
-            z_L=torch.empty(shape, dtype=self.forward_dtype, device=device),
-        )
-
-    def reset_carry(
-        self, reset_flag: torch.Tensor, carry: TinyRecursiveReasoningModel_ACTV1InnerCarry
-    ) -> TinyRecursiveReasoningModel_ACTV1InnerCarry:
-        flag = reset_flag.view(-1, 1, 1)  # [B, 1, 1]
-        return TinyRecursiveReasoningModel_ACTV1InnerCarry(
-            z_H=torch.where(flag, self.H_init, carry.z_H),
-            z_L=torch.where(flag, self.L_init, carry.z_L),
+            layers=[TinyRecursiveReasoningModel_ACTV1Block(self.config) for _ in range(self.config.L_layers)]
         )
 
     def _cycle(self, z_H: torch.Tensor, z_L: torch.Tensor, x: torch.Tensor, seq_info: dict):
@@ -300,10 +219,7 @@ class TinyRecursiveReasoningModel_ACTV1_Inner(nn.Module):
                 z_H, z_L = self._cycle(z_H, z_L, input_embeddings, seq_info)
         z_H, z_L = self._cycle(z_H, z_L, input_embeddings, seq_info)
 
-        new_carry = TinyRecursiveReasoningModel_ACTV1InnerCarry(z_H=z_H.detach(), z_L=z_L.detach())
-        output = self.lm_head(z_H)[:, self.puzzle_emb_len :]  # [B, S, V], drops the puzzle prefix
-        q_logits = self.q_head(z_H[:, 0]).to(torch.float32)  # [B, 2], from the first prefix row
-        return new_carry, output, (q_logits[..., 0], q_logits[..., 1])
+        return self.outputs(z_H, z_L)
 
 
 class TinyRecursiveReasoningModel_ACTV1(ACTModel):
