@@ -131,19 +131,21 @@ def compute_total_steps(config: PretrainConfig, total_groups: int, mean_puzzle_e
     return int(config.epochs * total_groups * mean_puzzle_examples / config.global_batch_size)
 
 
-def check_batches_per_iteration(config: PretrainConfig, metadata: Any) -> None:
+def check_batches_per_iteration(config: PretrainConfig, dataset: Any) -> None:
     """A global batch that one training iteration cannot fill would train nothing (the loader drops the last,
-    short batch): refuse it before any work, naming the numbers."""
+    short batch; with several datasets each is walked on its own): refuse it before any work, naming the numbers."""
     epochs = epochs_per_iter(config)
-    examples = epochs * metadata.total_groups * metadata.mean_puzzle_examples
-    if examples < config.global_batch_size:
-        interval = f"eval_interval={epochs}" if config.eval_interval is not None else f"epochs={epochs}"
-        raise ValueError(
-            f"config key 'global_batch_size': {config.global_batch_size} is more than one training iteration holds "
-            f"({interval} epochs x {metadata.total_groups} groups x {metadata.mean_puzzle_examples:g} examples = "
-            f"{examples:g} examples per iteration), so no step would run; lower global_batch_size or raise "
-            f"{interval.split('=')[0]}"
-        )
+    interval = f"eval_interval={epochs}" if config.eval_interval is not None else f"epochs={epochs}"
+    for split_dir, metadata in zip(dataset.split_dirs, dataset.source_metadata):
+        examples = epochs * metadata.total_groups * metadata.mean_puzzle_examples
+        if examples < config.global_batch_size:
+            where = f" of {split_dir.parent}" if len(dataset.split_dirs) > 1 else ""
+            raise ValueError(
+                f"config key 'global_batch_size': {config.global_batch_size} is more than one training iteration"
+                f"{where} holds ({interval} epochs x {metadata.total_groups} groups x "
+                f"{metadata.mean_puzzle_examples:g} examples = {examples:g} examples per iteration), so no step "
+                f"would run; lower global_batch_size or raise {interval.split('=')[0]}"
+            )
 
 
 def check_test_identifiers(train_metadata: Any, test_metadata: Any) -> None:
@@ -248,7 +250,7 @@ def train(config: PretrainConfig, info: DistInfo, logger: MetricLogger | None = 
     total_iters = config.epochs // train_epochs
     train_dataset, train_loader = create_dataloader(config, "train", info, test_set_mode=False, epochs=train_epochs)
     eval_dataset, eval_loader = create_dataloader(config, "test", info, test_set_mode=True, epochs=1)
-    check_batches_per_iteration(config, train_dataset.metadata)
+    check_batches_per_iteration(config, train_dataset)
     check_test_identifiers(train_dataset.metadata, eval_dataset.metadata)
     evaluators = create_evaluators(config, eval_dataset.metadata, info)
 

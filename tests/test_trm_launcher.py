@@ -474,3 +474,10 @@ def test_a_dataset_json_as_trms_sudoku_builder_writes_it_loads(tmp_path):
         path.write_text(json.dumps(meta))
     ds = loader([data], None)
     assert ds.metadata.total_puzzles == 4 and [s for s, _, _ in ds] == ["all"]
+
+
+def test_a_dataset_too_small_for_one_batch_is_named(tmp_path):
+    big = make_tiny_dataset(tmp_path / "big", num_groups=8)
+    small = make_tiny_dataset(tmp_path / "small", num_groups=2)
+    with pytest.raises(ValueError, match=r"global_batch_size': 4 is more than one training iteration of .*small holds"):
+        pretrain.run(tiny_trm([big, small], tmp_path / "ckpt", "epochs=1", "eval_interval=1"))
