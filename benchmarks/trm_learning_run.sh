@@ -2,8 +2,8 @@
 # TRM learning run on one GPU (issue 16, item 5): generated hard Sudokus (1000 train x 1000 augmentations,
 # 1000 test, the generator and builder of this project, as benchmarks/sudoku_learning_run.sh for HRM), trained
 # with TRM's README Sudoku recipe (mlp_t, no positions, EMA, lr 1e-4, weight decay 1.0, batch 768,
-# 50,000 epochs), evaluating every 1000 epochs (1302 steps, so every second point is one of the HRM curve's
-# 2604-step points) until it is stopped.
+# 50,000 epochs), evaluating every EVAL_INTERVAL epochs (default 500: 651 steps, so every fourth point is one of
+# the HRM curve's 2604-step points) until it is stopped.
 #
 #   bash benchmarks/trm_learning_run.sh prepare [WORKDIR]    # generate and build the data (CPU only)
 #   bash benchmarks/trm_learning_run.sh start [WORKDIR]      # prepare if needed, then train, detached (setsid)
@@ -11,16 +11,23 @@
 #        waits up to SECONDS (returning early if the run ends), prints the eval curve so far with wall time,
 #        and copies metrics.jsonl, the curve (curve.jsonl) and the log tail into OUTDIR.
 #   bash benchmarks/trm_learning_run.sh stop [WORKDIR]       # end the run
-# Environment (for a quick check of the script on a CPU): NUM_TRAIN, NUM_TEST, NUM_AUG, EXTRA (more overrides).
+# Environment: EVAL_INTERVAL; SRC (a folder with train.csv/test.csv already generated with the same flags, e.g.
+# carried to the GPU machine, to skip generating); for a quick check on a CPU: NUM_TRAIN, NUM_TEST, NUM_AUG,
+# EXTRA (more overrides).
 set -euo pipefail
 NUM_TRAIN=${NUM_TRAIN:-1000}; NUM_TEST=${NUM_TEST:-1000}; NUM_AUG=${NUM_AUG:-1000}; EXTRA=${EXTRA:-}
+EVAL_INTERVAL=${EVAL_INTERVAL:-500}; SRC=${SRC:-}
 cmd=${1:?prepare|start|poll|stop}
 prepare() {
   local work=$1
   mkdir -p "$work"
   if [ ! -f "$work/data_ready" ]; then
-    python3 dataset/generate_sudoku.py --output-dir "$work/src" --num-train "$NUM_TRAIN" --num-test "$NUM_TEST" \
-      --seed 0 --num-workers 16
+    if [ -n "$SRC" ]; then
+      mkdir -p "$work/src" && cp "$SRC/train.csv" "$SRC/test.csv" "$work/src/"
+    else
+      python3 dataset/generate_sudoku.py --output-dir "$work/src" --num-train "$NUM_TRAIN" --num-test "$NUM_TEST" \
+        --seed 0 --num-workers 16
+    fi
     python3 dataset/build_sudoku_dataset.py --source-repo "$work/src" --output-dir "$work/sudoku-gen-1k-aug-1000" \
       --num-aug "$NUM_AUG"
     touch "$work/data_ready"
@@ -34,12 +41,12 @@ elif [ "$cmd" = start ]; then
   setsid nohup bash -c "
     set -e
     cd '$PWD'
-    NUM_TRAIN=$NUM_TRAIN NUM_TEST=$NUM_TEST NUM_AUG=$NUM_AUG
+    NUM_TRAIN=$NUM_TRAIN NUM_TEST=$NUM_TEST NUM_AUG=$NUM_AUG SRC='$SRC'
     $(declare -f prepare)
     prepare '$work'
     date +%s > '$work/t_train'
     OMP_NUM_THREADS=8 python3 pretrain.py arch=trm data_paths=\"[$work/sudoku-gen-1k-aug-1000]\" evaluators=\"[]\" \
-      epochs=50000 eval_interval=1000 lr=1e-4 puzzle_emb_lr=1e-4 weight_decay=1.0 puzzle_emb_weight_decay=1.0 \
+      epochs=50000 eval_interval=$EVAL_INTERVAL lr=1e-4 puzzle_emb_lr=1e-4 weight_decay=1.0 puzzle_emb_weight_decay=1.0 \
       arch.mlp_t=True arch.pos_encodings=none arch.L_layers=2 arch.H_cycles=3 arch.L_cycles=6 \
       +run_name=pretrain_mlp_t_sudoku ema=True use_wandb=false checkpoint_every_eval=false \
       checkpoint_path='$work/ckpt' $EXTRA
