@@ -39,7 +39,9 @@ def load_outputs(paths: list[str]) -> dict[str, torch.Tensor]:
     parts = []
     for path in paths:
         if not Path(path).is_file():
-            raise FileNotFoundError(f"{path}: not found (evaluate.py writes step_N_all_preds.RANK beside the checkpoint)")
+            raise FileNotFoundError(
+                f"{path}: not found (evaluate.py writes step_N_all_preds.RANK beside the checkpoint)"
+            )
         try:
             part = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # pickle, zip and torch errors all mean the same here: not a saved-outputs file
