@@ -1,6 +1,7 @@
 """Build the Sudoku dataset (SPEC §8) from `train.csv`/`test.csv` (hub id or local folder).
 
     python dataset/build_sudoku_dataset.py --output-dir data/sudoku-extreme-1k-aug-1000 --subsample-size 1000 --num-aug 1000
+    python dataset/build_sudoku_dataset.py --source-repo data/sudoku6-gen --output-dir data/sudoku6-aug-7 --size 6 --num-aug 7
 
 Design choices:
 - Tokens: PAD 0, blank 1, digit d -> d + 1; one group per source puzzle (original first, then
@@ -8,6 +9,10 @@ Design choices:
 - An augmentation relabels digits 1..9 (blank fixed), optionally transposes, and permutes the
   three bands, the rows within each band, the three stacks and the columns within each stack;
   puzzle and solution get the same transform, so validity and uniqueness are preserved.
+- `--size 6` or `--size 4` reads the generator's smaller grids (boxes of 2x3 or 2x2 cells, digits
+  1..size). The same symmetries apply with the box shape's bands and stacks (6x6: three bands of
+  two rows, two stacks of three columns), except the transpose where boxes are not square: it
+  would turn 2x3 boxes into 3x2 ones. For size 9 the random draws are unchanged, so are the files.
 - Streaming: the CSV becomes two compact uint8 arrays (`dataset.csv_source`), and the output
   arrays are streamed to the .npy files in chunks (`NpyWriter`), vectorised over all the
   augmentations of a chunk, so a million-row file never holds a Python object per cell.
@@ -15,6 +20,7 @@ Design choices:
   unseeded global RNG here, so its output differs run to run).
 """
 
+import math
 import sys
 from pathlib import Path
 
@@ -41,8 +47,13 @@ from dataset.csv_source import first_row_where, lookup_table, read_grid_csv, res
 SET_NAME = "all"
 CHUNK_ROWS = 1 << 16  # output rows per vectorised chunk
 
-Q_TABLE = lookup_table({".": 0, "0": 0, **{str(d): d for d in range(1, 10)}})
-A_TABLE = lookup_table({str(d): d for d in range(1, 10)})
+BOX_SHAPES = {4: (2, 2), 6: (2, 3), 9: (3, 3)}  # grid side -> (rows, columns) of one box, as the generator's
+
+
+def digit_tables(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Lookup tables of the puzzle (blank `.` or `0`, digits 1..size) and solution (digits only) characters."""
+    digits = {str(d): d for d in range(1, size + 1)}
+    return lookup_table({".": 0, "0": 0, **digits}), lookup_table(digits)
 
 
 class SudokuBuildConfig(BaseModel):
@@ -55,58 +66,65 @@ class SudokuBuildConfig(BaseModel):
     subsample_size: int | None = Field(None, description="keep this many random train puzzles")
     min_difficulty: int | None = Field(None, description="keep only puzzles with rating >= this")
     num_aug: int = Field(0, description="augmented copies per train puzzle")
+    size: int = Field(9, description="grid side of the source puzzles: 9, 6 (2x3 boxes) or 4 (2x2 boxes)")
     seed: int = Field(0, ge=0, description="seed for the subsample and the augmentations")
 
 
-def random_augmentations(rng: np.random.Generator, count: int) -> dict[str, np.ndarray]:
-    """`count` random Sudoku symmetries: digit map [count, 10] (0 fixed), transpose flags,
-    row and column permutations [count, 9] (band/row-in-band and stack/column-in-stack)."""
-    digit_map = np.zeros((count, 10), dtype=np.uint8)
-    digit_map[:, 1:] = rng.permuted(np.tile(np.arange(1, 10, dtype=np.uint8), (count, 1)), axis=1)
+def random_augmentations(rng: np.random.Generator, count: int, size: int = 9) -> dict[str, np.ndarray]:
+    """`count` random Sudoku symmetries: digit map [count, size + 1] (0 fixed), transpose flags,
+    row and column permutations [count, size] (band/row-in-band and stack/column-in-stack)."""
+    box_rows, box_cols = BOX_SHAPES[size]
+    digit_map = np.zeros((count, size + 1), dtype=np.uint8)
+    digit_map[:, 1:] = rng.permuted(np.tile(np.arange(1, size + 1, dtype=np.uint8), (count, 1)), axis=1)
 
-    def line_perm():
-        blocks = rng.permuted(np.tile(np.arange(3), (count, 1)), axis=1)  # [count, 3]
-        within = rng.permuted(np.tile(np.arange(3), (count, 3, 1)), axis=2)  # [count, 3, 3]
-        return (blocks[:, :, None] * 3 + within).reshape(count, 9)  # [count, 9]
+    def line_perm(block: int):  # `block` lines per band (rows) or stack (columns)
+        groups = size // block
+        blocks = rng.permuted(np.tile(np.arange(groups), (count, 1)), axis=1)  # [count, groups]
+        within = rng.permuted(np.tile(np.arange(block), (count, groups, 1)), axis=2)  # [count, groups, block]
+        return (blocks[:, :, None] * block + within).reshape(count, size)  # [count, size]
 
-    return {"digit_map": digit_map, "transpose": rng.random(count) < 0.5, "rows": line_perm(), "cols": line_perm()}
+    # Only square boxes survive a transpose; drawn first, as it always was for 9x9.
+    transpose = rng.random(count) < 0.5 if box_rows == box_cols else np.zeros(count, dtype=bool)
+    return {"digit_map": digit_map, "transpose": transpose, "rows": line_perm(box_rows), "cols": line_perm(box_cols)}
 
 
 def apply_augmentations(boards: np.ndarray, aug: dict[str, np.ndarray]) -> np.ndarray:
-    """Apply augmentation k to `boards[k]` ([K, 9, 9] values 0..9); returns [K, 9, 9]."""
-    k = np.arange(boards.shape[0])
+    """Apply augmentation k to `boards[k]` ([K, n, n] values 0..n); returns [K, n, n]."""
+    count, size = boards.shape[:2]
+    k = np.arange(count)
     boards = np.where(aug["transpose"][:, None, None], boards.transpose(0, 2, 1), boards)
     boards = boards[k[:, None], aug["rows"]]  # new row i = old row rows[i]
-    boards = boards[k[:, None, None], np.arange(9)[None, :, None], aug["cols"][:, None, :]]
-    return np.take_along_axis(aug["digit_map"], boards.reshape(-1, 81), axis=1).reshape(-1, 9, 9)
+    boards = boards[k[:, None, None], np.arange(size)[None, :, None], aug["cols"][:, None, :]]
+    return np.take_along_axis(aug["digit_map"], boards.reshape(count, -1), axis=1).reshape(count, size, size)
 
 
 def build_split(split_dir: Path, q: np.ndarray, a: np.ndarray, num_aug: int, rng: np.random.Generator) -> int:
-    """Write one split's arrays; returns the number of groups."""
-    n = q.shape[0]
+    """Write one split's arrays (q, a: [N, size * size]); returns the number of groups."""
+    n, cells = q.shape
+    size = math.isqrt(cells)
     per_group = 1 + num_aug
     total = n * per_group
     if total >= np.iinfo(INDEX_DTYPE).max:
         raise ValueError(f"{split_dir}: {total} examples exceed the int32 index range")
     split_dir.mkdir(parents=True, exist_ok=True)
     paths = split_paths(split_dir, SET_NAME)
-    out = {field: NpyWriter(paths[field], TOKEN_DTYPE, (total, 81)) for field in ("inputs", "labels")}
+    out = {field: NpyWriter(paths[field], TOKEN_DTYPE, (total, cells)) for field in ("inputs", "labels")}
     puzzles_per_chunk = max(1, CHUNK_ROWS // per_group)
     for lo in tqdm(range(0, n, puzzles_per_chunk), desc=split_dir.name, unit="chunk"):
         hi = min(n, lo + puzzles_per_chunk)
-        pq = q[lo:hi].reshape(-1, 9, 9)
-        pa = a[lo:hi].reshape(-1, 9, 9)
-        block_q = np.empty((hi - lo, per_group, 9, 9), dtype=np.uint8)  # [puzzles, 1 + aug, 9, 9]
+        pq = q[lo:hi].reshape(-1, size, size)
+        pa = a[lo:hi].reshape(-1, size, size)
+        block_q = np.empty((hi - lo, per_group, size, size), dtype=np.uint8)  # [puzzles, 1 + aug, size, size]
         block_a = np.empty_like(block_q)
         block_q[:, 0], block_a[:, 0] = pq, pa
         if num_aug:
-            aug = random_augmentations(rng, (hi - lo) * num_aug)
-            rep_q = np.repeat(pq, num_aug, axis=0)  # [puzzles * aug, 9, 9], puzzle-major
+            aug = random_augmentations(rng, (hi - lo) * num_aug, size)
+            rep_q = np.repeat(pq, num_aug, axis=0)  # [puzzles * aug, size, size], puzzle-major
             rep_a = np.repeat(pa, num_aug, axis=0)
-            block_q[:, 1:] = apply_augmentations(rep_q, aug).reshape(hi - lo, num_aug, 9, 9)
-            block_a[:, 1:] = apply_augmentations(rep_a, aug).reshape(hi - lo, num_aug, 9, 9)
-        out["inputs"].write(block_q.reshape(-1, 81) + 1)
-        out["labels"].write(block_a.reshape(-1, 81) + 1)
+            block_q[:, 1:] = apply_augmentations(rep_q, aug).reshape(hi - lo, num_aug, size, size)
+            block_a[:, 1:] = apply_augmentations(rep_a, aug).reshape(hi - lo, num_aug, size, size)
+        out["inputs"].write(block_q.reshape(-1, cells) + 1)
+        out["labels"].write(block_a.reshape(-1, cells) + 1)
     arrays = {
         **{field: writer.close() for field, writer in out.items()},
         "puzzle_identifiers": np.zeros(total, dtype=INDEX_DTYPE),
@@ -117,8 +135,8 @@ def build_split(split_dir: Path, q: np.ndarray, a: np.ndarray, num_aug: int, rng
         pad_id=0,
         ignore_label_id=0,
         blank_identifier_id=0,
-        vocab_size=10 + 1,
-        seq_len=81,
+        vocab_size=size + 2,  # PAD, blank, digits
+        seq_len=cells,
         num_puzzle_identifiers=1,
         total_groups=n,
         mean_puzzle_examples=1.0,
@@ -133,11 +151,14 @@ def main(config: SudokuBuildConfig) -> None:
     """Build the Sudoku dataset (SPEC §8) from train.csv/test.csv of a hub id or local folder."""
     if config.num_aug < 0:
         raise ValueError(f"--num-aug must be >= 0, got {config.num_aug}")
+    if config.size not in BOX_SHAPES:
+        raise ValueError(f"--size must be one of {', '.join(map(str, BOX_SHAPES))}, got {config.size}")
+    q_table, a_table = digit_tables(config.size)
     rng = np.random.default_rng(config.seed)
     keep = None if config.min_difficulty is None else (lambda rating: int(rating) >= config.min_difficulty)
     for split in ("train", "test"):
         csv_path = resolve_source(config.source_repo, f"{split}.csv")
-        q, a, lines = read_grid_csv(csv_path, Q_TABLE, A_TABLE, keep=keep, cells=81)
+        q, a, lines = read_grid_csv(csv_path, q_table, a_table, keep=keep, cells=config.size**2)
         if q.shape[0] == 0:
             raise ValueError(f"{csv_path}: no row has rating >= {config.min_difficulty} (--min-difficulty)")
         clash = first_row_where(lambda qb, ab: ((qb != 0) & (qb != ab)).any(axis=1), q, a)

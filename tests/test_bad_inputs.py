@@ -439,6 +439,14 @@ CASES = [
          ("--subsample-size must be positive, got 0",), no_output),
     Case("generator_empty_split", generator("--num-train", "2", "--num-test", "0"),
          ("--num-train/--num-test must be >= 1, got 2/0",), no_output),
+    Case("generator_unsupported_size", generator("--size", "5"), ("--size must be one of 4, 6, 9, got 5",), no_output),
+    Case("builder_unsupported_size", csv_builder("build_sudoku_dataset.py", [HEADER, GOOD_CSV_ROW], "--size", "8"),
+         ("--size must be one of 4, 6, 9, got 8",), no_output),
+    Case("builder_size_does_not_fit_rows", csv_builder("build_sudoku_dataset.py", [HEADER, GOOD_CSV_ROW], "--size", "6"),
+         ("src/train.csv", "line 2", "field 'q' has 81 characters, expected 36"), no_output),
+    Case("builder_digit_above_size", csv_builder("build_sudoku_dataset.py",
+         [HEADER, "src," + "." * 35 + "7," + "1" * 36 + ",0"], "--size", "6"),
+         ("src/train.csv", "line 2", "field 'q'", "invalid character at position 35"), no_output),
 ]  # fmt: skip
 
 
