@@ -43,11 +43,10 @@ from dataset.common import (  # noqa: E402
     write_split,
 )
 from dataset.csv_source import first_row_where, lookup_table, read_grid_csv, resolve_source, subsample_rows  # noqa: E402
+from dataset.generate_sudoku import BOX_SHAPES  # noqa: E402  # grid side -> box shape: one table for both
 
 SET_NAME = "all"
 CHUNK_ROWS = 1 << 16  # output rows per vectorised chunk
-
-BOX_SHAPES = {4: (2, 2), 6: (2, 3), 9: (3, 3)}  # grid side -> (rows, columns) of one box, as the generator's
 
 
 def digit_tables(size: int) -> tuple[np.ndarray, np.ndarray]:
