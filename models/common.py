@@ -11,7 +11,7 @@ import math
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 
 def _truncated_standard_normal_variance(lower: float, upper: float) -> float:
@@ -50,7 +50,8 @@ LAUNCHER_KEYS = frozenset({"causal", "name", "loss"})
 
 
 class ModelConfig(BaseModel):
-    """Base of the models' pydantic configs: an unknown key (a misspelled `+arch.<key>=...`) is an error.
+    """Base of the models' pydantic configs: an unknown key (a misspelled `+arch.<key>=...`) is an error, and
+    `forward_dtype` must name a torch dtype.
 
     The launcher passes the whole `arch` section (minus `name` and `loss`) plus its own keys; those of
     `LAUNCHER_KEYS` that a model does not declare are dropped, every other unknown key is refused.
@@ -66,6 +67,13 @@ class ModelConfig(BaseModel):
         if values.get("causal") and "causal" not in cls.model_fields:  # a model without a causal mode
             raise ValueError(f"causal={values['causal']!r}: this model attends bidirectionally only")
         return {k: v for k, v in values.items() if k in cls.model_fields or k not in LAUNCHER_KEYS}
+
+    @field_validator("forward_dtype", check_fields=False)  # every model has one; the base declares none
+    @classmethod
+    def _check_forward_dtype(cls, v: str) -> str:
+        if not isinstance(getattr(torch, v, None), torch.dtype):
+            raise ValueError(f"{v!r} is not a torch dtype name (e.g. 'bfloat16', 'float32')")
+        return v
 
 
 def build_model_config(config_cls: type[BaseModel], values: dict[str, Any], model_name: str):

@@ -109,13 +109,6 @@ class TinyRecursiveReasoningModel_ACTV1Config(ModelConfig):
     # `fused_ops`, models/fused_ops.py). Off by default: the default stays TRM's path.
     fused_ops: bool = False
 
-    @field_validator("forward_dtype")
-    @classmethod
-    def _check_forward_dtype(cls, v: str) -> str:
-        if not isinstance(getattr(torch, v, None), torch.dtype):
-            raise ValueError(f"{v!r} is not a torch dtype name (e.g. 'bfloat16', 'float32')")
-        return v
-
     @field_validator(
         "batch_size", "seq_len", "vocab_size", "num_puzzle_identifiers", "H_cycles", "L_cycles", "L_layers",
         "hidden_size", "num_heads", "halt_max_steps",
