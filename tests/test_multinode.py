@@ -37,7 +37,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_pretrain_helpers import REPO, TINY_ARCH, make_tiny_dataset
+from tests.test_pretrain_helpers import REPO, TINY_ARCH, free_port, make_tiny_dataset
 from utils.checkpointing import find_latest_train_state, train_state_path
 from utils.distributed import restarts_share_agent_store
 from utils.train_state import read_train_state
@@ -88,12 +88,6 @@ DRIVER = textwrap.dedent(
     pretrain.main()
     """
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def overrides(data: Path, run_dir: Path, *extra: str) -> list[str]:

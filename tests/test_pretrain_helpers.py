@@ -1,5 +1,6 @@
-"""Shared by the launcher tests: a tiny synthetic puzzle dataset on disk and a tiny composed config."""
+"""Shared by the launcher tests: a tiny synthetic puzzle dataset on disk, a tiny composed config, a free port."""
 
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +87,13 @@ def tiny_config(data_path: Path, checkpoint_path: Path, *overrides: str) -> Pret
         "device=cpu",
     ]
     return compose_config([*base, *overrides])
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for MASTER_PORT and rendezvous endpoints)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_tiny_dataset_loads(tmp_path):

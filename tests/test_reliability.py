@@ -21,7 +21,7 @@ import torch
 
 import pretrain
 from models.losses import ACTLossHead
-from tests.test_pretrain_helpers import REPO, TINY_ARCH, make_tiny_dataset, tiny_config
+from tests.test_pretrain_helpers import REPO, TINY_ARCH, free_port, make_tiny_dataset, tiny_config
 from utils import checkpointing as ckpt
 from utils import train_state, train_step
 
@@ -524,7 +524,7 @@ AGREE_DRIVER = textwrap.dedent(
 def test_all_ranks_reach_the_same_skip_decision(tmp_path):
     driver = tmp_path / "agree.py"
     driver.write_text(AGREE_DRIVER.format(repo=str(REPO)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     env["WORLD_SIZE"] = "2"
     procs = [
         subprocess.Popen(
@@ -542,11 +542,3 @@ def test_all_ranks_reach_the_same_skip_decision(tmp_path):
         assert out["finite"] == {"ok": True, "g0": [3.0, 3.0, 3.0]}  # summed over ranks: 1 + 2
         assert out["nan_grad_rank0"]["ok"] is False  # rank 1's own values were all finite
         assert out["inf_local_rank1"]["ok"] is False  # rank 0's own values were all finite
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -8,14 +8,13 @@ waits in the gradient all-reduce until `dist_timeout_s`).
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
-from tests.test_pretrain_helpers import REPO, TINY_ARCH, make_tiny_dataset
+from tests.test_pretrain_helpers import REPO, TINY_ARCH, free_port, make_tiny_dataset
 
 TIMEOUT_S = 3
 
@@ -38,12 +37,6 @@ DRIVER = textwrap.dedent(
     pretrain.main()
     """
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("mode", ["die", "hang"])

@@ -1,7 +1,6 @@
 """Sparse puzzle embedding and its sign-SGD optimizer: hand-computed updates and a 2-process gloo run."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ import torch.multiprocessing as mp
 from models.hrm.hrm_act_v1 import HierarchicalReasoningModel_ACTV1
 from models.losses import ACTLossHead
 from models.sparse_embedding import CastedSparseEmbedding, CastedSparseEmbeddingSignSGD_Distributed
+from tests.test_pretrain_helpers import free_port
 
 
 def make_embedding(num=6, dim=2, batch=4, cast_to=torch.float32) -> CastedSparseEmbedding:
@@ -152,14 +152,8 @@ def _distributed_worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_gloo_equals_single_process_on_concatenated_batch(tmp_path):
-    mp.spawn(_distributed_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_distributed_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     single = _train_one_step(RANK_IDS[0] + RANK_IDS[1], RANK_GRADS[0] + RANK_GRADS[1], world_size=1)
     local_only = _train_one_step(RANK_IDS[0], RANK_GRADS[0], world_size=1)
     for rank in range(2):
