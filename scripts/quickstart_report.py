@@ -26,6 +26,7 @@ if __package__ in (None, ""):  # run as `python scripts/quickstart_report.py`: m
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dataset.generate_sudoku import BOX_SHAPES  # noqa: E402
+from utils.checkpointing import read_saved_outputs  # noqa: E402
 from utils.cli import bad_input_exits  # noqa: E402
 
 PAD, BLANK = 0, 1  # Sudoku tokens: PAD 0, blank 1, digit d as d + 1
@@ -38,17 +39,8 @@ def load_outputs(paths: list[str]) -> dict[str, torch.Tensor]:
     """Concatenate the rank files' inputs, labels and predicted tokens; checks everything read."""
     parts = []
     for path in paths:
-        if not Path(path).is_file():
-            raise FileNotFoundError(
-                f"{path}: not found (evaluate.py writes step_N_all_preds.RANK beside the checkpoint)"
-            )
-        try:
-            part = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # pickle, zip and torch errors all mean the same here: not a saved-outputs file
-            raise ValueError(f"{path}: not a file of evaluate.py's saved outputs ({type(e).__name__})") from None
-        if not isinstance(part, dict):
-            raise ValueError(f"{path}: expected a dict of tensors, found {type(part).__name__}")
-        missing = [k for k in KEYS if not isinstance(part.get(k), torch.Tensor)]
+        part = read_saved_outputs(path)
+        missing = [k for k in KEYS if k not in part]
         if missing:
             raise ValueError(
                 f"{path}: no tensor '{missing[0]}' (run evaluate.py with save_outputs=[inputs,labels,logits])"

@@ -193,7 +193,7 @@ def not_a_sudoku(folder):  # 25 cells: a square, but no Sudoku size the generato
     "make, message",
     [
         (missing_file, "not found"),
-        (not_a_torch_file, "not a file of evaluate.py's saved outputs"),
+        (not_a_torch_file, "not a readable torch saved-outputs file"),
         (no_labels, "no tensor 'labels'"),
         (not_a_sudoku, "25 cells per puzzle, not a Sudoku"),
     ],

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from dataset.common import inverse_dihedral_transform
+from utils.checkpointing import read_saved_outputs
 
 PASS_KS = (1, 2, 5, 10, 100, 1000)
 NOTEBOOK_PASS_KS = (1, 2, 10, 100, 1000)  # the notebook's K list (SPEC §7), kept by `score_predictions`
@@ -329,14 +330,7 @@ def load_test_tasks(data_path: str, names: Sequence[str]) -> TestTasks:
 
 def read_prediction_file(path: str) -> dict[str, np.ndarray]:
     """One rank's saved outputs; `logits` are reduced to `preds` (argmax) at once to save memory."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"prediction file not found: {path}")
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for a corrupt file
-        raise ValueError(f"{path}: not a readable prediction file ({type(e).__name__})") from e
-    if not isinstance(saved, dict):
-        raise ValueError(f"{path}: expected a dict of saved outputs")
+    saved = read_saved_outputs(path)
     if "logits" in saved and "preds" not in saved:
         saved["preds"] = saved.pop("logits").argmax(-1)
     return {k: (v.float().numpy() if v.is_floating_point() else v.numpy()) for k, v in saved.items()}

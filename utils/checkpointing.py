@@ -26,7 +26,8 @@ Design choices:
   mismatch is one ValueError line naming the first offending key. A file that is not a state dict
   of tensors (empty, truncated, random bytes, a folder, a pickle of something else, unreadable) is
   one ValueError line naming the file; warnings torch prints while failing on such a file are
-  dropped, those of a file that loads are shown as before.
+  dropped, those of a file that loads are shown as before. The same reader serves the saved outputs
+  of an evaluation (`step_N_all_preds.{rank}`, a dict of tensors too) for the scoring and report tools.
 """
 
 import contextlib
@@ -234,29 +235,41 @@ def check_state_dict_matches(
             )
 
 
-def load_weights_file(path: str, map_location: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Read a `step_N` weights file (ours or the reference's), without the `_orig_mod.` prefix."""
+def read_tensor_dict(path: str, what: str, container: str, map_location: torch.device | str = "cpu") -> dict:
+    """Read a torch-saved dict of tensors; any file that is not one is one line naming it (ValueError, or
+    FileNotFoundError when absent). `what` names the file in messages ("checkpoint"), `container` what it holds
+    ("state dict")."""
     if os.path.isdir(path):
-        raise ValueError(f"{path}: a folder, not a checkpoint file")
+        raise ValueError(f"{path}: a folder, not a {what} file")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise FileNotFoundError(f"{what} not found: {path}")
     with warnings.catch_warnings(record=True) as caught:
         try:
-            state_dict = torch.load(path, map_location=map_location, weights_only=True)
+            data = torch.load(path, map_location=map_location, weights_only=True)
         except Exception as e:  # torch raises several types (EOFError, RuntimeError, UnpicklingError, ...)
             empty = os.path.isfile(path) and os.path.getsize(path) == 0
             reason = "empty file" if empty else f"{type(e).__name__}: {_first_line(e, sentence=True)}"
-            raise ValueError(f"{path}: not a readable torch checkpoint ({reason})") from None
+            raise ValueError(f"{path}: not a readable torch {what} ({reason})") from None
     for w in caught:  # the file loaded: its warnings are shown as without the recording
         warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-    if not isinstance(state_dict, Mapping):
-        raise ValueError(f"{path}: expected a state dict, found {type(state_dict).__name__}")
-    for key, value in state_dict.items():
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{path}: expected a {container}, found {type(data).__name__}")
+    for key, value in data.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise ValueError(
-                f"{path}: expected a state dict of tensors, found key {key!r} holding {type(value).__name__}"
+                f"{path}: expected a {container} of tensors, found key {key!r} holding {type(value).__name__}"
             )
-    return strip_compile_prefix(state_dict)
+    return dict(data)
+
+
+def load_weights_file(path: str, map_location: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Read a `step_N` weights file (ours or the reference's), without the `_orig_mod.` prefix."""
+    return strip_compile_prefix(read_tensor_dict(path, "checkpoint", "state dict", map_location))
+
+
+def read_saved_outputs(path: str) -> dict[str, torch.Tensor]:
+    """One rank's `step_N_all_preds.{rank}` file (evaluate.py's `save_outputs`), on the CPU."""
+    return read_tensor_dict(str(path), "saved-outputs file", "dict", "cpu")
 
 
 def load_model_weights(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:

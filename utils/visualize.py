@@ -227,16 +227,11 @@ def find_prediction_files(path: str | Path) -> list[Path]:
 
 def load_saved_predictions(files: list[Path]) -> dict[str, np.ndarray]:
     """Concatenate the rank files into numpy: inputs, puzzle_identifiers, predictions (argmax), q logits."""
-    import torch
+    from utils.checkpointing import read_saved_outputs  # torch, imported only by the commands that read files
 
     parts: dict[str, list[np.ndarray]] = {}
     for f in files:
-        try:
-            saved = torch.load(f, map_location="cpu", weights_only=True)
-        except Exception as e:  # a corrupt pickle surfaces as many exception types
-            raise ValueError(f"{f}: cannot read saved predictions ({type(e).__name__}: {e})") from None
-        if not isinstance(saved, dict):
-            raise ValueError(f"{f}: expected a dict of tensors, got {type(saved).__name__}")
+        saved = read_saved_outputs(f)
         for key in ("inputs", "puzzle_identifiers"):
             if key not in saved:
                 raise ValueError(f"{f}: missing '{key}' (evaluate with save_outputs including it)")
