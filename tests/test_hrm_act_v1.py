@@ -1,15 +1,12 @@
-"""HRM ACT-v1: names and state-dict keys, parameter count, embeddings, the 1-step gradient, ACT rules, config errors."""
+"""HRM ACT-v1: names and state-dict keys, parameter count, embeddings, the 1-step gradient, halting on Q, config
+errors. The ACT wrapper it shares with TRM (evaluation halting, exploration, Q target, carry reset): tests/test_act.py."""
 
 import math
 
 import pytest
 import torch
 
-from models.hrm.hrm_act_v1 import (
-    HierarchicalReasoningModel_ACTV1,
-    HierarchicalReasoningModel_ACTV1Carry,
-    HierarchicalReasoningModel_ACTV1InnerCarry,
-)
+from models.hrm.hrm_act_v1 import HierarchicalReasoningModel_ACTV1
 from models.losses import ACTLossHead
 from utils.functions import get_model_source_path, load_model_class
 
@@ -363,17 +360,6 @@ def run_steps(model, batch, n):
     return history
 
 
-def test_eval_halts_only_at_max_steps():
-    cfg = tiny_config(halt_max_steps=3)
-    model = build(cfg).eval()
-    set_q_head(model, 0.0, (5.0, -5.0))  # Q strongly says "halt"; eval must ignore it
-    history = run_steps(model, make_batch(cfg, 7), 3)
-    for i, (carry, out) in enumerate(history, start=1):
-        assert carry.steps.tolist() == [i] * 4
-        assert carry.halted.tolist() == [i == 3] * 4
-        assert "target_q_continue" not in out
-
-
 def test_training_halts_on_q_without_exploration():
     cfg = tiny_config(halt_max_steps=4, halt_exploration_prob=0.0)
     model = build(cfg).train()
@@ -385,119 +371,6 @@ def test_training_halts_on_q_without_exploration():
     set_q_head(model, 0.0, (-5.0, 5.0))  # "continue" until the step limit
     history = run_steps(model, make_batch(cfg, 8), 4)
     assert [c.halted.tolist() for c, _ in history] == [[False] * 4] * 3 + [[True] * 4]
-
-
-def test_training_with_halt_max_steps_one():
-    cfg = tiny_config(halt_max_steps=1, halt_exploration_prob=1.0)
-    model = build(cfg).train()
-    carry, out = run_steps(model, make_batch(cfg, 9), 1)[0]
-    assert bool(carry.halted.all())
-    assert "target_q_continue" not in out
-
-
-def test_exploration_minimum_steps_replays_global_rng():
-    b, max_steps, prob = 64, 5, 0.5
-    cfg = tiny_config(batch_size=b, halt_max_steps=max_steps, halt_exploration_prob=prob)
-    model = build(cfg).train()
-    set_q_head(model, 0.0, (5.0, -5.0))  # Q always wants to halt: only exploration keeps rows running
-    batch = make_batch(cfg, 10)
-
-    torch.manual_seed(123)
-    draws = []
-    for _ in range(2):
-        explore = torch.rand(b) < prob
-        draws.append(explore * torch.randint(2, max_steps + 1, (b,), dtype=torch.int32))
-
-    torch.manual_seed(123)
-    carry = model.initial_carry(batch)
-    carry, _ = model(carry, batch)
-    assert carry.steps.tolist() == [1] * b
-    assert torch.equal(carry.halted, draws[0] <= 1)
-    assert 0 < int(carry.halted.sum()) < b  # both outcomes occur, so the check has teeth
-
-    steps_before = torch.where(carry.halted, 0, carry.steps)
-    carry, _ = model(carry, batch)
-    assert torch.equal(carry.steps, steps_before + 1)
-    assert torch.equal(carry.halted, carry.steps >= draws[1])
-
-
-def test_target_q_continue_matches_second_inner_pass():
-    cfg = tiny_config(batch_size=8, halt_max_steps=2, puzzle_emb_ndim=0)
-    model = build(cfg).train()
-    set_q_head(model, 1.0, (0.0, 0.0))
-    batch = make_batch(cfg, 11)
-    carry = model.initial_carry(batch)
-    for _ in range(3):
-        carry, out = model(carry, batch)
-        with torch.no_grad():
-            _, _, (next_q_halt, next_q_continue) = model.inner(carry.inner_carry, carry.current_data)
-        is_last = carry.steps >= 2
-        expected = torch.sigmoid(torch.where(is_last, next_q_halt, torch.maximum(next_q_halt, next_q_continue)))
-        torch.testing.assert_close(out["target_q_continue"], expected)
-
-
-def test_target_q_continue_formula_hand_values(monkeypatch):
-    """Script the inner model's Q outputs: first pass (decides halting), second pass (bootstrap target)."""
-    cfg = tiny_config(halt_max_steps=2)
-    model = build(cfg).train()
-    scripted = [
-        (torch.full((4,), -10.0), torch.full((4,), 10.0)),  # never halt on Q
-        (torch.tensor([1.0, 3.0, 2.0, 0.5]), torch.tensor([0.0, -1.0, 5.0, 4.0])),
-    ]
-    original_forward = model.inner.forward
-
-    def scripted_forward(carry, batch):
-        new_carry, logits, _ = original_forward(carry, batch)
-        return new_carry, logits, scripted.pop(0)
-
-    monkeypatch.setattr(model.inner, "forward", scripted_forward)
-    batch = make_batch(cfg, 16)
-    carry = model.initial_carry(batch)
-    # Rows 0 and 2 have already run one step, rows 1 and 3 none: after this step is_last = [T, F, T, F].
-    carry = HierarchicalReasoningModel_ACTV1Carry(
-        model.inner.reset_carry(torch.ones(4, dtype=torch.bool), carry.inner_carry),
-        torch.tensor([1, 0, 1, 0], dtype=torch.int32),
-        torch.zeros(4, dtype=torch.bool),
-        batch,
-    )
-    carry, out = model(carry, batch)
-    assert carry.steps.tolist() == [2, 1, 2, 1]
-    assert carry.halted.tolist() == [True, False, True, False]
-    # last rows: sigmoid(next q_halt); others: sigmoid(max(next q_halt, next q_continue)).
-    expected = [1 / (1 + math.exp(-v)) for v in (1.0, 3.0, 2.0, 4.0)]
-    assert out["target_q_continue"].tolist() == pytest.approx(expected, abs=1e-6)
-
-
-def test_halted_rows_are_reset_and_reloaded():
-    cfg = tiny_config(halt_max_steps=8)
-    model = build(cfg).eval()
-    batch_a, batch_b = make_batch(cfg, 12), make_batch(cfg, 13)
-    carry = run_steps(model, batch_a, 2)[-1][0]
-    assert carry.steps.tolist() == [2] * 4
-
-    flag = torch.tensor([True, False, True, False])
-    carry = HierarchicalReasoningModel_ACTV1Carry(carry.inner_carry, carry.steps, flag, carry.current_data)
-    new_carry, out = model(carry, batch_b)
-    assert new_carry.steps.tolist() == [1, 3, 1, 3]
-    for k in batch_a:
-        expected = torch.where(flag.view((-1,) + (1,) * (batch_a[k].ndim - 1)), batch_b[k], batch_a[k])
-        assert torch.equal(new_carry.current_data[k], expected)
-
-    # Reset rows start from H_init/L_init: identical to a fresh first step on batch B.
-    fresh_carry, fresh_out = model(model.initial_carry(batch_b), batch_b)
-    torch.testing.assert_close(new_carry.inner_carry.z_H[flag], fresh_carry.inner_carry.z_H[flag])
-    torch.testing.assert_close(out["logits"][flag], fresh_out["logits"][flag])
-    # Kept rows continue from their own state: the same as a third uninterrupted step on batch A.
-    third, third_out = run_steps(model, batch_a, 3)[-1]
-    torch.testing.assert_close(out["logits"][~flag], third_out["logits"][~flag])
-
-
-def test_reset_carry_uses_init_states():
-    inner = build(tiny_config()).inner
-    carry = HierarchicalReasoningModel_ACTV1InnerCarry(z_H=torch.zeros(4, 8, 16), z_L=torch.ones(4, 8, 16))
-    out = inner.reset_carry(torch.tensor([False, True, False, False]), carry)
-    assert torch.equal(out.z_H[1], inner.H_init.expand(8, 16)) and torch.equal(out.z_L[1], inner.L_init.expand(8, 16))
-    assert torch.equal(out.z_H[0], carry.z_H[0]) and torch.equal(out.z_L[3], carry.z_L[3])
 
 
 # ---------------------------------------------------------------- devices and compilation

@@ -1,6 +1,6 @@
 """TRM: names and state-dict keys, parameter counts, initialisation and its RNG order, the recursion against a
-float64 re-derivation of TRM's equations (values and gradients over ACT steps), halting in both modes, the
-loss head, two optimizer steps, config errors."""
+float64 re-derivation of TRM's equations (values and gradients over ACT steps), its halting rule in both modes,
+the loss head, two optimizer steps, config errors. The ACT wrapper it shares with HRM: tests/test_act.py."""
 
 import math
 from pathlib import Path
@@ -18,12 +18,11 @@ from models.recursive_reasoning.trm import (
     TinyRecursiveReasoningModel_ACTV1,
     TinyRecursiveReasoningModel_ACTV1_Inner,
     TinyRecursiveReasoningModel_ACTV1Block,
-    TinyRecursiveReasoningModel_ACTV1Carry,
     TinyRecursiveReasoningModel_ACTV1Config,
-    TinyRecursiveReasoningModel_ACTV1InnerCarry,
     TinyRecursiveReasoningModel_ACTV1ReasoningModule,
 )
 from models.sparse_embedding import CastedSparseEmbeddingSignSGD_Distributed
+from tests.test_hrm_act_v1 import run_steps
 from utils.functions import get_model_source_path, load_model_class
 from utils.optimizers import AdamATan2
 
@@ -736,15 +735,6 @@ def test_act_continue_runs_a_second_pass_without_gradient():
 # ---------------------------------------------------------------- halting
 
 
-def run_steps(model, batch, n):
-    carry = model.initial_carry(batch)
-    history = []
-    for _ in range(n):
-        carry, out = model(carry, batch)
-        history.append((carry, out))
-    return history
-
-
 @pytest.mark.parametrize(
     "no_act_continue, bias, halts",
     [
@@ -763,124 +753,6 @@ def test_training_halting_rule(no_act_continue, bias, halts):
     assert [c.halted.tolist() for c, _ in history] == expected
     assert [c.steps.tolist() for c, _ in history] == ([[1] * 4] * 3 if halts else [[1] * 4, [2] * 4, [3] * 4])
     assert all(("target_q_continue" in out) == (not no_act_continue) for _, out in history)
-
-
-@pytest.mark.parametrize("no_act_continue", [True, False])
-def test_eval_halts_only_at_max_steps(no_act_continue):
-    cfg = tiny_config(halt_max_steps=3, no_ACT_continue=no_act_continue)
-    model = build(cfg).eval()
-    set_q_head(model, (5.0, -5.0))  # Q strongly says "halt"; evaluation ignores it
-    for i, (carry, out) in enumerate(run_steps(model, make_batch(cfg, 7), 3), start=1):
-        assert carry.steps.tolist() == [i] * 4
-        assert carry.halted.tolist() == [i == 3] * 4
-        assert "target_q_continue" not in out
-
-
-def test_training_with_halt_max_steps_one():
-    model = build(tiny_config(halt_max_steps=1, halt_exploration_prob=1.0, no_ACT_continue=False)).train()
-    carry, out = run_steps(model, make_batch(tiny_config(), 9), 1)[0]
-    assert bool(carry.halted.all()) and "target_q_continue" not in out
-
-
-@pytest.mark.parametrize("no_act_continue", [True, False])
-def test_exploration_minimum_steps_replays_global_rng(no_act_continue):
-    b, max_steps, prob = 64, 5, 0.5
-    cfg = tiny_config(
-        batch_size=b, halt_max_steps=max_steps, halt_exploration_prob=prob, no_ACT_continue=no_act_continue
-    )
-    model = build(cfg).train()
-    set_q_head(model, (5.0, -5.0))  # Q always wants to halt (both rules): only exploration keeps rows running
-    batch = make_batch(cfg, 10)
-
-    torch.manual_seed(123)
-    draws = []
-    for _ in range(2):  # rand_like then randint_like, per step
-        explore = torch.rand(b) < prob
-        draws.append(explore * torch.randint(2, max_steps + 1, (b,), dtype=torch.int32))
-
-    torch.manual_seed(123)
-    carry, _ = model(model.initial_carry(batch), batch)
-    assert torch.equal(carry.halted, draws[0] <= 1)
-    assert 0 < int(carry.halted.sum()) < b  # both outcomes occur
-    steps_before = torch.where(carry.halted, 0, carry.steps)
-    carry, _ = model(carry, batch)
-    assert torch.equal(carry.steps, steps_before + 1)
-    assert torch.equal(carry.halted, carry.steps >= draws[1])
-
-
-def test_target_q_continue_matches_second_inner_pass():
-    cfg = tiny_config(batch_size=8, halt_max_steps=2, no_ACT_continue=False)
-    model = build(cfg).train()
-    randomise(model)
-    batch = make_batch(cfg, 11)
-    carry = model.initial_carry(batch)
-    seen_last = set()
-    for _ in range(4):
-        carry, out = model(carry, batch)
-        with torch.no_grad():
-            _, _, (next_q_halt, next_q_continue) = model.inner(carry.inner_carry, carry.current_data)
-        is_last = carry.steps >= 2
-        seen_last |= set(is_last.tolist())
-        expected = torch.sigmoid(torch.where(is_last, next_q_halt, torch.maximum(next_q_halt, next_q_continue)))
-        torch.testing.assert_close(out["target_q_continue"], expected)
-    assert seen_last == {True, False}
-
-
-def test_target_q_continue_formula_hand_values(monkeypatch):
-    """Script the inner model's Q outputs: first pass (decides halting), second pass (bootstrap target)."""
-    cfg = tiny_config(halt_max_steps=2, no_ACT_continue=False)
-    model = build(cfg).train()
-    scripted = [
-        (torch.full((4,), -10.0), torch.full((4,), 10.0)),  # never halt on Q
-        (torch.tensor([1.0, 3.0, 2.0, 0.5]), torch.tensor([0.0, -1.0, 5.0, 4.0])),
-    ]
-    original_forward = model.inner.forward
-
-    def scripted_forward(carry, batch):
-        new_carry, logits, _ = original_forward(carry, batch)
-        return new_carry, logits, scripted.pop(0)
-
-    monkeypatch.setattr(model.inner, "forward", scripted_forward)
-    batch = make_batch(cfg, 16)
-    carry = model.initial_carry(batch)
-    # Rows 0 and 2 have already run one step: after this one is_last = [T, F, T, F].
-    carry = TinyRecursiveReasoningModel_ACTV1Carry(
-        model.inner.reset_carry(torch.ones(4, dtype=torch.bool), carry.inner_carry),
-        torch.tensor([1, 0, 1, 0], dtype=torch.int32),
-        torch.zeros(4, dtype=torch.bool),
-        batch,
-    )
-    carry, out = model(carry, batch)
-    assert carry.halted.tolist() == [True, False, True, False]
-    expected = [1 / (1 + math.exp(-v)) for v in (1.0, 3.0, 2.0, 4.0)]  # last: next q_halt; else the max
-    assert out["target_q_continue"].tolist() == pytest.approx(expected, abs=1e-6)
-    assert not scripted
-
-
-def test_halted_rows_are_reset_and_reloaded():
-    cfg = tiny_config(halt_max_steps=8)
-    model = build(cfg).eval()
-    batch_a, batch_b = make_batch(cfg, 12), make_batch(cfg, 13)
-    carry = run_steps(model, batch_a, 2)[-1][0]
-    flag = torch.tensor([True, False, True, False])
-    carry = TinyRecursiveReasoningModel_ACTV1Carry(carry.inner_carry, carry.steps, flag, carry.current_data)
-    new_carry, out = model(carry, batch_b)
-    assert new_carry.steps.tolist() == [1, 3, 1, 3]
-    for k in batch_a:
-        expected = torch.where(flag.view((-1,) + (1,) * (batch_a[k].ndim - 1)), batch_b[k], batch_a[k])
-        assert torch.equal(new_carry.current_data[k], expected)
-    fresh_carry, fresh_out = model(model.initial_carry(batch_b), batch_b)
-    torch.testing.assert_close(out["logits"][flag], fresh_out["logits"][flag])
-    third_out = run_steps(model, batch_a, 3)[-1][1]
-    torch.testing.assert_close(out["logits"][~flag], third_out["logits"][~flag])
-
-
-def test_reset_carry_uses_init_states():
-    inner = build(tiny_config()).inner
-    carry = TinyRecursiveReasoningModel_ACTV1InnerCarry(z_H=torch.zeros(4, 8, 16), z_L=torch.ones(4, 8, 16))
-    out = inner.reset_carry(torch.tensor([False, True, False, False]), carry)
-    assert torch.equal(out.z_H[1], inner.H_init.expand(8, 16)) and torch.equal(out.z_L[1], inner.L_init.expand(8, 16))
-    assert torch.equal(out.z_H[0], carry.z_H[0]) and torch.equal(out.z_L[3], carry.z_L[3])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
