@@ -81,6 +81,7 @@ from dataset.common import (  # noqa: E402
     NpyWriter,
     PuzzleDatasetMetadata,
     dihedral_transform,
+    read_json,
     split_paths,
     write_identifiers,
     write_split,
@@ -127,17 +128,6 @@ Example = tuple[np.ndarray, np.ndarray]  # (input grid, output grid), uint8 colo
 
 def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
-
-
-def read_json(path: Path, what: str):
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: {what} not found")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: malformed JSON ({e})") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def parse_grid(value, where: str) -> np.ndarray:

@@ -84,19 +84,25 @@ def split_paths(split_dir: Path, set_name: str) -> dict[str, Path]:
     return {field: Path(split_dir) / f"{set_name}__{field}.npy" for field in FIELDS}
 
 
+def read_json(path: str | Path, what: str):
+    """A JSON file's value; a missing, unreadable or malformed file is one line naming it (`what`: its kind)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {what} not found")
+    try:
+        return json.loads(path.read_bytes())  # bytes: json detects UTF-8/16/32 itself
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: malformed JSON ({e})") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
 def load_metadata(split_dir: Path) -> PuzzleDatasetMetadata:
     """Read and type-check `<split_dir>/dataset.json`; errors name the file and field."""
     path = Path(split_dir) / "dataset.json"
     if not Path(split_dir).is_dir():
         raise FileNotFoundError(f"{split_dir}: split folder not found")
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: dataset.json not found")
-    try:
-        raw = json.loads(path.read_bytes())  # bytes: json detects UTF-8/16/32 itself
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: malformed JSON ({e})") from None
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read ({e.strerror or e})") from None
+    raw = read_json(path, "dataset.json")
     try:
         meta = PuzzleDatasetMetadata.model_validate(raw)
     except Exception as e:  # pydantic.ValidationError: condense to the first offending field

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from dataset.common import inverse_dihedral_transform
+from dataset.common import inverse_dihedral_transform, read_json
 from utils.checkpointing import read_saved_outputs
 
 PASS_KS = (1, 2, 5, 10, 100, 1000)
@@ -238,21 +238,11 @@ def write_submission(path: str, submission: dict) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def read_json_file(path: str, what: str):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-
-
 def load_identifier_names(data_path: str) -> list[str]:
     path = os.path.join(data_path, "identifiers.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"identifiers.json not found in {data_path}")
-    names = read_json_file(path, "identifiers.json")
+    names = read_json(path, "identifiers.json")
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise ValueError(f"{path}: expected a list of identifier names")
     return names
@@ -260,7 +250,7 @@ def load_identifier_names(data_path: str) -> list[str]:
 
 def tasks_from_test_puzzles(path: str) -> TestTasks:
     """TRM's test_puzzles.json: task -> {"train": [...], "test": [{"input", "output"}]}."""
-    raw = read_json_file(path, "test_puzzles.json")
+    raw = read_json(path, "test_puzzles.json")
     if not isinstance(raw, dict) or not raw:
         raise ValueError(f"{path}: expected a non-empty object mapping task ids to puzzles")
     tasks: TestTasks = {}

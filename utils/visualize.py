@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dataset.common import read_json
+
 ARC_PALETTE = [
     "#000000",
     "#0074d9",
@@ -139,15 +141,6 @@ class SplitData:
         return f"#{identifier}"
 
 
-def _read_json(path: Path):
-    if not path.is_file():
-        raise FileNotFoundError(f"missing file {path}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: malformed JSON ({e})") from None
-
-
 def _check_offsets(arr: np.ndarray, total: int, path: Path) -> None:
     if arr.ndim != 1 or len(arr) < 1 or arr[0] != 0:
         raise ValueError(f"{path}: offsets must be a 1-D array starting at 0")
@@ -163,12 +156,12 @@ def load_split(dataset_dir: str | Path, split: str = "test") -> SplitData:
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder {root} does not exist")
     meta_path = root / split / "dataset.json"
-    meta = _read_json(meta_path)
+    meta = read_json(meta_path, "dataset.json")
     for key in ("vocab_size", "seq_len", "sets"):
         if key not in meta:
             raise ValueError(f"{meta_path}: missing field '{key}'")
     ids_path = root / "identifiers.json"
-    names = _read_json(ids_path) if ids_path.exists() else None
+    names = read_json(ids_path, "identifiers.json") if ids_path.exists() else None
     if names is not None and not isinstance(names, list):
         raise ValueError(f"{ids_path}: expected a list of names")
     data = SplitData(split=split, meta=meta, names=names)
@@ -453,7 +446,7 @@ def load_step_accuracy(path: str | Path) -> dict:
         with np.load(path) as z:
             data = {k: z[k].tolist() for k in z.files}
     else:
-        data = _read_json(path)
+        data = read_json(path, "step-accuracy file")
     if not isinstance(data, dict) or "steps" not in data:
         raise ValueError(f"{path}: expected a mapping with 'steps' and 'accuracy' and/or 'exact_accuracy'")
     series = [k for k in ("accuracy", "exact_accuracy") if k in data]
