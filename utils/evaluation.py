@@ -88,7 +88,8 @@ def eval_batch_learned_halting(
     return_keys: Sequence[str] | None = None,
 ):
     """`eval_halting: learned`: each row stops at its first step with q_halt > q_continue (q_halt > 0 for TRM
-    with `no_ACT_continue`, its training rule), or at the model's own halt; like `eval_batch`, returns (batch, metrics, outputs), all taken at each row's stopping step.
+    with `no_ACT_continue`, its training rule), or at the model's own halt; like `eval_batch`, returns (batch,
+    metrics, outputs), all taken at each row's stopping step.
 
     An ACT model in eval mode keeps every row running to halt_max_steps (lockstep batches), so the model
     is left as it is: after each step the outputs of rows stopping now are frozen, and their step is
