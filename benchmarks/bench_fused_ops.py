@@ -1,10 +1,12 @@
 """Time the fused Triton block ops (models/fused_ops.py) against their unfused PyTorch equivalents.
 
-    python benchmarks/bench_fused_ops.py [--shapes sudoku,arc] [--dtype bfloat16] [--no-compile]
+    python benchmarks/bench_fused_ops.py [--shapes sudoku,trm,arc] [--dtype bfloat16] [--no-compile]
 
 Design choices:
 - Shapes are the HRM block at the paper's batch sizes: Sudoku T = 768 × 82 tokens (81 cells + one
-  puzzle-embedding position), ARC T = 96 × 901; hidden 512, 8 heads × 64, SwiGLU width 1536.
+  puzzle-embedding position), TRM's Sudoku 768 × 97 (16 prefix rows), ARC T = 96 × 901; hidden 512, 8 heads
+  × 64, SwiGLU width 1536. At the short lengths the default kernels are timed too (short-sequence attention,
+  and at TRM's length the mlp_t token mixing in the [B, L, D] layout).
 - Each op is timed three ways: the eager PyTorch composition of models/layers.py (what the model
   runs today), that composition under torch.compile (Inductor's own fusion, the bar to beat), and the
   fused op. The whole post-norm block is timed too, since that is what a train step repeats.
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from models.fused_ops import FUSED_OPS_AVAILABLE  # noqa: E402
-from models.layers import Attention, RotaryEmbedding, SwiGLU, apply_rotary_pos_emb, rms_norm  # noqa: E402
+from models.layers import Attention, RotaryEmbedding, SwiGLU, apply_rotary_pos_emb, attention, rms_norm  # noqa: E402
 
 EPS = 1e-5
 HIDDEN, NUM_HEADS, EXPANSION = 512, 8, 4.0
@@ -45,7 +47,7 @@ class Shape:
     seq_len: int  # including the puzzle-embedding position
 
 
-SHAPES = {"sudoku": Shape("sudoku", 768, 82), "arc": Shape("arc", 96, 901)}
+SHAPES = {"sudoku": Shape("sudoku", 768, 82), "trm": Shape("trm", 768, 97), "arc": Shape("arc", 96, 901)}
 
 
 @dataclass
@@ -102,7 +104,7 @@ def make_cases(shape: Shape, dtype: torch.dtype, device: torch.device) -> list[C
         attn.qkv_proj.weight,
     )
     block_flops = 2 * T * d * (3 * d + d + 3 * m) + 4 * B * S * S * d
-    return [
+    return short_sequence_cases(shape, dtype, device) + [
         Case(
             "qkv_rope",
             ref_qkv_rope,
@@ -146,6 +148,60 @@ def make_cases(shape: Shape, dtype: torch.dtype, device: torch.device) -> list[C
     ]
 
 
+def short_sequence_cases(shape: Shape, dtype: torch.dtype, device: torch.device) -> list[Case]:
+    """The kernels the models use by default at short lengths: attention from the QKV projection
+    (models/short_attention.py, S <= 128) and, at TRM's length, the mlp_t token-mixing sub-layer in the [B, L, D]
+    layout against TRM's transposed one (`forward_over_dim1`, and the same without the row-padded weight view)."""
+    from models.short_attention import MAX_SEQ_LEN, short_attention
+
+    B, S, d = shape.batch_size, shape.seq_len, HIDDEN
+    if S > MAX_SEQ_LEN:
+        return []
+    head_dim = d // NUM_HEADS
+    cos, sin = RotaryEmbedding(head_dim, S, base=10000.0, device=device)()
+    qkv = torch.randn(B, S, 3 * d, device=device).to(dtype)
+    el = torch.finfo(dtype).bits // 8
+
+    def ref_attention(qkv):
+        q, k, v = qkv.view(B, S, 3 * NUM_HEADS, head_dim).split(NUM_HEADS, dim=2)  # [B, S, H, D] each
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        return attention(q, k, v).reshape(B, S, d)
+
+    cases = [
+        Case(
+            "short_attention",
+            ref_attention,
+            lambda qkv: short_attention(qkv, (cos, sin), NUM_HEADS, NUM_HEADS, head_dim),
+            (qkv,),
+            4 * B * S * S * d,
+            el * (B * S * 3 * d + B * S * d),
+        )
+    ]
+    if shape.name != "trm":
+        return cases
+    mix = SwiGLU(S, EXPANSION).to(device)  # over the L = 97 positions of each channel
+    inter = mix.down_proj.weight.shape[1]
+    x = torch.randn(B, S, d, device=device).to(dtype)
+
+    def ref_token_mix(x):
+        xt = x.transpose(1, 2)  # [B, D, L]
+        return rms_norm(xt + mix(xt), EPS).transpose(1, 2)
+
+    def unpadded(x):
+        gate, up = torch.matmul(mix.gate_up_proj.weight.to(x.dtype), x).chunk(2, dim=1)  # [B, m, D]
+        return rms_norm(x + torch.matmul(mix.down_proj.weight.to(x.dtype), F.silu(gate) * up), EPS, dim=1)
+
+    flops = 2 * B * d * S * 3 * inter
+    mix_bytes = el * (2 * B * S * d + 3 * inter * S)
+    return cases + [
+        Case(
+            "mlp_t_token_mix", ref_token_mix, lambda x: rms_norm(x + mix.forward_over_dim1(x), EPS, dim=1), (x,),
+            flops, mix_bytes,
+        ),
+        Case("mlp_t_token_mix_unpadded", ref_token_mix, unpadded, (x,), flops, mix_bytes),
+    ]  # fmt: skip
+
+
 def max_rel_err(out, ref) -> float:
     outs, refs = (out, ref) if isinstance(out, tuple) else ((out,), (ref,))
     errs = []
@@ -162,7 +218,7 @@ def _fmt(value: float | None, width: int, spec: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default="sudoku,arc", help=f"comma-separated, from {sorted(SHAPES)}")
+    parser.add_argument("--shapes", default="sudoku,trm,arc", help=f"comma-separated, from {sorted(SHAPES)}")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd reference")
     parser.add_argument("--json-out", default=None, help="append the JSON lines to this file")

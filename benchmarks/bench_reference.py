@@ -16,6 +16,8 @@ Design choices:
   optimizer's lr set and stepped, gradients zeroed, the metrics stacked and copied to the host (the
   reference's host synchronisation each step). An eval batch is its evaluation loop: a fresh carry, then the
   head called until `all_finish`, which the reference reads on the host after every call.
+- HRM's code imports flash-attn; where it is not installed (the GPU machines here), its `flash_attn_func` is
+  PyTorch's SDPA through a shim (the JSON line's `attention` says which ran).
 - Same inputs and timing as bench_hrm.py: random tokens (never zeros), a pool of 4 batches, warm-up steps
   that absorb compilation, host clock between device synchronisations; one JSON line per shape.
 """
@@ -35,6 +37,28 @@ SHAPES = {  # name: (seq_len, vocab, puzzle ids, global batch, arch yaml, overri
     ),
     "trm_arc": (900, 12, 1000, 96, "trm", {"L_layers": 2, "H_cycles": 3, "L_cycles": 4}),
 }  # fmt: skip
+
+
+def install_flash_attn_shim() -> str:
+    """HRM's layers import flash-attn (FA3, else FA2) at module level. Where neither is installed, give them
+    `flash_attn_func` through PyTorch's SDPA (TRM's code calls SDPA itself; the same [B, S, H, D] in and out),
+    and say which attention ran in the results."""
+    import importlib.util
+    import types
+
+    for name in ("flash_attn_interface", "flash_attn"):
+        if importlib.util.find_spec(name) is not None:
+            return name
+    import torch.nn.functional as F
+
+    def flash_attn_func(q, k, v, causal=False, **_):
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal)
+        return out.transpose(1, 2)  # [B, S, H, D]
+
+    shim = types.ModuleType("flash_attn_interface")
+    shim.flash_attn_func = flash_attn_func
+    sys.modules["flash_attn_interface"] = shim
+    return "sdpa (flash-attn not installed)"
 
 
 def arch_config(ref_dir: str, arch: str, overrides: dict) -> dict:
@@ -145,6 +169,7 @@ def main() -> None:
     if not os.path.isdir(os.path.join(ref_dir, "models")):
         parser.exit(2, f"error: {ref_dir}: no models/ folder (a copy of the reference repository is expected)\n")
     sys.path.insert(0, ref_dir)
+    attention = install_flash_attn_shim()
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -187,6 +212,7 @@ def main() -> None:
             "global_batch": gbs,
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
             "optimizer": backend,
+            "attention": attention,
             "train_ms_per_step": round(train_ms, 2),
             "eval_ms_per_batch": round(eval_ms, 2),
             "params": sum(p.numel() for p in head.parameters()),

@@ -25,10 +25,7 @@ Weights: the callers pass the fp32 parameters; the Python wrappers cast them to 
 (`w.to(x.dtype)`, a no-op when already cast) outside the custom op, so torch.compile sees a plain
 cast it can hoist or fuse. Activations must be bf16 or fp16 on CUDA; fp32 is accepted (exact "ieee"
 dot) for testing, notably under the Triton interpreter (TRITON_INTERPRET=1), which runs the same
-kernels with numpy on CPU tensors. Two interpreter defects are worked around under a constexpr flag,
-leaving the compiled GPU code untouched: its 16-bit `tl.dot` returns garbage, so the dot operands are
-upcast to fp32 (exact: a product of two 16-bit floats fits fp32), and its fp32 -> bf16 cast
-truncates, so bf16 rounding is done on the bit pattern (round to nearest even).
+kernels with numpy on CPU tensors (models/triton_common.py works around two interpreter defects).
 
 Each kernel is a PyTorch custom op (`torch.library.triton_op`, namespace `hrm::`) launched through
 `torch.library.wrap_triton`, so torch.compile traces it without a graph break. Tiles are autotuned
@@ -48,10 +45,10 @@ vs 0.286 ms alone, no change per step) or were slower (residual-RMSNorm: 0.27 vs
 `fused_post_norm_block` uses only the SwiGLU kernel.
 The first kernels stay here, tested and benchmarked (benchmarks/bench_fused_ops.py).
 
-Triton is an optional accelerator: without it this module still imports, `FUSED_OPS_AVAILABLE` is
-False and the model keeps its unfused path (`fused_block_supported(x)` says which path to take).
-`post_norm_block` is the one definition of the post-norm attention block that HRM's and TRM's blocks
-call; it takes the fused path when asked to and when `fused_block_supported` allows it.
+Triton is an optional accelerator (probed in models/triton_common.py): without it this module still
+imports, `FUSED_OPS_AVAILABLE` is False and the model keeps its unfused path (`fused_block_supported(x)`
+says which path to take). `post_norm_block` is the one definition of the post-norm attention block that
+HRM's and TRM's blocks call; it takes the fused path when asked to and when `fused_block_supported` allows it.
 """
 
 import os
@@ -59,17 +56,15 @@ import os
 import torch
 
 from models.layers import Attention, SwiGLU, rms_norm
+from models.triton_common import HAS_TRITON, INTERPRET, SUPPORTED_DTYPES, kernel_flags
 
-try:
+if HAS_TRITON:
     import triton
     import triton.language as tl
-except ImportError:  # optional accelerator: the model falls back to the unfused PyTorch path
-    triton = None
 
-HAS_TRITON = triton is not None
+    from models.triton_common import autotune_configs, dot, round_to
+
 FUSED_OPS_AVAILABLE = HAS_TRITON and torch.cuda.is_available()
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def fused_block_supported(x: torch.Tensor) -> bool:
@@ -79,22 +74,17 @@ def fused_block_supported(x: torch.Tensor) -> bool:
     ops have no backward. `torch.no_grad()` and `torch.inference_mode()` both qualify. The decision
     depends on device, dtype and grad mode only, so torch.compile guards on it without a graph break.
     """
-    return FUSED_OPS_AVAILABLE and x.is_cuda and x.dtype in _SUPPORTED_DTYPES and not torch.is_grad_enabled()
+    return FUSED_OPS_AVAILABLE and x.is_cuda and x.dtype in SUPPORTED_DTYPES and not torch.is_grad_enabled()
 
 
 def _check_dtype(name: str, t: torch.Tensor) -> None:
-    if t.dtype not in _SUPPORTED_DTYPES + (torch.float32,):
+    if t.dtype not in SUPPORTED_DTYPES + (torch.float32,):
         raise ValueError(f"{name}: dtype {t.dtype} not supported (expected bfloat16, float16 or float32)")
 
 
 def _require_triton() -> None:
     if not HAS_TRITON:
         raise RuntimeError("models.fused_ops: Triton is not installed; use the unfused PyTorch path")
-
-
-def _kernel_flags(dtype: torch.dtype) -> dict:
-    """fp32 inputs use an exact fp32 dot; the interpreter needs it for 16-bit inputs too (see module doc)."""
-    return {"FP32_DOT": _INTERPRET or dtype == torch.float32, "INTERPRET": _INTERPRET}
 
 
 def _as_rows(name: str, t: torch.Tensor) -> torch.Tensor:
@@ -105,28 +95,6 @@ def _as_rows(name: str, t: torch.Tensor) -> torch.Tensor:
 
 
 if HAS_TRITON:
-
-    def _configs(gpu: list[tuple[dict, int, int]], interpret: dict) -> list:
-        """Autotune configs: a few Hopper candidates on GPU, one small tile under the interpreter."""
-        if _INTERPRET:
-            return [triton.Config(interpret, num_warps=4, num_stages=1)]
-        return [triton.Config(meta, num_warps=w, num_stages=s) for meta, w, s in gpu]
-
-    @triton.jit
-    def _dot(a, b, acc, FP32_DOT: tl.constexpr):
-        if FP32_DOT:
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        return tl.dot(a, b, acc)
-
-    @triton.jit
-    def _round(x, out_ty: tl.constexpr, INTERPRET: tl.constexpr):
-        """Round fp32 `x` to `out_ty` (nearest even) and return it as fp32, i.e. x.to(out_ty).to(fp32)."""
-        if INTERPRET and out_ty == tl.bfloat16:
-            # The interpreter truncates fp32 -> bf16; round on the bit pattern instead (finite values).
-            bits = x.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            return bits.to(tl.float32, bitcast=True)
-        return x.to(out_ty).to(tl.float32)
 
     @triton.jit
     def _matmul_tile(
@@ -142,7 +110,7 @@ if HAS_TRITON:
             mask_k = offs_k < K - k * BLOCK_K
             a = tl.load(a_ptrs, mask=mask_k[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=mask_k[:, None], other=0.0)
-            acc = _dot(a, w, acc, FP32_DOT)
+            acc = dot(a, w, acc, FP32_DOT)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
         return acc
@@ -164,8 +132,8 @@ if HAS_TRITON:
             a = tl.load(a_ptrs, mask=mask_k[None, :], other=0.0)
             w1 = tl.load(w1_ptrs, mask=mask_k[:, None], other=0.0)
             w2 = tl.load(w2_ptrs, mask=mask_k[:, None], other=0.0)
-            acc1 = _dot(a, w1, acc1, FP32_DOT)
-            acc2 = _dot(a, w2, acc2, FP32_DOT)
+            acc1 = dot(a, w1, acc1, FP32_DOT)
+            acc2 = dot(a, w2, acc2, FP32_DOT)
             a_ptrs += BLOCK_K
             w1_ptrs += BLOCK_K
             w2_ptrs += BLOCK_K
@@ -189,7 +157,7 @@ if HAS_TRITON:
     ]
 
     @triton.autotune(
-        configs=_configs(_GATE_UP_CONFIGS, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}), key=["T", "N", "K"]
+        configs=autotune_configs(_GATE_UP_CONFIGS, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}), key=["T", "N", "K"]
     )
     @triton.jit
     def _gate_up_swiglu_kernel(
@@ -211,10 +179,10 @@ if HAS_TRITON:
         )  # fmt: skip
         out_ty = h_ptr.dtype.element_ty
         # Same roundings as F.linear -> chunk -> F.silu(gate) * up in the activation dtype.
-        gate = _round(gate, out_ty, INTERPRET)
-        up = _round(up, out_ty, INTERPRET)
-        act = _round(gate * tl.sigmoid(gate), out_ty, INTERPRET)
-        h = _round(act * up, out_ty, INTERPRET).to(out_ty)  # exact: already representable
+        gate = round_to(gate, out_ty, INTERPRET)
+        up = round_to(up, out_ty, INTERPRET)
+        act = round_to(gate * tl.sigmoid(gate), out_ty, INTERPRET)
+        h = round_to(act * up, out_ty, INTERPRET).to(out_ty)  # exact: already representable
         mask = (offs_m < T)[:, None] & (offs_n < N)[None, :]
         tl.store(h_ptr + offs_m.to(tl.int64)[:, None] * stride_h + offs_n[None, :], h, mask=mask)
 
@@ -226,7 +194,7 @@ if HAS_TRITON:
         grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
         torch.library.wrap_triton(_gate_up_swiglu_kernel)[grid](
             x, w_gate_up, h, T, N, K, x.stride(0), w_gate_up.stride(0), h.stride(0),
-            **_kernel_flags(x.dtype),
+            **kernel_flags(x.dtype),
         )  # fmt: skip
         return h
 
@@ -286,7 +254,7 @@ if HAS_TRITON:
         ({"BLOCK_M": 64, "BLOCK_K": 64}, 8, 2),
     ]
 
-    @triton.autotune(configs=_configs(_NORM_CONFIGS, {"BLOCK_M": 16, "BLOCK_K": 32}), key=["T", "N", "K"])
+    @triton.autotune(configs=autotune_configs(_NORM_CONFIGS, {"BLOCK_M": 16, "BLOCK_K": 32}), key=["T", "N", "K"])
     @triton.jit
     def _linear_residual_rmsnorm_kernel(
         a_ptr, w_ptr, r_ptr, y_ptr, T, N, K, stride_a, stride_w, stride_r, stride_y, eps,
@@ -304,11 +272,11 @@ if HAS_TRITON:
         rows = offs_m.to(tl.int64)[:, None]
         residual = tl.load(r_ptr + rows * stride_r + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
         # residual + F.linear(...) in the activation dtype, then rms_norm's fp32 arithmetic.
-        s = _round(residual + _round(acc, out_ty, INTERPRET), out_ty, INTERPRET)
+        s = round_to(residual + round_to(acc, out_ty, INTERPRET), out_ty, INTERPRET)
         s = tl.where(mask_n[None, :], s, 0.0)
         variance = tl.sum(s * s, axis=1) / N
         y = s * tl.rsqrt(variance + eps)[:, None]
-        y = _round(y, out_ty, INTERPRET).to(out_ty)  # exact: already representable
+        y = round_to(y, out_ty, INTERPRET).to(out_ty)  # exact: already representable
         tl.store(y_ptr + rows * stride_y + offs_n[None, :], y, mask=mask)
 
     @torch.library.triton_op("hrm::linear_residual_rmsnorm", mutates_args=())
@@ -321,12 +289,12 @@ if HAS_TRITON:
         grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]),)
         torch.library.wrap_triton(_linear_residual_rmsnorm_kernel)[grid](
             a, w, residual, y, T, N, K, a.stride(0), w.stride(0), residual.stride(0), y.stride(0), eps,
-            **_kernel_flags(a.dtype), BLOCK_N=triton.next_power_of_2(N),
+            **kernel_flags(a.dtype), BLOCK_N=triton.next_power_of_2(N),
         )  # fmt: skip
         return y
 
     @triton.autotune(
-        configs=_configs(_QKV_CONFIGS, {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}), key=["T", "NC", "K"]
+        configs=autotune_configs(_QKV_CONFIGS, {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}), key=["T", "NC", "K"]
     )
     @triton.jit
     def _qkv_rope_kernel(
@@ -353,8 +321,8 @@ if HAS_TRITON:
         out_ty = out_ptr.dtype.element_ty
         mask_m = offs_m < T
         mask = mask_m[:, None] & (offs_c < NC)[None, :]
-        x1 = _round(acc1, out_ty, INTERPRET)  # the qkv projection as F.linear returns it, held in fp32
-        x2 = _round(acc2, out_ty, INTERPRET)
+        x1 = round_to(acc1, out_ty, INTERPRET)  # the qkv projection as F.linear returns it, held in fp32
+        x2 = round_to(acc2, out_ty, INTERPRET)
         if APPLY_ROPE:
             # Queries and keys (half-columns < ROPE_NC) rotate; values pass through. Rows are tokens of
             # [B, S] flattened, so the position is the row index mod S.
@@ -365,8 +333,8 @@ if HAS_TRITON:
             cos2 = tl.load(cos_ptr + pos * stride_cos + (j + HALF_D)[None, :], mask=rope, other=1.0)
             sin2 = tl.load(sin_ptr + pos * stride_sin + (j + HALF_D)[None, :], mask=rope, other=0.0)
             # x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1), in fp32.
-            r1 = _round(x1 * cos1 - x2 * sin1, out_ty, INTERPRET)
-            r2 = _round(x2 * cos2 + x1 * sin2, out_ty, INTERPRET)
+            r1 = round_to(x1 * cos1 - x2 * sin1, out_ty, INTERPRET)
+            r2 = round_to(x2 * cos2 + x1 * sin2, out_ty, INTERPRET)
             x1 = tl.where(rope, r1, x1)
             x2 = tl.where(rope, r2, x2)
         out_rows = out_ptr + offs_m.to(tl.int64)[:, None] * stride_out
@@ -397,13 +365,13 @@ if HAS_TRITON:
         torch.library.wrap_triton(_qkv_rope_kernel)[grid](
             x, w_qkv, cos_t, sin_t, out, T, NC, K, seq_len, num_rope_heads * half_d,
             x.stride(0), w_qkv.stride(0), cos_t.stride(0), sin_t.stride(0), out.stride(0),
-            HALF_D=half_d, APPLY_ROPE=apply_rope, **_kernel_flags(x.dtype),
+            HALF_D=half_d, APPLY_ROPE=apply_rope, **kernel_flags(x.dtype),
         )  # fmt: skip
         return out
 
 
 def _hopper_tma_supported() -> bool:
-    if not FUSED_OPS_AVAILABLE or _INTERPRET or not hasattr(tl, "make_tensor_descriptor"):
+    if not FUSED_OPS_AVAILABLE or INTERPRET or not hasattr(tl, "make_tensor_descriptor"):
         return False
     # Hopper and datacenter Blackwell: the tiles need ~150 KiB of shared memory per program. The GPU asked
     # is torchrun's LOCAL_RANK one (all ranks' GPUs are alike), so no rank touches another's device.
@@ -460,7 +428,7 @@ def fused_gate_up_swiglu(x: torch.Tensor, w_gate_up: torch.Tensor) -> torch.Tens
     use_tma = (
         TMA_KERNELS_AVAILABLE
         and rows.is_cuda
-        and rows.dtype in _SUPPORTED_DTYPES
+        and rows.dtype in SUPPORTED_DTYPES
         and rows.shape[1] % 8 == 0  # 16-byte row strides for TMA (contiguous 16-bit rows)
         and (weight.shape[0] // 2) % 8 == 0
     )

@@ -10,7 +10,9 @@ Design choices:
   handles fp16/bf16 CUDA tensors, so other inputs (CPU, float32) go through SDPA whatever the backend;
   that choice depends on dtype and device only, never on tensor values, so it is compile-friendly.
 - Tensors inside attention are `[batch, seq, heads, head_dim]` (FlashAttention's layout); SDPA wants
-  `[batch, heads, seq, head_dim]`, so that path transposes.
+  `[batch, heads, seq, head_dim]`, so that path transposes. No-grad calls on short sequences (S <= 128, the
+  Sudoku shapes) on a GPU with Triton take one kernel instead (models/short_attention.py: RoPE on load,
+  output in o_proj's layout); `HRM_KERNELS=portable` keeps them on this path.
 - RMSNorm has no learnable weight (as in the reference model).
 - `ReasoningModule` (input injection, then a stack of blocks) is shared by HRM's two levels and TRM's
   single network; the post-norm attention block itself is `models.fused_ops.post_norm_block`, which
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.common import trunc_normal_init_
+from models.short_attention import short_attention, short_attention_supported
 
 _BACKEND_CHOICES = ("fa3", "fa2", "sdpa")
 
@@ -80,11 +83,11 @@ def apply_rotary_pos_emb(
     return q_embed.to(orig_dtype), k_embed.to(orig_dtype)
 
 
-def rms_norm(hidden_states: torch.Tensor, variance_epsilon: float) -> torch.Tensor:
-    """Weightless RMSNorm computed in fp32 and cast back to the input dtype."""
+def rms_norm(hidden_states: torch.Tensor, variance_epsilon: float, dim: int = -1) -> torch.Tensor:
+    """Weightless RMSNorm over `dim` (the features, by default) computed in fp32 and cast back to the input dtype."""
     input_dtype = hidden_states.dtype
     hidden_states = hidden_states.to(torch.float32)
-    variance = hidden_states.square().mean(-1, keepdim=True)
+    variance = hidden_states.square().mean(dim, keepdim=True)
     return (hidden_states * torch.rsqrt(variance + variance_epsilon)).to(input_dtype)
 
 
@@ -166,6 +169,9 @@ class Attention(nn.Module):
     def forward(self, cos_sin, hidden_states: torch.Tensor) -> torch.Tensor:
         batch_size, seq_len, _ = hidden_states.shape
         qkv = self.qkv_proj(hidden_states)
+        if short_attention_supported(qkv, self.head_dim, self.causal):  # no-grad short sequences: one kernel
+            heads = self.num_heads, self.num_key_value_heads, self.head_dim
+            return self.o_proj(short_attention(qkv, cos_sin, *heads))  # [B, S, H*D] in, [B, S, hidden] out
         qkv = qkv.view(
             batch_size, seq_len, self.num_heads + 2 * self.num_key_value_heads, self.head_dim
         )  # [B, S, H+2K, D]
@@ -192,6 +198,19 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
+
+    def forward_over_dim1(self, x: torch.Tensor) -> torch.Tensor:
+        """`self(x.transpose(1, 2)).transpose(1, 2)` for x [B, L, D] (L = the SwiGLU's width), without transposes.
+
+        The weights multiply from the left, one batched matmul per projection, so no [B, D, L] copy is made
+        and the rows the matmuls read are D wide. The gate/up weight [2m, L] is read through a view whose row
+        stride is padded to a multiple of 8 elements, since an L like 97 would leave its rows 16-byte misaligned.
+        """
+        width = x.shape[1]
+        weight = self.gate_up_proj.weight.to(x.dtype)
+        weight = F.pad(weight, (0, -width % 8))[:, :width]  # [2m, L], row stride a multiple of 8
+        gate, up = torch.matmul(weight, x).chunk(2, dim=1)  # [B, m, D] each
+        return torch.matmul(self.down_proj.weight.to(x.dtype), F.silu(gate) * up)  # [L, m] @ [B, m, D]
 
 
 class ReasoningModule(nn.Module):

@@ -1,5 +1,6 @@
 """GPU checks: the bf16 CUDA forward (fused and unfused) agrees with the float32 CPU forward on the same weights,
-for HRM and for TRM (attention and mlp_t); compiled train steps match eager ones.
+for HRM and for TRM (attention and mlp_t); compiled train steps match eager ones; the default GPU kernels follow the
+portable PyTorch path over a 16-step evaluation and in a train step's loss and gradient norm.
 
 Skipped without CUDA (CI has none); run on the GPU machine with `python -m pytest tests/test_gpu.py`.
 """
@@ -76,13 +77,14 @@ def _build(kind: str, **overrides):
     return cls(_config(**{**extra, **overrides}))
 
 
-def _models_with_same_weights(kind: str = "hrm", **gpu_overrides):
+def _models_with_same_weights(kind: str = "hrm", common: dict | None = None, **gpu_overrides):
     torch.manual_seed(0)
-    cpu = _build(kind, forward_dtype="float32")
+    common = common or {}
+    cpu = _build(kind, forward_dtype="float32", **common)
     # Non-zero puzzle embeddings so that path is exercised too.
     cpu.inner.puzzle_emb.weights.copy_(torch.randn_like(cpu.inner.puzzle_emb.weights) * 0.1)
     with torch.device("cuda"):
-        gpu = _build(kind, forward_dtype="bfloat16", **gpu_overrides)
+        gpu = _build(kind, forward_dtype="bfloat16", **common, **gpu_overrides)
     state = {k: v.to(gpu.state_dict()[k].dtype) for k, v in cpu.state_dict().items()}
     gpu.load_state_dict(state)
     return cpu, gpu
@@ -177,3 +179,60 @@ def test_cuda_graph_compile_mode_trains_like_default_compile():
         assert abs(a - b) <= 2e-2 * abs(a)
     for a, b in zip(params_a, params_b):
         assert _rel(b, a) < 1e-2
+
+
+def _portable(monkeypatch) -> None:
+    """Route every call through the PyTorch op sequence of models/layers.py (as HRM_KERNELS=portable does)."""
+    import models.layers
+    import models.recursive_reasoning.trm
+
+    monkeypatch.setattr(models.layers, "short_attention_supported", lambda *args: False)
+    monkeypatch.setattr(models.recursive_reasoning.trm, "_token_mix_in_place", lambda x: False)
+
+
+@pytest.mark.parametrize("kind", ["hrm", "trm", "trm_mlp"])
+def test_default_kernels_follow_the_portable_path_over_a_16_step_evaluation(kind, monkeypatch):
+    """The default GPU kernels (short-sequence attention, the mlp_t layout) against the portable GPU path over a
+    whole 16-step evaluation at the Sudoku length, both measured against the fp32 CPU forward: at every ACT step
+    the kernels' error stays within twice the portable path's own bf16 error (or 1%), and the final answers agree."""
+    from models import short_attention
+
+    assert short_attention.HAS_TRITON and short_attention.DEFAULT_KERNELS, "the kernels must be on for this test"
+    cpu, fast = _models_with_same_weights(kind, common={"halt_max_steps": 16})
+    ref = _eval_logits(cpu, "cpu", steps=16)
+    got = _eval_logits(fast, "cuda", steps=16)
+    _portable(monkeypatch)
+    portable = _eval_logits(fast, "cuda", steps=16)
+    for step, (a, p, r) in enumerate(zip(got, portable, ref)):
+        err, budget = _rel(a, r), max(2 * _rel(p, r), 1e-2)
+        assert err <= budget, f"ACT step {step}: kernels' error {err:.3g}, portable path's {_rel(p, r):.3g}"
+    agree = (got[-1].argmax(-1) == portable[-1].argmax(-1)).float().mean().item()
+    assert agree > (0.9 if kind == "trm_mlp" else 0.97), f"answers agree on {agree:.1%} of the cells"
+
+
+@pytest.mark.parametrize("kind", ["hrm", "trm", "trm_mlp"])
+def test_default_kernels_give_the_portable_train_step(kind, monkeypatch):
+    """A compiled train step with the default kernels (their no-grad calls and, for mlp_t, the layout in every call)
+    gives the portable path's loss and gradient norm within bf16 tolerance, on the same weights, carry and batch."""
+    results = {}
+    for variant in ("kernels", "portable"):
+        if variant == "portable":
+            _portable(monkeypatch)
+        torch._dynamo.reset()  # recompile: the dispatch is decided at trace time
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            head = ACTLossHead(_build(kind), loss_type="stablemax_cross_entropy")
+        compiled = torch.compile(head, dynamic=False)
+        batch = _batch("cuda")
+        torch.manual_seed(1)
+        with torch.device("cuda"):
+            carry = head.initial_carry(batch)
+        for _ in range(2):  # the second step runs on a carry the first one advanced
+            carry, loss, _, _, _ = compiled(carry=carry, batch=batch, return_keys=[])
+            head.zero_grad(set_to_none=True)
+            loss.backward()
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in head.parameters() if p.grad is not None]))
+        results[variant] = (loss.detach().float().item(), norm.item())
+    (loss_k, norm_k), (loss_p, norm_p) = results["kernels"], results["portable"]
+    assert abs(loss_k - loss_p) <= 2e-2 * abs(loss_p), (loss_k, loss_p)
+    assert abs(norm_k - norm_p) <= 5e-2 * norm_p, (norm_k, norm_p)

@@ -497,6 +497,44 @@ def test_mlp_t_block_mixes_tokens_and_normalises_over_positions():
     assert (block(cos_sin=None, hidden_states=x2) - out).abs().amax(dim=2).min() > 0
 
 
+def test_mlp_t_in_place_layout_matches_trms_transposed_layout(monkeypatch):
+    """The GPU's [B, L, D] form of the mlp_t sub-layer (weights multiplied from the left, gate/up weight read
+    through a row-padded view, RMSNorm over dim 1) computes TRM's transposed form: float32 outputs and
+    gradients within 1e-6 relative over whole ACT steps, on the CPU where both can run."""
+    import models.recursive_reasoning.trm as trm
+
+    cfg = tiny_config(mlp_t=True, pos_encodings="none", H_cycles=2, L_cycles=2, seq_len=7)  # 7 + 2 rows: unaligned
+    results = {}
+    for in_place in (False, True):
+        monkeypatch.setattr(trm, "_token_mix_in_place", lambda x, flag=in_place: flag)
+        model = build(cfg).train()
+        batch = make_batch(cfg, 3)
+        carry = model.initial_carry(batch)
+        for _ in range(2):
+            carry, outputs = model(carry, batch)
+        loss = outputs["logits"].square().mean() + outputs["q_halt_logits"].sum()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[in_place] = (outputs["logits"].detach(), carry.inner_carry.z_H, grads)
+    (ref_logits, ref_state, ref_grads), (logits, state, grads) = results[False], results[True]
+    assert_float32_close(logits, ref_logits.double(), "logits", rel=1e-6)
+    assert_float32_close(state, ref_state.double(), "z_H", rel=1e-6)
+    assert grads.keys() == ref_grads.keys() and "inner.L_level.layers.0.mlp_t.gate_up_proj.weight" in grads
+    for name, grad in grads.items():
+        assert_float32_close(grad, ref_grads[name].double(), name, rel=1e-6)
+
+
+def test_swiglu_over_dim1_is_the_transposed_swiglu():
+    """SwiGLU.forward_over_dim1 equals the SwiGLU applied to the transposed input, transposed back (float32)."""
+    from models.layers import SwiGLU
+
+    torch.manual_seed(0)
+    mix = SwiGLU(hidden_size=97, expansion=4.0)  # TRM's Sudoku width: 81 cells + 16 prefix rows, misaligned rows
+    x = torch.randn(3, 97, 24)
+    expected = mix(x.transpose(1, 2)).transpose(1, 2)
+    assert_float32_close(mix.forward_over_dim1(x), expected.double(), "token mix", rel=1e-6)
+
+
 @pytest.mark.parametrize("mlp_t", [False, True])
 def test_fused_ops_dispatch(monkeypatch, mlp_t):
     """fused_ops routes no-grad attention-block calls to the fused block (CUDA-only, so simulated here)."""

@@ -14,7 +14,9 @@ Design choices (TRM's, SPEC §11):
   no-grad path `fused_ops`), or with `mlp_t` an MLP-Mixer-like block whose attention is replaced by a
   SwiGLU over the token axis: the state is transposed to [B, D, L] (L = seq_len + puzzle_emb_len), the
   SwiGLU of width L, the residual and the RMSNorm all act in that layout, so the norm runs over
-  positions. `fused_ops` has no effect on the `mlp_t` block.
+  positions. `fused_ops` has no effect on the `mlp_t` block. On a GPU the same sub-layer runs in the
+  [B, L, D] layout (the weights multiply from the left: no transposes, aligned matmul rows); on the CPU,
+  or with `HRM_KERNELS=portable`, TRM's transposed op sequence runs bit for bit.
 - Puzzle prefix: `puzzle_emb_len` rows (default 16; 0 means HRM's ceil(puzzle_emb_ndim / hidden_size)):
   the puzzle embedding is zero-padded to `puzzle_emb_len * hidden_size` and viewed as that many rows.
   The logits drop the prefix; Q (halt, continue) is read from the answer state's first row, in fp32.
@@ -50,6 +52,7 @@ from models.act import ACTModel, RecursiveInner
 from models.common import ModelConfig
 from models.fused_ops import post_norm_block
 from models.layers import Attention, ReasoningModule, SwiGLU, rms_norm
+from models.triton_common import DEFAULT_KERNELS
 
 
 @dataclass
@@ -142,6 +145,11 @@ class TinyRecursiveReasoningModel_ACTV1Config(ModelConfig):
         return self
 
 
+def _token_mix_in_place(hidden_states: torch.Tensor) -> bool:
+    """Whether the mlp_t sub-layer runs in the [B, L, D] layout: on a GPU, unless `HRM_KERNELS=portable`."""
+    return hidden_states.is_cuda and DEFAULT_KERNELS
+
+
 class TinyRecursiveReasoningModel_ACTV1Block(nn.Module):
     """Post-norm block: token mixing (attention, or with `mlp_t` a SwiGLU over positions), then a channel SwiGLU."""
 
@@ -167,10 +175,15 @@ class TinyRecursiveReasoningModel_ACTV1Block(nn.Module):
             return post_norm_block(
                 self.self_attn, self.mlp, cos_sin, hidden_states, self.norm_eps, self.config.fused_ops
             )
-        hidden_states = hidden_states.transpose(1, 2)  # [B, D, L]: mix positions, one row per channel
-        # Residual and norm in the transposed layout: the RMSNorm runs over the L positions of each channel.
-        hidden_states = rms_norm(hidden_states + self.mlp_t(hidden_states), self.norm_eps)
-        hidden_states = hidden_states.transpose(1, 2)  # [B, L, D]
+        if _token_mix_in_place(hidden_states):
+            # The same sub-layer in the [B, L, D] layout (no transposes; see SwiGLU.forward_over_dim1).
+            token_mix = self.mlp_t.forward_over_dim1(hidden_states)
+            hidden_states = rms_norm(hidden_states + token_mix, self.norm_eps, dim=1)  # over the L positions
+        else:  # TRM's own op sequence, bit for bit
+            hidden_states = hidden_states.transpose(1, 2)  # [B, D, L]: mix positions, one row per channel
+            # Residual and norm in the transposed layout: the RMSNorm runs over the L positions of each channel.
+            hidden_states = rms_norm(hidden_states + self.mlp_t(hidden_states), self.norm_eps)
+            hidden_states = hidden_states.transpose(1, 2)  # [B, L, D]
         return rms_norm(hidden_states + self.mlp(hidden_states), self.norm_eps)
 
 

@@ -1,0 +1,141 @@
+"""Time this library and a reference's own code on the same shapes in one command, and print the speed-ups.
+
+    python benchmarks/compare_reference.py --shapes sudoku            # HRM's code from .ref/hrm
+    python benchmarks/compare_reference.py --shapes trm_mlp --json-out results.jsonl   # TRM's code from .ref/trm
+    python benchmarks/compare_reference.py --shapes sudoku --rounds 2 --variant portable=HRM_KERNELS=portable
+
+Design choices:
+- Each measurement is its own process, one after the other on the same GPU: `benchmarks/bench_hrm.py` for this
+  library (its default configuration unless overrides are given), `benchmarks/bench_reference.py` for the
+  reference (HRM's code for the HRM shapes, TRM's for the TRM shapes, copies of their `models/` and `config/` in
+  git-ignored folders). Separate processes keep compilation caches, allocator pools and autotuning apart.
+- `--rounds N` repeats the whole alternation (ours, reference, ours, reference, ...) so the spread between rounds of
+  the same code shows the noise; the ratios use the median over rounds.
+- `--variant NAME=ENV=VALUE[,ENV=VALUE]` times this library once more per round with those environment variables
+  (e.g. `HRM_KERNELS=portable`, the PyTorch op sequence), to attribute a gain to a change in one command.
+- One shape per call keeps a call inside ten minutes on an H200 (compilation dominates: about a minute per
+  process). Prints a table last and one JSON line per shape (`--json-out` appends them to a file).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REFERENCE_OF = {"sudoku": "hrm", "maze": "hrm", "arc": "hrm", "trm": "trm", "trm_mlp": "trm", "trm_arc": "trm"}
+
+
+def run_json(cmd: list[str], env: dict[str, str], log) -> dict:
+    """Run a benchmark process; return its last JSON line (its full output goes to `log`)."""
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    log.write(f"$ {' '.join(cmd)}  ({time.perf_counter() - start:.0f} s, exit {proc.returncode})\n")
+    log.write(proc.stdout + proc.stderr + "\n")
+    log.flush()
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not rows:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"{' '.join(cmd[:3])} failed (exit {proc.returncode}): {tail[0]}")
+    return json.loads(rows[-1])
+
+
+def median(rows: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in rows)
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+    name, _, assignments = text.partition("=")
+    env = dict(pair.split("=", 1) for pair in assignments.split(",") if "=" in pair)
+    if not name or not env:
+        raise argparse.ArgumentTypeError(f"--variant {text!r}: expected NAME=ENV=VALUE[,ENV=VALUE]")
+    return name, env
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", required=True, help=f"comma-separated, from {sorted(REFERENCE_OF)}")
+    parser.add_argument("--hrm-ref", default=".ref/hrm", help="copy of sapientinc/HRM's models/ and config/")
+    parser.add_argument("--trm-ref", default=".ref/trm", help="copy of TinyRecursiveModels' models/ and config/")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--eval-batches", type=int, default=2)
+    parser.add_argument("--global-batch-size", type=int, default=None, help="override every shape's batch")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the alternation to see the noise")
+    parser.add_argument("--variant", type=parse_variant, action="append", default=[], help="NAME=ENV=VALUE,...")
+    parser.add_argument("--profile-dir", default=None, help="passed to bench_hrm.py for this library's default run")
+    parser.add_argument("--json-out", default=None)
+    parser.add_argument("--log", default=None, help="full output of every process (default: stderr)")
+    parser.add_argument("override", nargs="*", help="Hydra overrides for this library's runs")
+    args = parser.parse_args()
+    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    unknown = [s for s in shapes if s not in REFERENCE_OF]
+    if unknown:
+        parser.exit(2, f"error: --shapes: unknown {unknown}; choose from {sorted(REFERENCE_OF)}\n")
+    refs = {"hrm": args.hrm_ref, "trm": args.trm_ref}
+    for shape in shapes:
+        ref_dir = refs[REFERENCE_OF[shape]]
+        if not os.path.isdir(os.path.join(ref_dir, "models")):
+            parser.exit(2, f"error: {ref_dir}: no models/ folder (a copy of the reference repository is expected)\n")
+
+    log = open(args.log, "a") if args.log else sys.stderr  # noqa: SIM115 - closed at the end
+    timing = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--eval-batches", str(args.eval_batches)]
+    if args.global_batch_size:
+        timing += ["--global-batch-size", str(args.global_batch_size)]
+    rows = []
+    for shape in shapes:
+        runs: dict[str, list[dict]] = {"ours": [], "reference": [], **{name: [] for name, _ in args.variant}}
+        for round_index in range(args.rounds):
+            profile = ["--profile-dir", args.profile_dir] if args.profile_dir and round_index == 0 else []
+            ours = [sys.executable, os.path.join(HERE, "bench_hrm.py"), "--shapes", shape, *timing]
+            runs["ours"].append(run_json([*ours, *profile, *args.override], dict(os.environ), log))
+            for name, env in args.variant:
+                runs[name].append(run_json([*ours, *args.override], {**os.environ, **env}, log))
+            ref_dir = refs[REFERENCE_OF[shape]]
+            reference = [sys.executable, os.path.join(HERE, "bench_reference.py"), "--ref-dir", ref_dir]
+            runs["reference"].append(run_json([*reference, "--shapes", shape, *timing], dict(os.environ), log))
+
+        row = {
+            "bench": "compare_reference",
+            "shape": shape,
+            "reference": REFERENCE_OF[shape],
+            "device": runs["ours"][0]["device"],
+            "rounds": args.rounds,
+            "date": time.strftime("%Y-%m-%d"),
+            "overrides": args.override,
+        }
+        for name in runs:
+            row[f"{name}_train_ms"] = [r["train_ms_per_step"] for r in runs[name]]
+            row[f"{name}_eval_ms"] = [r["eval_ms_per_batch"] for r in runs[name]]
+        for name in [n for n in runs if n != "reference"]:
+            row[f"{name}_train_speedup"] = round(
+                median(runs["reference"], "train_ms_per_step") / median(runs[name], "train_ms_per_step"), 3
+            )
+            row[f"{name}_eval_speedup"] = round(
+                median(runs["reference"], "eval_ms_per_batch") / median(runs[name], "eval_ms_per_batch"), 3
+            )
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.json_out:
+            with open(args.json_out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    print(f"{'shape':8} {'code':10} {'train ms':>18} {'eval ms':>20} {'train x':>8} {'eval x':>7}")
+    for row in rows:
+        for name in ["reference", "ours", *(n for n, _ in args.variant)]:
+            train = "/".join(f"{v:.1f}" for v in row[f"{name}_train_ms"])
+            evals = "/".join(f"{v:.0f}" for v in row[f"{name}_eval_ms"])
+            ratio = (
+                "" if name == "reference" else f"{row[f'{name}_train_speedup']:8.3f} {row[f'{name}_eval_speedup']:7.3f}"
+            )
+            print(f"{row['shape']:8} {name:10} {train:>18} {evals:>20} {ratio}")
+    if log is not sys.stderr:
+        log.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# One GPU session of the speed campaign, run detached on the device machine so it may outlast one command:
+#   1. installs the carried wheels and builds adam-atan2 (the references' optimizer);
+#   2. GPU correctness: the kernel tests against float64 and the portable path, the whole-model GPU tests
+#      (bf16 GPU vs fp32 CPU forward, compiled vs eager train step, a 16-step evaluation);
+#   3. the kernels alone (benchmarks/bench_fused_ops.py: each against its PyTorch composition, eager and compiled);
+#   4. this library against the references' own code, shape after shape (benchmarks/compare_reference.py, with a
+#      kernel profile of this library's run), for the shapes in SHAPES.
+#
+#   setsid nohup bash benchmarks/speed_session.sh run /tmp/speed > /tmp/speed.log 2>&1 &
+#   bash benchmarks/speed_session.sh poll SECONDS /tmp/speed OUT   # wait up to SECONDS for the end; the JSON
+#        lines and a tarball of the logs, kernel tables and trace summaries go to OUT
+# Environment: SHAPES (default "trm_mlp sudoku trm arc"), STEPS (compare_reference.py timing flags),
+# ROUNDS, VARIANTS (extra --variant flags), SKIP_TESTS=1.
+set -uo pipefail
+cmd=${1:?run|poll}
+if [ "$cmd" = poll ]; then
+  secs=$2; work=$3; out=$4
+  for _ in $(seq "$secs"); do [ -f "$work/done" ] && break; sleep 1; done
+  for f in "$work"/prof/*.json; do
+    [ -f "$f" ] && python3 benchmarks/trace_summary.py "$f" --steps 3 > "${f%.json}_summary.txt" 2>&1
+  done
+  cp "$work"/*.jsonl "$out"/ 2> /dev/null || true
+  # Everything but the raw traces, in one file (the device returns at most 8 files).
+  tar -czf "$out/session.tgz" -C "$work" --exclude='*.json' . 2> /dev/null || true
+  cat "$work/progress.log"
+  [ -f "$work/done" ] && echo "session finished" || echo "session still running"
+  exit 0
+fi
+work=${2:-/tmp/speed}
+mkdir -p "$work/prof"
+SHAPES=${SHAPES:-trm_mlp sudoku trm arc}
+STEPS=${STEPS:---steps 20 --warmup 3 --eval-batches 2}
+ROUNDS=${ROUNDS:-1}
+VARIANTS=${VARIANTS:-}
+note() { echo "$* $(date +%T)" >> "$work/progress.log"; }
+note "start"
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv > "$work/gpu.log" 2>&1
+ADAM_ATAN2=1 source .whl/install.sh > "$work/install.log" 2>&1
+note "installed: $(tail -1 "$work/install.log")"
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  python3 -m pytest -q -p no:cacheprovider tests/test_short_attention.py tests/test_fused_ops.py tests/test_gpu.py \
+    > "$work/gpu_tests.log" 2>&1
+  note "gpu tests rc=$? $(tail -1 "$work/gpu_tests.log")"
+fi
+python3 benchmarks/bench_fused_ops.py --shapes sudoku,trm --json-out "$work/kernels.jsonl" > "$work/kernels.log" 2>&1
+note "kernels rc=$?"
+for shape in $SHAPES; do
+  # shellcheck disable=SC2086  # STEPS and VARIANTS are flag lists
+  python3 benchmarks/compare_reference.py --shapes "$shape" $STEPS --rounds "$ROUNDS" $VARIANTS \
+    --profile-dir "$work/prof" --log "$work/compare_$shape.log" --json-out "$work/compare.jsonl" \
+    > "$work/compare_${shape}_table.log" 2>&1
+  note "compare $shape rc=$? $(tail -2 "$work/compare_${shape}_table.log" | tr '\n' ' ')"
+done
+touch "$work/done"
+note "done"

@@ -1,0 +1,73 @@
+"""What the Triton kernels of this package share: the optional-import probe, the kernel switch, and the
+in-kernel helpers that keep the kernels' roundings those of the PyTorch path.
+
+Design choices:
+- Triton is an optional accelerator, probed once here: without it every kernel module still imports,
+  `HAS_TRITON` is False and the models keep their portable PyTorch path.
+- `HRM_KERNELS=portable` (environment, read at import) switches off every kernel that would otherwise be
+  used by default, so a run takes exactly the PyTorch op sequence of models/layers.py (for comparisons
+  and bug hunts); `auto` (default) uses them where they apply.
+- Under the Triton interpreter (TRITON_INTERPRET=1), which runs the same kernels with numpy on CPU
+  tensors for the tests, two interpreter defects are worked around behind constexpr flags, leaving the
+  compiled GPU code untouched: its 16-bit `tl.dot` returns garbage, so dot operands are upcast to fp32
+  (exact: a product of two 16-bit floats fits fp32), and its fp32 -> bf16 cast truncates, so bf16
+  rounding is done on the bit pattern (round to nearest even).
+"""
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # optional accelerator: the models fall back to the portable PyTorch path
+    triton = None
+
+HAS_TRITON = triton is not None
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
+
+_KERNEL_CHOICES = ("auto", "portable")
+
+
+def _kernels_mode() -> str:
+    mode = os.environ.get("HRM_KERNELS", "auto").strip().lower() or "auto"
+    if mode not in _KERNEL_CHOICES:
+        raise ValueError(f"HRM_KERNELS={mode!r}: expected one of {', '.join(_KERNEL_CHOICES)}")
+    return mode
+
+
+# Kernels on by default (the short-sequence attention, the mlp_t layout) run only when this holds.
+DEFAULT_KERNELS = _kernels_mode() == "auto"
+
+
+def kernel_flags(dtype: torch.dtype) -> dict:
+    """fp32 inputs use an exact fp32 dot; the interpreter needs it for 16-bit inputs too (module doc)."""
+    return {"FP32_DOT": INTERPRET or dtype == torch.float32, "INTERPRET": INTERPRET}
+
+
+if HAS_TRITON:
+
+    def autotune_configs(gpu: list[tuple[dict, int, int]], interpret: dict) -> list:
+        """Autotune configs: a few Hopper candidates on GPU, one small tile under the interpreter."""
+        if INTERPRET:
+            return [triton.Config(interpret, num_warps=4, num_stages=1)]
+        return [triton.Config(meta, num_warps=w, num_stages=s) for meta, w, s in gpu]
+
+    @triton.jit
+    def dot(a, b, acc, FP32_DOT: tl.constexpr):
+        """acc + a @ b with fp32 accumulation (exact fp32 operands when FP32_DOT, see the module doc)."""
+        if FP32_DOT:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        return tl.dot(a, b, acc)
+
+    @triton.jit
+    def round_to(x, out_ty: tl.constexpr, INTERPRET: tl.constexpr):
+        """Round fp32 `x` to `out_ty` (nearest even) and return it as fp32, i.e. x.to(out_ty).to(fp32)."""
+        if INTERPRET and out_ty == tl.bfloat16:
+            # The interpreter truncates fp32 -> bf16; round on the bit pattern instead (finite values).
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            return bits.to(tl.float32, bitcast=True)
+        return x.to(out_ty).to(tl.float32)

@@ -1,0 +1,178 @@
+"""The short-sequence attention kernel (models/short_attention.py) against float64 attention and the portable path.
+
+Runs on CUDA when present, or on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1, set before Python
+starts; tiny tiles, so every case has query-block tails); otherwise the kernel tests skip. The dispatch tests
+(which calls take the kernel) run everywhere.
+"""
+
+import math
+import os
+
+import pytest
+import torch
+
+import models.layers as layers
+from models.layers import Attention, RotaryEmbedding, apply_rotary_pos_emb, attention
+from models.triton_common import HAS_TRITON
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+ON_CUDA = torch.cuda.is_available()
+KERNEL = pytest.mark.skipif(
+    not HAS_TRITON or not (ON_CUDA or INTERPRET),
+    reason="the Triton kernel needs Triton plus a CUDA device, or TRITON_INTERPRET=1 for the CPU interpreter",
+)
+DEVICE = torch.device("cuda" if ON_CUDA and not INTERPRET else "cpu")
+DTYPES = [torch.bfloat16, torch.float16] + ([torch.float32] if INTERPRET else [])
+# The kernel rounds where the portable path does (q and k after RoPE, the output; P as flash attention does), so
+# against float64 attention on the same upcast projection its error must stay within the portable path's own error
+# times 1.5 plus a floor of a few units of that dtype's rounding, and under a hard cap.
+FLOOR = {torch.bfloat16: 1e-3, torch.float16: 2e-4, torch.float32: 1e-6}
+CAP = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
+
+# (batch, seq, query heads, key/value heads, head_dim, rope)
+CASES = [
+    (2, 1, 2, 2, 16, True),
+    (2, 17, 2, 1, 16, True),  # grouped key/value heads
+    (1, 82, 2, 2, 64, True),  # HRM's Sudoku length, a head of HRM's size
+    (2, 33, 4, 2, 32, False),
+    (1, 128, 1, 1, 16, True),  # the longest sequence the kernel takes
+]
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+def _inputs(batch, seq, heads, kv_heads, head_dim, rope, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(batch, seq, (heads + 2 * kv_heads) * head_dim, generator=gen).to(dtype).to(DEVICE)
+    cos_sin = RotaryEmbedding(head_dim, seq, base=10000.0, device=DEVICE)() if rope else None
+    return qkv, cos_sin
+
+
+def _split(qkv, heads, kv_heads, head_dim):
+    b, s, _ = qkv.shape
+    qkv = qkv.view(b, s, heads + 2 * kv_heads, head_dim)  # [B, S, H+2K, D]
+    return qkv[:, :, :heads], qkv[:, :, heads : heads + kv_heads], qkv[:, :, heads + kv_heads :]
+
+
+def _float64_attention(qkv, cos_sin, heads, kv_heads, head_dim):
+    """RoPE and softmax attention in float64 on the upcast projection; [B, S, H*D]."""
+    q, k, v = (t.double() for t in _split(qkv.double(), heads, kv_heads, head_dim))
+    if cos_sin is not None:
+        cos, sin = (t.double()[: qkv.shape[1], None] for t in cos_sin)  # [S, 1, D]
+        q = q * cos + layers.rotate_half(q) * sin
+        k = k * cos + layers.rotate_half(k) * sin
+    group = heads // kv_heads
+    k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(head_dim)
+    out = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v)
+    return out.reshape(qkv.shape[0], qkv.shape[1], heads * head_dim)
+
+
+def _portable_attention(qkv, cos_sin, heads, kv_heads, head_dim):
+    """models/layers.py's path in the input dtype: RoPE (fp32, rounded), SDPA, reshape."""
+    q, k, v = _split(qkv, heads, kv_heads, head_dim)
+    if cos_sin is not None:
+        cos, sin = (t[: qkv.shape[1]] for t in cos_sin)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    if q.device.type == "cpu" and q.dtype != torch.float32:  # CPU SDPA in 16 bits: compute in fp32, round once
+        out = attention(q.float(), k.float(), v.float()).to(q.dtype)
+    else:
+        out = attention(q, k, v)
+    return out.reshape(qkv.shape[0], qkv.shape[1], heads * head_dim)
+
+
+@KERNEL
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}_s{}_h{}_kv{}_d{}_rope{}".format(*c))
+def test_matches_float64_and_portable_attention(case, dtype):
+    from models.short_attention import short_attention
+
+    batch, seq, heads, kv_heads, head_dim, rope = case
+    for seed in (0, 1):  # fresh inputs: the kernel must compute the same function on any input
+        qkv, cos_sin = _inputs(batch, seq, heads, kv_heads, head_dim, rope, dtype, seed)
+        with torch.no_grad():
+            out = short_attention(qkv, cos_sin, heads, kv_heads, head_dim)
+        assert out.shape == (batch, seq, heads * head_dim) and out.dtype == dtype
+        assert torch.isfinite(out).all(), "non-finite or unwritten output"
+        exact = _float64_attention(qkv, cos_sin, heads, kv_heads, head_dim)
+        rel = _rel(out, exact)
+        portable_rel = _rel(_portable_attention(qkv, cos_sin, heads, kv_heads, head_dim), exact)
+        assert rel <= min(CAP[dtype], 1.5 * portable_rel + FLOOR[dtype]), (
+            f"seed {seed}: error vs float64 {rel:.2e}, the portable path's {portable_rel:.2e}"
+        )
+
+
+@KERNEL
+def test_strided_projection_and_bad_shapes():
+    """A non-contiguous qkv (a slice of a wider buffer) gives the same result; inconsistent head counts and too
+    long sequences are refused with the numbers."""
+    from models.short_attention import short_attention
+
+    heads, head_dim, dtype = 2, 16, DTYPES[0]
+    wide, cos_sin = _inputs(2, 9, heads, heads, head_dim, True, dtype, 3)
+    width = wide.shape[-1]
+    padded = torch.cat([wide, wide[..., :8]], dim=-1)[..., :width]  # row stride width + 8
+    with torch.no_grad():
+        assert torch.equal(
+            short_attention(padded, cos_sin, heads, heads, head_dim),
+            short_attention(wide, cos_sin, heads, heads, head_dim),
+        )
+        with pytest.raises(ValueError, match="does not match 3 query and 3 key/value heads of 16"):
+            short_attention(wide, cos_sin, 3, 3, head_dim)
+        too_long, _ = _inputs(1, 129, 1, 1, 16, False, dtype, 4)
+        with pytest.raises(ValueError, match="129 > 128"):
+            short_attention(too_long, None, 1, 1, 16)
+
+
+def test_attention_dispatches_no_grad_short_calls(monkeypatch):
+    """Attention.forward routes a call to the kernel exactly when short_attention_supported says so, passing the raw
+    projection, and feeds the kernel's [B, S, H*D] output to o_proj."""
+    calls = []
+
+    def fake_kernel(qkv, cos_sin, heads, kv_heads, head_dim):
+        calls.append((tuple(qkv.shape), heads, kv_heads, head_dim))
+        return torch.zeros(qkv.shape[0], qkv.shape[1], heads * head_dim, dtype=qkv.dtype)
+
+    monkeypatch.setattr(layers, "short_attention", fake_kernel)
+    monkeypatch.setattr(layers, "short_attention_supported", lambda qkv, head_dim, causal: not torch.is_grad_enabled())
+    attn = Attention(hidden_size=32, head_dim=8, num_heads=4, num_key_value_heads=4)
+    x = torch.randn(2, 5, 32)
+    with_grad = attn(cos_sin=None, hidden_states=x)
+    assert not calls and with_grad.abs().sum() > 0
+    with torch.no_grad():
+        routed = attn(cos_sin=None, hidden_states=x)
+    assert calls == [((2, 5, 96), 4, 4, 8)]
+    assert torch.equal(routed, torch.zeros_like(routed))  # o_proj of the kernel's zeros (no bias)
+
+
+def test_supported_only_where_the_kernel_applies():
+    from models import short_attention as sa
+
+    if not HAS_TRITON:
+        assert not sa.short_attention_supported(torch.zeros(1, 4, 48, dtype=torch.bfloat16), 16, False)
+        return
+    x = torch.zeros(1, 4, 48, dtype=torch.bfloat16, device=DEVICE)
+    on_device = DEVICE.type == "cuda" or INTERPRET
+    with torch.no_grad():
+        assert sa.short_attention_supported(x, 16, False) == (on_device and sa.DEFAULT_KERNELS)
+        assert not sa.short_attention_supported(x, 16, True)  # causal
+        assert not sa.short_attention_supported(x, 24, False)  # head_dim not a power of two
+        assert not sa.short_attention_supported(x.float(), 16, False)  # fp32 activations
+        assert not sa.short_attention_supported(torch.zeros(1, 129, 48, dtype=torch.bfloat16, device=DEVICE), 16, False)
+    assert not sa.short_attention_supported(x, 16, False)  # grad mode on
+
+
+def test_kernels_switch_reads_the_environment():
+    """HRM_KERNELS=portable turns the default kernels off; a bad value is one line naming it."""
+    import subprocess
+    import sys
+
+    code = "import models.triton_common as t; print(t.DEFAULT_KERNELS)"
+    env = {**os.environ, "HRM_KERNELS": "portable"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    env["HRM_KERNELS"] = "fast"
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "HRM_KERNELS='fast': expected one of auto, portable" in bad.stderr
