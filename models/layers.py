@@ -10,9 +10,9 @@ Design choices:
   handles fp16/bf16 CUDA tensors, so other inputs (CPU, float32) go through SDPA whatever the backend;
   that choice depends on dtype and device only, never on tensor values, so it is compile-friendly.
 - Tensors inside attention are `[batch, seq, heads, head_dim]` (FlashAttention's layout); SDPA wants
-  `[batch, heads, seq, head_dim]`, so that path transposes. No-grad calls on short sequences (S <= 128, the
-  Sudoku shapes) on a GPU with Triton take one kernel instead (models/short_attention.py: RoPE on load,
-  output in o_proj's layout); `HRM_KERNELS=portable` keeps them on this path.
+  `[batch, heads, seq, head_dim]`, so that path transposes. With `HRM_KERNELS=all`, no-grad calls on short
+  sequences (S <= 128, the Sudoku shapes) on a GPU with Triton take one experimental kernel instead
+  (models/short_attention.py: RoPE on load, output in o_proj's layout; not yet faster).
 - RMSNorm has no learnable weight (as in the reference model).
 - `ReasoningModule` (input injection, then a stack of blocks) is shared by HRM's two levels and TRM's
   single network; the post-norm attention block itself is `models.fused_ops.post_norm_block`, which

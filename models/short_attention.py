@@ -14,8 +14,12 @@ activation dtype for the P·V product (as flash attention does), which accumulat
 the row sum before the one rounding of the output. Against float64 attention on the same (upcast) inputs
 the error is that of bf16 operands.
 
+Status: experimental, used only with `HRM_KERNELS=all`. On an H200 (2026-12-02) it took 0.226 ms per call at
+HRM's Sudoku shape against 0.175 ms for Inductor's RoPE + layout kernel and cuDNN's attention (about 1.1 TB/s of
+its 4.3 TB/s), and the HRM Sudoku step was slower with it (benchmarks/RESULTS.md, speed log).
+
 Scope: the forward only, for calls without autograd (every evaluation call, and the no-grad block calls of a
-train step); non-causal; head_dim a power of two from 16 to 128; 16-bit activations on CUDA (fp32 too
+train step); non-causal; head_dim 32, 64 or 128 (Triton's dot needs at least 16 along each half); 16-bit activations on CUDA (fp32 too
 under the Triton interpreter, for tests). `short_attention_supported` says whether a call qualifies; the
 decision depends on shapes, dtype, device and grad mode only, so torch.compile guards on it without a graph
 break. The kernel is a `torch.library.triton_op`, traced by torch.compile like Inductor's own kernels.
@@ -25,7 +29,7 @@ import math
 
 import torch
 
-from models.triton_common import DEFAULT_KERNELS, HAS_TRITON, INTERPRET, SUPPORTED_DTYPES, kernel_flags
+from models.triton_common import EXPERIMENTAL_KERNELS, HAS_TRITON, INTERPRET, SUPPORTED_DTYPES, kernel_flags
 
 MAX_SEQ_LEN = 128
 
@@ -126,17 +130,17 @@ if HAS_TRITON:
 
 def short_attention_supported(qkv: torch.Tensor, head_dim: int, causal: bool) -> bool:
     """Whether `short_attention` can run this call: Triton, CUDA (or the interpreter), 16-bit, no autograd,
-    S <= MAX_SEQ_LEN, non-causal, head_dim a power of two in [16, 128], and the default kernels not switched
-    off (`HRM_KERNELS=portable`). Shapes, dtype, device and grad mode only: compile-friendly."""
+    S <= MAX_SEQ_LEN, non-causal, head_dim 32, 64 or 128, and the experimental kernels switched on
+    (`HRM_KERNELS=all`). Shapes, dtype, device and grad mode only: compile-friendly."""
     return (
         HAS_TRITON
-        and DEFAULT_KERNELS
+        and EXPERIMENTAL_KERNELS
         and (qkv.is_cuda or INTERPRET)
         and qkv.dtype in SUPPORTED_DTYPES
         and not torch.is_grad_enabled()
         and not causal
         and qkv.shape[1] <= MAX_SEQ_LEN
-        and head_dim in (16, 32, 64, 128)
+        and head_dim in (32, 64, 128)
     )
 
 
@@ -158,6 +162,8 @@ def short_attention(
             f"short_attention: qkv width {width} does not match {num_heads} query and {num_kv_heads} key/value "
             f"heads of {head_dim}"
         )
+    if head_dim not in (32, 64, 128):
+        raise ValueError(f"short_attention: head_dim {head_dim} not supported (32, 64 or 128)")
     if seq_len > MAX_SEQ_LEN:
         raise ValueError(f"short_attention: sequence length {seq_len} > {MAX_SEQ_LEN}")
     qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()

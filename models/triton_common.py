@@ -4,9 +4,10 @@ in-kernel helpers that keep the kernels' roundings those of the PyTorch path.
 Design choices:
 - Triton is an optional accelerator, probed once here: without it every kernel module still imports,
   `HAS_TRITON` is False and the models keep their portable PyTorch path.
-- `HRM_KERNELS=portable` (environment, read at import) switches off every kernel that would otherwise be
-  used by default, so a run takes exactly the PyTorch op sequence of models/layers.py (for comparisons
-  and bug hunts); `auto` (default) uses them where they apply.
+- `HRM_KERNELS` (environment, read at import) chooses which kernels run: `auto` (default) the ones measured
+  faster than the PyTorch path on a GPU (benchmarks/RESULTS.md, speed log), `all` also the experimental ones
+  not yet faster (to time them beside the default in one command), `portable` none, so a run takes exactly the
+  PyTorch op sequence of models/layers.py (for comparisons and bug hunts).
 - Under the Triton interpreter (TRITON_INTERPRET=1), which runs the same kernels with numpy on CPU
   tensors for the tests, two interpreter defects are worked around behind constexpr flags, leaving the
   compiled GPU code untouched: its 16-bit `tl.dot` returns garbage, so dot operands are upcast to fp32
@@ -28,7 +29,7 @@ HAS_TRITON = triton is not None
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 
-_KERNEL_CHOICES = ("auto", "portable")
+_KERNEL_CHOICES = ("auto", "all", "portable")
 
 
 def _kernels_mode() -> str:
@@ -38,8 +39,10 @@ def _kernels_mode() -> str:
     return mode
 
 
-# Kernels on by default (the short-sequence attention, the mlp_t layout) run only when this holds.
-DEFAULT_KERNELS = _kernels_mode() == "auto"
+# The kernels measured faster (today: TRM's mlp_t sub-layer in the [B, L, D] layout for no-grad calls) run when
+# DEFAULT_KERNELS holds; the experimental ones (the short-sequence attention) only with HRM_KERNELS=all.
+DEFAULT_KERNELS = _kernels_mode() in ("auto", "all")
+EXPERIMENTAL_KERNELS = _kernels_mode() == "all"
 
 
 def kernel_flags(dtype: torch.dtype) -> dict:

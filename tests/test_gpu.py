@@ -1,5 +1,5 @@
 """GPU checks: the bf16 CUDA forward (fused and unfused) agrees with the float32 CPU forward on the same weights,
-for HRM and for TRM (attention and mlp_t); compiled train steps match eager ones; the default GPU kernels follow the
+for HRM and for TRM (attention and mlp_t); compiled train steps match eager ones; the GPU kernels follow the
 portable PyTorch path over a 16-step evaluation and in a train step's loss and gradient norm.
 
 Skipped without CUDA (CI has none); run on the GPU machine with `python -m pytest tests/test_gpu.py`.
@@ -190,14 +190,28 @@ def _portable(monkeypatch) -> None:
     monkeypatch.setattr(models.recursive_reasoning.trm, "_token_mix_in_place", lambda x: False)
 
 
+def _all_kernels(monkeypatch) -> None:
+    """Switch the experimental kernels on too (as HRM_KERNELS=all does), so their paths are checked."""
+    import models.short_attention
+
+    monkeypatch.setattr(models.short_attention, "EXPERIMENTAL_KERNELS", True)
+
+
+def _agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+
+
 @pytest.mark.parametrize("kind", ["hrm", "trm", "trm_mlp"])
-def test_default_kernels_follow_the_portable_path_over_a_16_step_evaluation(kind, monkeypatch):
-    """The default GPU kernels (short-sequence attention, the mlp_t layout) against the portable GPU path over a
-    whole 16-step evaluation at the Sudoku length, both measured against the fp32 CPU forward: at every ACT step
-    the kernels' error stays within twice the portable path's own bf16 error (or 1%), and the final answers agree."""
+def test_kernels_follow_the_portable_path_over_a_16_step_evaluation(kind, monkeypatch):
+    """Every GPU kernel (default and experimental) against the portable GPU path over a whole 16-step evaluation at
+    the Sudoku length, both measured against the fp32 CPU forward on the same weights. With random weights the
+    recurrence amplifies bf16 rounding over 16 steps (on an H200 the kernels and the portable path agreed on under
+    10% of the final answers), so the criterion is relative: at every ACT step the kernels' error stays within twice
+    the portable path's own bf16 error (or 1%), and they agree with the fp32 answers about as often as it does."""
     from models import short_attention
 
-    assert short_attention.HAS_TRITON and short_attention.DEFAULT_KERNELS, "the kernels must be on for this test"
+    assert short_attention.HAS_TRITON, "the kernels need Triton"
+    _all_kernels(monkeypatch)
     cpu, fast = _models_with_same_weights(kind, common={"halt_max_steps": 16})
     ref = _eval_logits(cpu, "cpu", steps=16)
     got = _eval_logits(fast, "cuda", steps=16)
@@ -206,15 +220,16 @@ def test_default_kernels_follow_the_portable_path_over_a_16_step_evaluation(kind
     for step, (a, p, r) in enumerate(zip(got, portable, ref)):
         err, budget = _rel(a, r), max(2 * _rel(p, r), 1e-2)
         assert err <= budget, f"ACT step {step}: kernels' error {err:.3g}, portable path's {_rel(p, r):.3g}"
-    agree = (got[-1].argmax(-1) == portable[-1].argmax(-1)).float().mean().item()
-    assert agree > (0.9 if kind == "trm_mlp" else 0.97), f"answers agree on {agree:.1%} of the cells"
+        agree, portable_agree = _agreement(a, r), _agreement(p, r)
+        assert agree >= portable_agree - 0.05, f"ACT step {step}: fp32 answers kept {agree:.1%} vs {portable_agree:.1%}"
 
 
 @pytest.mark.parametrize("kind", ["hrm", "trm", "trm_mlp"])
-def test_default_kernels_give_the_portable_train_step(kind, monkeypatch):
-    """A compiled train step with the default kernels (their no-grad calls and, for mlp_t, the layout in every call)
+def test_kernels_give_the_portable_train_step(kind, monkeypatch):
+    """A compiled train step with every kernel (default and experimental) (their no-grad calls and, for mlp_t, the layout in every call)
     gives the portable path's loss and gradient norm within bf16 tolerance, on the same weights, carry and batch."""
     results = {}
+    _all_kernels(monkeypatch)
     for variant in ("kernels", "portable"):
         if variant == "portable":
             _portable(monkeypatch)

@@ -31,11 +31,11 @@ CAP = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
 
 # (batch, seq, query heads, key/value heads, head_dim, rope)
 CASES = [
-    (2, 1, 2, 2, 16, True),
-    (2, 17, 2, 1, 16, True),  # grouped key/value heads
+    (2, 1, 2, 2, 32, True),
+    (2, 17, 2, 1, 32, True),  # grouped key/value heads
     (1, 82, 2, 2, 64, True),  # HRM's Sudoku length, a head of HRM's size
     (2, 33, 4, 2, 32, False),
-    (1, 128, 1, 1, 16, True),  # the longest sequence the kernel takes
+    (1, 128, 1, 1, 32, True),  # the longest sequence the kernel takes
 ]
 
 
@@ -110,7 +110,7 @@ def test_strided_projection_and_bad_shapes():
     long sequences are refused with the numbers."""
     from models.short_attention import short_attention
 
-    heads, head_dim, dtype = 2, 16, DTYPES[0]
+    heads, head_dim, dtype = 2, 32, DTYPES[0]
     wide, cos_sin = _inputs(2, 9, heads, heads, head_dim, True, dtype, 3)
     width = wide.shape[-1]
     padded = torch.cat([wide, wide[..., :8]], dim=-1)[..., :width]  # row stride width + 8
@@ -119,11 +119,14 @@ def test_strided_projection_and_bad_shapes():
             short_attention(padded, cos_sin, heads, heads, head_dim),
             short_attention(wide, cos_sin, heads, heads, head_dim),
         )
-        with pytest.raises(ValueError, match="does not match 3 query and 3 key/value heads of 16"):
+        with pytest.raises(ValueError, match="does not match 3 query and 3 key/value heads of 32"):
             short_attention(wide, cos_sin, 3, 3, head_dim)
-        too_long, _ = _inputs(1, 129, 1, 1, 16, False, dtype, 4)
+        narrow, _ = _inputs(1, 4, 1, 1, 16, False, dtype, 4)
+        with pytest.raises(ValueError, match="head_dim 16 not supported"):  # Triton's dot needs 16 per half
+            short_attention(narrow, None, 1, 1, 16)
+        too_long, _ = _inputs(1, 129, 1, 1, 32, False, dtype, 5)
         with pytest.raises(ValueError, match="129 > 128"):
-            short_attention(too_long, None, 1, 1, 16)
+            short_attention(too_long, None, 1, 1, 32)
 
 
 def test_attention_dispatches_no_grad_short_calls(monkeypatch):
@@ -147,32 +150,50 @@ def test_attention_dispatches_no_grad_short_calls(monkeypatch):
     assert torch.equal(routed, torch.zeros_like(routed))  # o_proj of the kernel's zeros (no bias)
 
 
-def test_supported_only_where_the_kernel_applies():
+def test_supported_only_where_the_kernel_applies(monkeypatch):
     from models import short_attention as sa
 
+    x = torch.zeros(1, 4, 96, dtype=torch.bfloat16, device=DEVICE)
+    monkeypatch.setattr(sa, "EXPERIMENTAL_KERNELS", True)
     if not HAS_TRITON:
-        assert not sa.short_attention_supported(torch.zeros(1, 4, 48, dtype=torch.bfloat16), 16, False)
+        with torch.no_grad():
+            assert not sa.short_attention_supported(x, 32, False)
         return
-    x = torch.zeros(1, 4, 48, dtype=torch.bfloat16, device=DEVICE)
     on_device = DEVICE.type == "cuda" or INTERPRET
     with torch.no_grad():
-        assert sa.short_attention_supported(x, 16, False) == (on_device and sa.DEFAULT_KERNELS)
-        assert not sa.short_attention_supported(x, 16, True)  # causal
+        assert sa.short_attention_supported(x, 32, False) == on_device
+        assert not sa.short_attention_supported(x, 32, True)  # causal
+        assert not sa.short_attention_supported(x, 16, False)  # halves narrower than Triton's dot takes
         assert not sa.short_attention_supported(x, 24, False)  # head_dim not a power of two
-        assert not sa.short_attention_supported(x.float(), 16, False)  # fp32 activations
-        assert not sa.short_attention_supported(torch.zeros(1, 129, 48, dtype=torch.bfloat16, device=DEVICE), 16, False)
-    assert not sa.short_attention_supported(x, 16, False)  # grad mode on
+        assert not sa.short_attention_supported(x.float(), 32, False)  # fp32 activations
+        assert not sa.short_attention_supported(torch.zeros(1, 129, 96, dtype=torch.bfloat16, device=DEVICE), 32, False)
+        monkeypatch.setattr(sa, "EXPERIMENTAL_KERNELS", False)  # not measured faster: only with HRM_KERNELS=all
+        assert not sa.short_attention_supported(x, 32, False)
+    monkeypatch.setattr(sa, "EXPERIMENTAL_KERNELS", True)
+    assert not sa.short_attention_supported(x, 32, False)  # grad mode on
 
 
-def test_kernels_switch_reads_the_environment():
-    """HRM_KERNELS=portable turns the default kernels off; a bad value is one line naming it."""
+@pytest.mark.parametrize(
+    "value, default, experimental",
+    [(None, True, False), ("auto", True, False), ("all", True, True), ("portable", False, False)],
+)
+def test_kernels_switch_reads_the_environment(value, default, experimental):
+    """HRM_KERNELS: auto (default) the kernels measured faster, all also the experimental ones, portable none."""
     import subprocess
     import sys
 
-    code = "import models.triton_common as t; print(t.DEFAULT_KERNELS)"
-    env = {**os.environ, "HRM_KERNELS": "portable"}
+    code = "import models.triton_common as t; print(t.DEFAULT_KERNELS, t.EXPERIMENTAL_KERNELS)"
+    env = {k: v for k, v in os.environ.items() if k != "HRM_KERNELS"}
+    if value is not None:
+        env["HRM_KERNELS"] = value
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
-    env["HRM_KERNELS"] = "fast"
-    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert bad.returncode != 0 and "HRM_KERNELS='fast': expected one of auto, portable" in bad.stderr
+    assert out.stdout.split() == [str(default), str(experimental)]
+
+
+def test_bad_kernels_switch_is_named():
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HRM_KERNELS": "fast"}
+    bad = subprocess.run([sys.executable, "-c", "import models.triton_common"], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "HRM_KERNELS='fast': expected one of auto, all, portable" in bad.stderr
