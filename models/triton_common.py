@@ -39,10 +39,18 @@ def _kernels_mode() -> str:
     return mode
 
 
+KERNELS_MODE = _kernels_mode()
 # The kernels measured faster (today: TRM's mlp_t sub-layer in the [B, L, D] layout for no-grad calls) run when
 # DEFAULT_KERNELS holds; the experimental ones (the short-sequence attention) only with HRM_KERNELS=all.
-DEFAULT_KERNELS = _kernels_mode() in ("auto", "all")
-EXPERIMENTAL_KERNELS = _kernels_mode() == "all"
+DEFAULT_KERNELS = KERNELS_MODE in ("auto", "all")
+EXPERIMENTAL_KERNELS = KERNELS_MODE == "all"
+
+
+def describe_kernels() -> str:
+    """One line for the launchers' start-up banner: which kernel mode runs, and what is missing for the rest."""
+    if KERNELS_MODE == "all" and not HAS_TRITON:
+        return "all (Triton not installed: the Triton kernels fall back to PyTorch)"
+    return KERNELS_MODE
 
 
 def kernel_flags(dtype: torch.dtype) -> dict:

@@ -204,10 +204,12 @@ def create_evaluators(config: PretrainConfig, eval_metadata: Any, info: DistInfo
 
 def print_backends(info: DistInfo) -> None:
     from models.layers import ATTENTION_BACKEND
+    from models.triton_common import describe_kernels
     from utils.optimizers import ADAM_ATAN2_BACKEND
 
     if info.is_main:
         print(
-            f"device {info.device} x{info.world_size}, attention {ATTENTION_BACKEND}, AdamATan2 {ADAM_ATAN2_BACKEND}",
+            f"device {info.device} x{info.world_size}, attention {ATTENTION_BACKEND}, AdamATan2 {ADAM_ATAN2_BACKEND}, "
+            f"kernels {describe_kernels()}",
             file=sys.stderr,
         )
