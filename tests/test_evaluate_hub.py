@@ -174,19 +174,16 @@ def test_a_checkpoint_not_in_the_cache_is_one_line_at_once(world, tmp_path, env)
 
 
 def test_data_built_differently_from_the_checkpoints_is_one_line(world, tmp_path):
-    root, _, cache, _ = world
+    root, _, _, _ = world
     other = make_tiny_dataset(tmp_path / "other", num_groups=4)  # fewer puzzles: fewer identifiers
-    result = cli(
-        "checkpoint=hf://sapientinc/HRM-checkpoint-tiny",
-        f"data_path={other}",
-        cwd=tmp_path,
-        cache=cache,
-        HF_HUB_OFFLINE="1",
+    cfg = evaluate.EvalConfig(checkpoint=str(root / "run" / "step_6"), data_path=str(other), device="cpu")
+    with pytest.raises(ValueError) as error:
+        evaluate.evaluate_checkpoint(cfg, CPU)
+    assert str(error.value) == (
+        f"checkpoint {root / 'run' / 'step_6'}: its puzzle embedding has 24 rows, but {other} has 18 puzzle "
+        "identifiers (num_puzzle_identifiers): the dataset was not built as the checkpoint's training data was "
+        "(same builder, raw files, seed and augmentation count)"
     )
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: checkpoint hf://sapientinc/HRM-checkpoint-tiny: its puzzle embedding has 24 rows")
-    assert f"{other} has 18 puzzle identifiers" in last and "not built as the checkpoint's training data" in last
 
 
 def test_hub_spellings_and_weights_files(tmp_path):

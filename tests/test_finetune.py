@@ -24,15 +24,15 @@ pytestmark = pytest.mark.slow
 
 def test_fine_tuning_the_puzzle_embedding_on_new_puzzles_learns_them(tmp_path):
     trained = make_tiny_dataset(tmp_path / "trained", num_groups=6)
-    pretrain.run(tiny_config(trained, tmp_path / "base", "evaluators=[]", "epochs=8", "eval_interval=8"))
-    checkpoint = tmp_path / "base" / "step_12"
+    pretrain.run(tiny_config(trained, tmp_path / "base", "evaluators=[]"))
+    checkpoint = tmp_path / "base" / "step_6"
     # New puzzles (other inputs, other identifiers), scored on the examples they are fine-tuned on.
     new = make_tiny_dataset(tmp_path / "new", num_groups=4, seed=1)
     shutil.rmtree(new / "test")
     shutil.copytree(new / "train", new / "test")
     config = tiny_config(
-        new, tmp_path / "tuned", "evaluators=[]", f"load_checkpoint={checkpoint}", "freeze_weights=true", "epochs=8",
-        "eval_interval=8", "puzzle_emb_lr=0.1",
+        new, tmp_path / "tuned", "evaluators=[]", f"load_checkpoint={checkpoint}", "freeze_weights=true", "epochs=16",
+        "eval_interval=16", "puzzle_emb_lr=0.1",
     )  # fmt: skip
     dataset, _ = create_dataloader(config, "train", CPU, test_set_mode=False, epochs=1)
     start, _ = pretrain.init_train_state(config, dataset.metadata, CPU)  # the weights fine-tuning starts from
@@ -42,11 +42,15 @@ def test_fine_tuning_the_puzzle_embedding_on_new_puzzles_learns_them(tmp_path):
 
     tuned = pretrain.run(config)
     after = evaluate(config, tuned, loader, test_dataset.metadata, CPU)["all"]
-    assert after["lm_loss"] < before["lm_loss"] and after["accuracy"] > before["accuracy"], (before, after)
+    # Measured on CPU: loss 1.64 -> 1.51, cell accuracy 32% -> 44% in 16 steps.
+    assert after["lm_loss"] < 0.95 * before["lm_loss"] and after["accuracy"] > before["accuracy"] + 0.05, (
+        before,
+        after,
+    )
 
     base, final = (
         torch.load(checkpoint, weights_only=True),
-        torch.load(tmp_path / "tuned" / "step_8", weights_only=True),
+        torch.load(tmp_path / "tuned" / "step_16", weights_only=True),
     )
     assert final[PUZZLE_TABLE_KEY].shape[0] == dataset.metadata.num_puzzle_identifiers < base[PUZZLE_TABLE_KEY].shape[0]
     assert not torch.equal(final[PUZZLE_TABLE_KEY], start.model.state_dict()[PUZZLE_TABLE_KEY])

@@ -150,8 +150,8 @@ def test_evaluate_votes_sudoku_views_from_the_command_line(sudoku6, tmp_path):
     (checkpoint,) = run.glob("step_*")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
-    def cli(*args):
-        cmd = [sys.executable, str(REPO / "evaluate.py"), f"checkpoint={checkpoint}", "device=cpu", *args]
+    def cli(*args, launcher=()):
+        cmd = [sys.executable, *launcher, str(REPO / "evaluate.py"), f"checkpoint={checkpoint}", "device=cpu", *args]
         return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
 
     result = cli("tta=sudoku", "tta_views=4", "save_outputs=[]")
@@ -161,6 +161,13 @@ def test_evaluate_votes_sudoku_views_from_the_command_line(sudoku6, tmp_path):
     results = json.loads((run / "eval_results.json").read_text())
     assert results["overrides"] == {"device": "cpu", "save_outputs": [], "tta": "sudoku", "tta_views": 4}
     assert results["metrics"]["all/tta_accuracy"] == pytest.approx(float(printed["all/tta_accuracy"]), rel=1e-5)
+    # Two ranks, each voting on its half of every batch: the same sums.
+    torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")
+    result = cli("tta=sudoku", "tta_views=4", "save_outputs=[]", f"output_dir={tmp_path / 'two'}", launcher=torchrun)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "eval_results.json").read_text())["metrics"]
+    for key in ("all/tta_exact_accuracy", "all/tta_accuracy", "all/exact_accuracy"):
+        assert two[key] == pytest.approx(results["metrics"][key], abs=1e-6), key
     # Views that do not fit: one line, before any evaluation.
     (run / "eval_results.json").unlink()
     result = cli("tta=maze")
