@@ -20,11 +20,24 @@ Design choices:
   with another puzzle's (a fixed random permutation of the identifiers), to measure how much the model
   leans on its puzzle embedding; scoring still uses the true identifiers.
 - Evaluation itself is utils/evaluation.py's, the same as training's (SPEC §6); outputs are saved per
-  rank as `step_{N}_all_preds.{rank}` beside the checkpoint. The run's evaluators run too (by default
+  rank as `step_{N}_all_preds.{rank}` in the output folder. The run's evaluators run too (by default
   the ARC evaluator, left out with a notice where the dataset is not ARC): ARC/pass@K by the ARC
   Prize's rule and a submission.json in `evaluator_ARC_step_{N}/`.
+- `checkpoint=hf://owner/name[@revision][/path/in/repo]` evaluates a checkpoint on the Hugging Face hub
+  (utils/hub.py: downloaded into, or read from, the hub cache). Evaluation needs only the dataset's test
+  split: without `train/`, the model is built from the test split's metadata (same vocabulary, sequence
+  length and identifier count). A puzzle embedding whose row count differs from the dataset's identifier
+  count is a one-line error: the data was not built as the checkpoint's was.
+- `output_dir=` receives the saved outputs, evaluator outputs, step accuracy and `eval_results.json`
+  (metrics, checkpoint and revision, step, datasets, overrides, date). By default it is the checkpoint's
+  folder for a local checkpoint, where the reference's workflow (its ARC notebook, `utils.visualize`,
+  `utils.arc_scoring`) looks for `step_N_all_preds.*`, and `evaluations/<owner>--<name>[...]` under the
+  current folder for a hub checkpoint, whose folder is the hub cache and never written to.
+- `tta=sudoku|maze tta_views=N` adds test-time augmentation (utils/tta.py): N symmetric views of each test
+  puzzle, answers mapped back and voted, reported as `tta_exact_accuracy` and `tta_accuracy` per set.
 """
 
+import datetime
 import json
 import os
 import sys
@@ -39,20 +52,39 @@ from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from utils import checkpointing as ckpt
-from utils.build import create_dataloader, create_evaluators, create_model, print_backends, use_compile
+from utils.build import (
+    PUZZLE_TABLE_KEY,
+    create_dataloader,
+    create_evaluators,
+    create_model,
+    print_backends,
+    use_compile,
+)
 from utils.cli import bad_input_exits, run_hydra_entry
-from utils.config import EvaluatorConfig, PretrainConfig, config_from_dict, format_validation_error, test_data_paths
+from utils.config import (
+    EvaluatorConfig,
+    PretrainConfig,
+    config_from_dict,
+    format_validation_error,
+    test_data_paths,
+    train_data_paths,
+)
 from utils.distributed import DistInfo, distributed_context
 from utils.evaluation import evaluate, flatten_eval_metrics
+from utils.hub import parse_hub_checkpoint, resolve_hub_checkpoint
 from utils.train_state import TrainState, read_checkpoint
+from utils.tta import make_views, tta_accuracy
 
 DEFAULT_SAVE_OUTPUTS = ["inputs", "labels", "puzzle_identifiers", "logits", "q_halt_logits", "q_continue_logits"]
+HUB_OUTPUT_ROOT = "evaluations"  # hub checkpoints' default output folders, under the current folder
+RESULTS_FILE = "eval_results.json"
 
 
 class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    checkpoint: str
+    checkpoint: str  # a step_N or train-state file, or hf://owner/name[@revision][/path/in/repo]
+    output_dir: Optional[str] = None  # None: the checkpoint's folder; for a hub checkpoint evaluations/<repo>
     save_outputs: list[str] = DEFAULT_SAVE_OUTPUTS
     data_path: Optional[str] = None  # None: the data_path recorded in all_config.yaml
     device: str = "auto"
@@ -63,6 +95,8 @@ class EvalConfig(BaseModel):
     step_accuracy: bool = False  # also report accuracy after each ACT step
     puzzle_identifiers: Literal["as_is", "blank", "shuffled"] = "as_is"  # what the model is fed
     evaluators: Optional[list[dict[str, Any]]] = None  # None: the run's, else the ARC evaluator; [] for none
+    tta: Optional[Literal["sudoku", "maze"]] = None  # test-time augmentation of Sudoku or Maze puzzles, voted
+    tta_views: int = 8  # views per puzzle with `tta`, the puzzle itself included
 
 
 ConfigStore.instance().store(
@@ -112,7 +146,7 @@ def build_config(eval_cfg: EvalConfig, saved: Optional[dict[str, Any]]) -> Pretr
         raise ValueError(f"config of {eval_cfg.checkpoint}: {e}") from None
     update: dict[str, Any] = {
         "eval_save_outputs": list(eval_cfg.save_outputs),
-        "checkpoint_path": os.path.dirname(os.path.abspath(eval_cfg.checkpoint)),
+        "checkpoint_path": eval_cfg.output_dir or os.path.dirname(os.path.abspath(eval_cfg.checkpoint)),
         "device": eval_cfg.device,
         "compile": eval_cfg.compile,
         "resume": None,
@@ -152,16 +186,69 @@ def step_accuracy(state: TrainState, loader, info: DistInfo) -> dict[str, Any]:
     }
 
 
+def resolve_checkpoint(eval_cfg: EvalConfig) -> tuple[EvalConfig, dict[str, Any]]:
+    """A hub checkpoint fetched (or found in the hub cache) and named by its file there, its output folder under
+    the current folder unless given; also what eval_results.json records of the checkpoint."""
+    hub = parse_hub_checkpoint(eval_cfg.checkpoint)
+    if hub is None:
+        return eval_cfg, {"checkpoint": eval_cfg.checkpoint}
+    resolved = resolve_hub_checkpoint(hub)
+    output_dir = eval_cfg.output_dir or os.path.join(HUB_OUTPUT_ROOT, hub.folder_name())
+    record = {"checkpoint": str(hub), "repo_id": hub.repo_id, "revision": resolved.commit, "file": resolved.file}
+    return eval_cfg.model_copy(update={"checkpoint": resolved.file, "output_dir": output_dir}), record
+
+
+def model_metadata(config: PretrainConfig, info: DistInfo, eval_dataset) -> Any:
+    """What the model is built from: the train split's metadata, as in training, or the test split's where the
+    datasets have no train/ (a released checkpoint evaluated on the test data alone)."""
+    if all(os.path.isdir(os.path.join(path, "train")) for path in train_data_paths(config)):
+        return create_dataloader(config, "train", info, test_set_mode=False, epochs=1)[0].metadata
+    return eval_dataset.metadata
+
+
+def check_puzzle_rows(weights: dict[str, torch.Tensor], head: torch.nn.Module, checkpoint: str, config) -> None:
+    """Puzzle-embedding rows are indexed by identifier: a table of another length means other data."""
+    table, expected = weights.get(PUZZLE_TABLE_KEY), head.state_dict().get(PUZZLE_TABLE_KEY)
+    if table is not None and expected is not None and table.shape[0] != expected.shape[0]:
+        data = ", ".join(test_data_paths(config))
+        raise ValueError(
+            f"checkpoint {checkpoint}: its puzzle embedding has {table.shape[0]} rows, but {data} has "
+            f"{expected.shape[0]} puzzle identifiers (num_puzzle_identifiers): the dataset was not built as the "
+            "checkpoint's training data was (same builder, raw files, seed and augmentation count)"
+        )
+
+
+def write_eval_results(config: PretrainConfig, record: dict[str, Any], step: int, **results: Any) -> None:
+    """`eval_results.json` in the output folder: the checkpoint, its step, the datasets, the date and `results`."""
+    summary = {
+        **record,
+        "step": step,
+        "data_paths": test_data_paths(config),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **results,
+    }
+    path = os.path.join(config.checkpoint_path or ".", RESULTS_FILE)
+    ckpt.atomic_write(path, lambda f: json.dump(summary, f, indent=1), mode="w")
+    print(f"results: {path}", file=sys.stderr)
+
+
 def evaluate_checkpoint(eval_cfg: EvalConfig, info: DistInfo) -> Optional[dict[str, Any]]:
     """Rebuild loaders and model from the run's config, load the weights, evaluate; results on rank 0."""
+    overrides = {
+        k: v for k, v in eval_cfg.model_dump().items() if k != "checkpoint" and v != EvalConfig.model_fields[k].default
+    }
+    if eval_cfg.tta:  # the views behind tta_* metrics, even at their default count
+        overrides["tta_views"] = eval_cfg.tta_views
+    eval_cfg, record = resolve_checkpoint(eval_cfg)
     weights, step, saved_config = read_checkpoint(eval_cfg.checkpoint)
     config = build_config(eval_cfg, saved_config)
     torch.manual_seed(config.seed + info.rank)
     print_backends(info)
 
-    train_dataset, _ = create_dataloader(config, "train", info, test_set_mode=False, epochs=1)
     eval_dataset, eval_loader = create_dataloader(config, "test", info, test_set_mode=True, epochs=1)
-    head, _ = create_model(config, train_dataset.metadata, info)
+    views = make_views(eval_cfg.tta, eval_cfg.tta_views, eval_dataset.metadata, config.seed) if eval_cfg.tta else None
+    head, _ = create_model(config, model_metadata(config, info, eval_dataset), info)
+    check_puzzle_rows(weights, head, record["checkpoint"], config)
     ckpt.load_model_weights(head, weights, eval_cfg.checkpoint)
     forward = torch.compile(head, dynamic=False) if use_compile(config, info.device) else head
     state = TrainState(model=head, forward=forward, optimizers=[], optimizer_lrs=[], total_steps=0, step=step)
@@ -170,14 +257,18 @@ def evaluate_checkpoint(eval_cfg: EvalConfig, info: DistInfo) -> Optional[dict[s
 
     if info.is_main:
         where = ", ".join(test_data_paths(config))
-        print(f"evaluating {eval_cfg.checkpoint} (step {step}) on {where}", file=sys.stderr)
+        print(f"evaluating {record['checkpoint']} (step {step}) on {where}", file=sys.stderr)
     results = evaluate(
         config, state, eval_loader, eval_dataset.metadata, info, evaluators, identifiers=eval_cfg.puzzle_identifiers
     )
     per_step = step_accuracy(state, eval_loader, info) if eval_cfg.step_accuracy else None
+    voted = tta_accuracy(config, state, eval_loader, eval_dataset.metadata, info, views) if views else None
     if not info.is_main or results is None:
         return None
-    for key, value in flatten_eval_metrics(results).items():
+    for set_name, metrics in (voted or {}).items():
+        results.setdefault(set_name, {}).update(metrics)
+    flat = flatten_eval_metrics(results)
+    for key, value in flat.items():
         print(f"{key}: {value:.6g}")
     if per_step is not None:
         print("ACT step  token accuracy  exact accuracy")
@@ -186,6 +277,7 @@ def evaluate_checkpoint(eval_cfg: EvalConfig, info: DistInfo) -> Optional[dict[s
         path = os.path.join(config.checkpoint_path or ".", f"step_{step}_step_accuracy.json")
         ckpt.atomic_write(path, lambda f: json.dump(per_step, f), mode="w")
         print(f"per-step accuracy: {path}", file=sys.stderr)
+    write_eval_results(config, record, step, overrides=overrides, metrics=flat, step_accuracy=per_step)
     return {"metrics": results, "step_accuracy": per_step}
 
 

@@ -87,14 +87,20 @@ def random_augmentations(rng: np.random.Generator, count: int, size: int = 9) ->
     return {"digit_map": digit_map, "transpose": transpose, "rows": line_perm(box_rows), "cols": line_perm(box_cols)}
 
 
-def apply_augmentations(boards: np.ndarray, aug: dict[str, np.ndarray]) -> np.ndarray:
-    """Apply augmentation k to `boards[k]` ([K, n, n] values 0..n); returns [K, n, n]."""
+def move_cells(boards: np.ndarray, aug: dict[str, np.ndarray]) -> np.ndarray:
+    """The cell moves of augmentation k (transpose, rows, columns) applied to `boards[k]` ([K, n, n]), values kept."""
     count, size = boards.shape[:2]
     k = np.arange(count)
     boards = np.where(aug["transpose"][:, None, None], boards.transpose(0, 2, 1), boards)
     boards = boards[k[:, None], aug["rows"]]  # new row i = old row rows[i]
-    boards = boards[k[:, None, None], np.arange(size)[None, :, None], aug["cols"][:, None, :]]
-    return np.take_along_axis(aug["digit_map"], boards.reshape(count, -1), axis=1).reshape(count, size, size)
+    return boards[k[:, None, None], np.arange(size)[None, :, None], aug["cols"][:, None, :]]
+
+
+def apply_augmentations(boards: np.ndarray, aug: dict[str, np.ndarray]) -> np.ndarray:
+    """Apply augmentation k to `boards[k]` ([K, n, n] values 0..n); returns [K, n, n]."""
+    count, size = boards.shape[:2]
+    moved = move_cells(boards, aug).reshape(count, -1)
+    return np.take_along_axis(aug["digit_map"], moved, axis=1).reshape(count, size, size)
 
 
 def build_split(split_dir: Path, q: np.ndarray, a: np.ndarray, num_aug: int, rng: np.random.Generator) -> int:

@@ -147,17 +147,21 @@ class Votes:
             self.entries.setdefault(base, {}).setdefault(answers[0], []).append((answers[1], float(q[row])))
 
 
-def rank_answers(entries_per_rank: Sequence[dict], task: str, input_key: bytes) -> list[tuple[bytes, list]]:
-    """[(answer, [votes, mean q])], best first: pooled over ranks in rank order, stable sort."""
+def rank_votes(votes: Iterable[tuple[bytes, float]]) -> list[tuple[bytes, list]]:
+    """(answer, q) votes -> [(answer, [votes, mean q])], best first: most votes, then highest mean q, then first seen."""
     stats: dict[bytes, list] = {}
-    for entries in entries_per_rank:
-        for answer, q in entries.get(task, {}).get(input_key, ()):
-            s = stats.setdefault(answer, [0, 0.0])
-            s[0] += 1
-            s[1] += q
+    for answer, q in votes:
+        s = stats.setdefault(answer, [0, 0.0])
+        s[0] += 1
+        s[1] += q
     for s in stats.values():
         s[1] /= s[0]
     return sorted(stats.items(), key=lambda kv: kv[1], reverse=True)
+
+
+def rank_answers(entries_per_rank: Sequence[dict], task: str, input_key: bytes) -> list[tuple[bytes, list]]:
+    """`rank_votes` of one test input's answers, pooled over ranks in rank order."""
+    return rank_votes(vote for entries in entries_per_rank for vote in entries.get(task, {}).get(input_key, ()))
 
 
 TestTasks = dict[str, list[tuple[bytes, bytes]]]  # task -> [(input key, true output key)] in test order

@@ -18,7 +18,8 @@ Design choices:
   TRM's `--puzzle-identifiers-start`), they are used as they are, as TRM does, so its checkpoints index
   the same rows. A test dataset that is also a training dataset gets that dataset's shift.
 - `load_checkpoint` (TRM's) reads initial weights on rank 0, from a `step_N` file of this library, TRM's
-  or the reference's (with or without the `_orig_mod.` prefix), or a train state; a puzzle table of
+  or the reference's (with or without the `_orig_mod.` prefix), a train state, or one on the hub
+  (`hf://owner/name[@revision][/path]`, utils/hub.py); a puzzle table of
   another shape becomes its mean row broadcast to the model's shape (TRM's rule); then every rank gets
   rank 0's weights.
 - Evaluators (TRM's `evaluators`, `module@Class` under the `evaluators` package) are built once per
@@ -166,9 +167,11 @@ def create_model(config: PretrainConfig, metadata: Any, info: DistInfo) -> tuple
 def load_initial_weights(head: nn.Module, path: str, info: DistInfo) -> None:
     """TRM's `load_checkpoint` (see the module docstring): rank 0 reads, every rank ends with its weights."""
     if info.is_main:
+        from utils.hub import parse_hub_checkpoint, resolve_hub_checkpoint
         from utils.train_state import read_checkpoint
 
-        weights, _, _ = read_checkpoint(path)
+        hub = parse_hub_checkpoint(path)
+        weights, _, _ = read_checkpoint(resolve_hub_checkpoint(hub).file if hub else path)
         expected = head.state_dict()
         table = weights.get(PUZZLE_TABLE_KEY)
         if table is not None and PUZZLE_TABLE_KEY in expected and table.shape != expected[PUZZLE_TABLE_KEY].shape:
