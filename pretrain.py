@@ -1,4 +1,5 @@
-"""Train an HRM model: `python pretrain.py [overrides]` or `torchrun --nproc-per-node N pretrain.py [overrides]`.
+"""Train an HRM or TRM model: `python pretrain.py [overrides]` or `torchrun --nproc-per-node N pretrain.py [overrides]`
+(installed: `hrm-train [overrides]`; `--help` lists every key).
 
 The reference's training script, in its shape: configuration, building loaders / model / optimizers, a
 train loop that reads top to bottom, and the Hydra entry `launch`. The pieces it calls live in modules
@@ -41,11 +42,13 @@ from utils.build import (
 )
 from utils.cli import bad_input_exits, run_hydra_entry
 from utils.config import (
+    CONFIG_DIR,
     PretrainConfig,
     config_from_dict,
     config_from_hydra,
     epochs_per_iter,
     listed_keys,
+    pretrain_help,
     train_data_paths,
 )
 from utils.distributed import DistInfo, broadcast_object, distributed_context
@@ -86,10 +89,6 @@ __all__ = [  # the reference's names, and what tests and benchmarks use from her
     "save_train_state",
     "train_batch",
 ]
-
-# The config folder beside this file, absolute so `pretrain.launch` also works when imported (Hydra would
-# otherwise look for a Python package named `config`).
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.realpath(__file__)), "config")
 
 # ------------------------------------------------------------------------------------------- config
 
@@ -382,7 +381,8 @@ def launch(cfg: DictConfig) -> None:
 
 def main() -> None:
     """The command line: `launch` with one-line errors, `+key=` and `key=` both accepted (utils/cli.py)."""
-    run_hydra_entry(launch, listed_keys(os.path.join(CONFIG_DIR, "cfg_pretrain.yaml")), PretrainConfig.model_fields)
+    listed = listed_keys(os.path.join(CONFIG_DIR, "cfg_pretrain.yaml"))
+    run_hydra_entry(launch, listed, PretrainConfig.model_fields, help_text=pretrain_help)
 
 
 if __name__ == "__main__":

@@ -633,8 +633,11 @@ def plot_step_accuracy(step_data: dict, out_path: str | Path) -> Path:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m utils.visualize", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    exp = sub.add_parser("export", help="write saved predictions as .npy files for puzzle_visualizer.html")
-    sheets = sub.add_parser("sheets", help="render PNG sheets of predictions next to answers")
+    defaults = argparse.ArgumentDefaultsHelpFormatter
+    exp = sub.add_parser(
+        "export", help="write saved predictions as .npy files for puzzle_visualizer.html", formatter_class=defaults
+    )
+    sheets = sub.add_parser("sheets", help="render PNG sheets of predictions next to answers", formatter_class=defaults)
     for p in (exp, sheets):
         p.add_argument(
             "--predictions", help="a step_N_all_preds.R file, its prefix, or a checkpoint folder (latest step)"
