@@ -53,7 +53,7 @@ from utils.config import (
 )
 from utils.distributed import DistInfo, broadcast_object, distributed_context
 from utils.ema import ModelEMA
-from utils.evaluation import evaluate, flatten_eval_metrics
+from utils.evaluation import eval_summary, evaluate, flatten_eval_metrics
 from utils.logging_utils import MetricLogger, create_logger
 from utils.train_state import (
     TrainState,
@@ -70,6 +70,7 @@ from utils.train_step import (
     cosine_schedule_with_warmup_lr_lambda,
     finish_train_step,
     launch_train_step,
+    progress_postfix,
     train_batch,
     use_async_metrics,
 )
@@ -278,6 +279,7 @@ def train(config: PretrainConfig, info: DistInfo, logger: MetricLogger | None = 
             config=config.model_dump(),
             jsonl_path=os.path.join(config.checkpoint_path, "metrics.jsonl"),
             resume_step=state.step if resume_path is not None else None,
+            tensorboard_dir=config.checkpoint_path if config.use_tensorboard else None,
         )
     if state.step == 0:
         logger.log({"num_params": num_params}, step=0)
@@ -301,6 +303,7 @@ def train(config: PretrainConfig, info: DistInfo, logger: MetricLogger | None = 
         metrics = finish_train_step(config, state, done, info)
         if metrics is not None:
             logger.log(metrics, step=done.step)
+            progress.set_postfix_str(progress_postfix(metrics), refresh=False)
             progress.update(done.step - progress.n)
         return metrics
 
@@ -308,7 +311,7 @@ def train(config: PretrainConfig, info: DistInfo, logger: MetricLogger | None = 
         for iter_id in range(state.data_iters, total_iters):
             # ---- train one iteration
             if info.is_main:
-                print(f"epoch {iter_id * train_epochs}", file=sys.stderr)
+                tqdm.write(f"epoch {iter_id * train_epochs}", file=sys.stderr)  # not glued to the bar
             state.model.train()
             stopped_early = False
             for _set_name, batch, global_batch_size in train_loader:
@@ -344,6 +347,7 @@ def train(config: PretrainConfig, info: DistInfo, logger: MetricLogger | None = 
                     results = evaluate(config, state, eval_loader, eval_dataset.metadata, info, evaluators)
                     if results is not None:
                         logger.log(flatten_eval_metrics(results), step=state.step)
+                        tqdm.write(eval_summary(results, state.step))  # stdout, as evaluate.py's metrics
                     if info.is_main and (config.checkpoint_every_eval or iter_id == total_iters - 1 or stopped_early):
                         ckpt.save_weights(state.model, config.checkpoint_path, state.step)
                     if best is not None:
