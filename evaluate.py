@@ -151,10 +151,10 @@ def step_accuracy(state: TrainState, loader, info: DistInfo) -> dict[str, Any]:
     local = act_step_accuracy(state.model, loader, device=info.device)
     sums = torch.tensor(
         [local["count"], *(a * local["count"] for a in local["accuracy"] + local["exact_accuracy"])],
-        dtype=torch.float64,
-        device=info.device,
+        dtype=torch.float64,  # on the host: Apple GPUs (MPS) have no float64
     )
     if info.world_size > 1:  # every rank runs the same number of steps (eval halts at halt_max_steps)
+        sums = sums.to(info.device)
         dist.all_reduce(sums)
     count, values = sums[0].item(), sums[1:].tolist()
     steps = len(local["steps"])

@@ -8,6 +8,9 @@ Design choices:
   `exit_code` attribute (3 non-finite loss with `nonfinite: stop`, 4 checkpoint not writable, 5 another
   rank died or timed out; README "Reliability"). This module imports nothing of the project, so every
   layer can raise such errors without importing the launchers.
+- An operator that torch does not implement on Apple GPUs stops a `device=mps` run with one line naming
+  it (status 2). The CPU fallback, `PYTORCH_ENABLE_MPS_FALLBACK=1`, is left to the user to set: silently
+  moving operators to the CPU would make the run slow without saying why.
 - Hydra and OmegaConf composition errors span several lines; only the first line of each part is kept,
   and the repeated "config:"-style prefixes are dropped.
 - `--help` of the Hydra commands lists every key with its default and description, taken from where the
@@ -20,6 +23,7 @@ Design choices:
 """
 
 import os
+import re
 import shutil
 import sys
 import textwrap
@@ -72,6 +76,13 @@ def describe_error(e: BaseException) -> tuple[str, int] | None:
         return one_line_config_error(e), BAD_INPUT_STATUS
     if isinstance(e, (ValueError, FileNotFoundError)):
         return error_line(e), BAD_INPUT_STATUS
+    missing = re.search(r"operator '([^']+)' is not currently implemented for the MPS device", str(e))
+    if isinstance(e, NotImplementedError) and missing:
+        return (
+            f"device=mps: the operator '{missing.group(1)}' is not implemented for MPS in this torch "
+            "(PYTORCH_ENABLE_MPS_FALLBACK=1 in the environment runs such operators on the CPU, slower)",
+            BAD_INPUT_STATUS,
+        )
     return None
 
 
