@@ -42,7 +42,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from utils import checkpointing as ckpt
 from utils.build import create_dataloader, create_evaluators, create_model, print_backends, use_compile
 from utils.cli import bad_input_exits, field_entries, format_help, run_hydra_entry
-from utils.config import EvaluatorConfig, PretrainConfig, config_from_dict, format_validation_error, test_data_paths
+from utils.config import (
+    CONFIG_DIR,
+    EvaluatorConfig,
+    PretrainConfig,
+    config_from_dict,
+    format_validation_error,
+    test_data_paths,
+)
 from utils.distributed import DistInfo, distributed_context
 from utils.evaluation import evaluate, flatten_eval_metrics
 from utils.train_state import TrainState, read_checkpoint
@@ -203,7 +210,9 @@ def evaluate_checkpoint(eval_cfg: EvalConfig, info: DistInfo) -> Optional[dict[s
     return {"metrics": results, "step_accuracy": per_step}
 
 
-@hydra.main(config_path=None, config_name="cfg_eval", version_base=None)
+# The library's config folder as the search path, as pretrain.py's: Hydra needs one when this module is imported
+# (the console command `hrm-evaluate`) rather than run as a file. The schema is `cfg_eval`, registered above.
+@hydra.main(config_path=CONFIG_DIR, config_name="cfg_eval", version_base=None)
 def main(cfg: DictConfig) -> None:
     with bad_input_exits():
         eval_cfg = eval_config_from_hydra(cfg)
