@@ -1,4 +1,5 @@
-"""Evaluate a checkpoint: `python evaluate.py checkpoint=PATH [save_outputs=[...]]` (also under torchrun).
+"""Evaluate a checkpoint: `python evaluate.py checkpoint=PATH [save_outputs=[...]]` (also under torchrun;
+installed: `hrm-evaluate`; `--help` lists every key).
 
 Design choices:
 - Same configuration system as pretrain.py: Hydra overrides on a schema registered in code (no
@@ -49,7 +50,7 @@ import torch.distributed as dist
 import yaml
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from utils import checkpointing as ckpt
 from utils.build import (
@@ -60,8 +61,9 @@ from utils.build import (
     print_backends,
     use_compile,
 )
-from utils.cli import bad_input_exits, run_hydra_entry
+from utils.cli import bad_input_exits, field_entries, format_help, run_hydra_entry
 from utils.config import (
+    CONFIG_DIR,
     EvaluatorConfig,
     PretrainConfig,
     config_from_dict,
@@ -81,22 +83,41 @@ RESULTS_FILE = "eval_results.json"
 
 
 class EvalConfig(BaseModel):
+    """The keys of `evaluate.py`; their descriptions are what `--help` shows."""
+
     model_config = ConfigDict(extra="forbid")
 
-    checkpoint: str  # a step_N or train-state file, or hf://owner/name[@revision][/path/in/repo]
-    output_dir: Optional[str] = None  # None: the checkpoint's folder; for a hub checkpoint evaluations/<repo>
-    save_outputs: list[str] = DEFAULT_SAVE_OUTPUTS
-    data_path: Optional[str] = None  # None: the data_path recorded in all_config.yaml
-    device: str = "auto"
-    compile: Optional[bool] = False  # compiling costs more than it saves for a single evaluation pass
-    dist_timeout_s: float = 600.0  # process-group timeout under torchrun (README "Reliability")
-    eval_halting: Optional[Literal["fixed", "learned"]] = None  # None: the run's own setting
-    arch: dict[str, Any] = {}  # overrides of the run's model config, e.g. halt_max_steps=64
-    step_accuracy: bool = False  # also report accuracy after each ACT step
-    puzzle_identifiers: Literal["as_is", "blank", "shuffled"] = "as_is"  # what the model is fed
-    evaluators: Optional[list[dict[str, Any]]] = None  # None: the run's, else the ARC evaluator; [] for none
-    tta: Optional[Literal["sudoku", "maze"]] = None  # test-time augmentation of Sudoku or Maze puzzles, voted
-    tta_views: int = 8  # views per puzzle with `tta`, the puzzle itself included
+    checkpoint: str = Field(
+        description="a step_N weights file or a train state, with the run's all_config.yaml beside it, or "
+        "hf://owner/name[@revision][/path/in/repo] on the Hugging Face hub"
+    )
+    output_dir: Optional[str] = Field(
+        None,
+        description="where outputs and eval_results.json go; null: the checkpoint's folder (hub: evaluations/<repo>)",
+    )
+    save_outputs: list[str] = Field(DEFAULT_SAVE_OUTPUTS, description="outputs saved as step_N_all_preds.{rank}")
+    data_path: Optional[str] = Field(None, description="the dataset, where it moved since training; null: the run's")
+    device: str = Field("auto", description="auto (CUDA if available, else CPU), cuda, mps or cpu")
+    # Compiling costs more than it saves for a single evaluation pass.
+    compile: Optional[bool] = Field(False, description="torch.compile the model (null: on for CUDA)")
+    dist_timeout_s: float = Field(600.0, description="process-group timeout under torchrun")
+    eval_halting: Optional[Literal["fixed", "learned"]] = Field(
+        None, description="fixed (every sequence runs halt_max_steps) or learned (q_halt > q_continue); null: the run's"
+    )
+    arch: dict[str, Any] = Field(
+        {}, description="arch.KEY=value overrides the run's model config, e.g. arch.halt_max_steps=64"
+    )
+    step_accuracy: bool = Field(False, description="also report token and exact accuracy after each ACT step")
+    puzzle_identifiers: Literal["as_is", "blank", "shuffled"] = Field(
+        "as_is", description="what the model is fed: the true identifiers, the blank one, or another puzzle's"
+    )
+    evaluators: Optional[list[dict[str, Any]]] = Field(
+        None, description="evaluators run on the outputs; null: the run's, else the ARC evaluator; [] for none"
+    )
+    tta: Optional[Literal["sudoku", "maze"]] = Field(
+        None, description="test-time augmentation of Sudoku or Maze puzzles: views answered, mapped back and voted"
+    )
+    tta_views: int = Field(8, description="views per puzzle with tta, the puzzle itself included")
 
 
 ConfigStore.instance().store(
@@ -171,10 +192,10 @@ def step_accuracy(state: TrainState, loader, info: DistInfo) -> dict[str, Any]:
     local = act_step_accuracy(state.model, loader, device=info.device)
     sums = torch.tensor(
         [local["count"], *(a * local["count"] for a in local["accuracy"] + local["exact_accuracy"])],
-        dtype=torch.float64,
-        device=info.device,
+        dtype=torch.float64,  # on the host: Apple GPUs (MPS) have no float64
     )
     if info.world_size > 1:  # every rank runs the same number of steps (eval halts at halt_max_steps)
+        sums = sums.to(info.device)
         dist.all_reduce(sums)
     count, values = sums[0].item(), sums[1:].tolist()
     steps = len(local["steps"])
@@ -281,7 +302,9 @@ def evaluate_checkpoint(eval_cfg: EvalConfig, info: DistInfo) -> Optional[dict[s
     return {"metrics": results, "step_accuracy": per_step}
 
 
-@hydra.main(config_path=None, config_name="cfg_eval", version_base=None)
+# The library's config folder as the search path, as pretrain.py's: Hydra needs one when this module is imported
+# (the console command `hrm-evaluate`) rather than run as a file. The schema is `cfg_eval`, registered above.
+@hydra.main(config_path=CONFIG_DIR, config_name="cfg_eval", version_base=None)
 def main(cfg: DictConfig) -> None:
     with bad_input_exits():
         eval_cfg = eval_config_from_hydra(cfg)
@@ -289,6 +312,19 @@ def main(cfg: DictConfig) -> None:
             evaluate_checkpoint(eval_cfg, info)
 
 
-if __name__ == "__main__":
+def eval_help() -> str:
+    summary = (
+        "Evaluate a checkpoint of this library, HRM's or TRM's code (also under torchrun): the run's loaders and "
+        "model are rebuilt from its all_config.yaml, and the metrics are printed per set."
+    )
+    return format_help("checkpoint=PATH [key=value ...]", summary, [("keys (key=default)", field_entries(EvalConfig))])
+
+
+def command_line() -> None:
+    """`python evaluate.py ...` and `hrm-evaluate ...`: `main` with one-line errors and `--help`."""
     # Every key is listed in its registered schema; `arch.<key>=` overrides add to its empty `arch`.
-    run_hydra_entry(main, EvalConfig.model_fields, open_sections=("arch",))
+    run_hydra_entry(main, EvalConfig.model_fields, open_sections=("arch",), help_text=eval_help)
+
+
+if __name__ == "__main__":
+    command_line()

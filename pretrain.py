@@ -1,4 +1,5 @@
-"""Train an HRM model: `python pretrain.py [overrides]` or `torchrun --nproc-per-node N pretrain.py [overrides]`.
+"""Train an HRM or TRM model: `python pretrain.py [overrides]` or `torchrun --nproc-per-node N pretrain.py [overrides]`
+(installed: `hrm-train [overrides]`; `--help` lists every key).
 
 The reference's training script, in its shape: configuration, building loaders / model / optimizers, a
 train loop that reads top to bottom, and the Hydra entry `launch`. The pieces it calls live in modules
@@ -41,16 +42,18 @@ from utils.build import (
 )
 from utils.cli import bad_input_exits, run_hydra_entry
 from utils.config import (
+    CONFIG_DIR,
     PretrainConfig,
     config_from_dict,
     config_from_hydra,
     epochs_per_iter,
     listed_keys,
+    pretrain_help,
     train_data_paths,
 )
 from utils.distributed import DistInfo, broadcast_object, distributed_context
 from utils.ema import ModelEMA
-from utils.evaluation import evaluate, flatten_eval_metrics
+from utils.evaluation import eval_summary, evaluate, flatten_eval_metrics
 from utils.logging_utils import MetricLogger, create_logger
 from utils.train_state import (
     TrainState,
@@ -67,6 +70,7 @@ from utils.train_step import (
     cosine_schedule_with_warmup_lr_lambda,
     finish_train_step,
     launch_train_step,
+    progress_postfix,
     train_batch,
     use_async_metrics,
 )
@@ -86,10 +90,6 @@ __all__ = [  # the reference's names, and what tests and benchmarks use from her
     "save_train_state",
     "train_batch",
 ]
-
-# The config folder beside this file, absolute so `pretrain.launch` also works when imported (Hydra would
-# otherwise look for a Python package named `config`).
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.realpath(__file__)), "config")
 
 # ------------------------------------------------------------------------------------------- config
 
@@ -279,6 +279,7 @@ def train(config: PretrainConfig, info: DistInfo, logger: MetricLogger | None = 
             config=config.model_dump(),
             jsonl_path=os.path.join(config.checkpoint_path, "metrics.jsonl"),
             resume_step=state.step if resume_path is not None else None,
+            tensorboard_dir=config.checkpoint_path if config.use_tensorboard else None,
         )
     if state.step == 0:
         logger.log({"num_params": num_params}, step=0)
@@ -302,6 +303,7 @@ def train(config: PretrainConfig, info: DistInfo, logger: MetricLogger | None = 
         metrics = finish_train_step(config, state, done, info)
         if metrics is not None:
             logger.log(metrics, step=done.step)
+            progress.set_postfix_str(progress_postfix(metrics), refresh=False)
             progress.update(done.step - progress.n)
         return metrics
 
@@ -309,7 +311,7 @@ def train(config: PretrainConfig, info: DistInfo, logger: MetricLogger | None = 
         for iter_id in range(state.data_iters, total_iters):
             # ---- train one iteration
             if info.is_main:
-                print(f"epoch {iter_id * train_epochs}", file=sys.stderr)
+                tqdm.write(f"epoch {iter_id * train_epochs}", file=sys.stderr)  # not glued to the bar
             state.model.train()
             stopped_early = False
             for _set_name, batch, global_batch_size in train_loader:
@@ -345,6 +347,7 @@ def train(config: PretrainConfig, info: DistInfo, logger: MetricLogger | None = 
                     results = evaluate(config, state, eval_loader, eval_dataset.metadata, info, evaluators)
                     if results is not None:
                         logger.log(flatten_eval_metrics(results), step=state.step)
+                        tqdm.write(eval_summary(results, state.step))  # stdout, as evaluate.py's metrics
                     if info.is_main and (config.checkpoint_every_eval or iter_id == total_iters - 1 or stopped_early):
                         ckpt.save_weights(state.model, config.checkpoint_path, state.step)
                     if best is not None:
@@ -382,7 +385,8 @@ def launch(cfg: DictConfig) -> None:
 
 def main() -> None:
     """The command line: `launch` with one-line errors, `+key=` and `key=` both accepted (utils/cli.py)."""
-    run_hydra_entry(launch, listed_keys(os.path.join(CONFIG_DIR, "cfg_pretrain.yaml")), PretrainConfig.model_fields)
+    listed = listed_keys(os.path.join(CONFIG_DIR, "cfg_pretrain.yaml"))
+    run_hydra_entry(launch, listed, PretrainConfig.model_fields, help_text=pretrain_help)
 
 
 if __name__ == "__main__":

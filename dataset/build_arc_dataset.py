@@ -656,7 +656,7 @@ def build_from_prize_files(config: ArcBuildConfig) -> None:
 
 
 def main(config: ArcBuildConfig) -> None:
-    """Build an ARC dataset (SPEC §8, §12) from puzzle folders, or from ARC Prize files (--input-file-prefix)."""
+    """Build an ARC dataset (train/, test/, identifiers.json) from puzzle folders, or from ARC Prize files (--input-file-prefix)."""
     if config.num_aug < 0:
         raise ValueError(f"--num-aug must be >= 0, got {config.num_aug}")
     prize_only = {"--subsets": config.subsets, "--test-set-name": config.test_set_name}
@@ -671,5 +671,10 @@ def main(config: ArcBuildConfig) -> None:
         build_from_folders(config)
 
 
+def command_line() -> int:
+    """`python dataset/build_arc_dataset.py ...` and `hrm-build-arc ...`: flags, one-line errors, the exit status."""
+    return run_cli(main, ArcBuildConfig)
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main, ArcBuildConfig))
+    sys.exit(command_line())

@@ -95,7 +95,7 @@ def build_split(split_dir: Path, q: np.ndarray, a: np.ndarray, side: int, aug: b
 
 
 def main(config: MazeBuildConfig) -> None:
-    """Build the Maze dataset (SPEC §8) from train.csv/test.csv of a hub id or local folder."""
+    """Build the Maze dataset (train/, test/, identifiers.json) from train.csv/test.csv of a hub id or local folder."""
     rng = np.random.default_rng(config.seed)
     cells = None
     for split in ("train", "test"):
@@ -113,5 +113,10 @@ def main(config: MazeBuildConfig) -> None:
     write_identifiers(Path(config.output_dir), [BLANK_IDENTIFIER_NAME])
 
 
+def command_line() -> int:
+    """`python dataset/build_maze_dataset.py ...` and `hrm-build-maze ...`: flags, one-line errors, the exit status."""
+    return run_cli(main, MazeBuildConfig)
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main, MazeBuildConfig))
+    sys.exit(command_line())

@@ -153,7 +153,7 @@ def build_split(split_dir: Path, q: np.ndarray, a: np.ndarray, num_aug: int, rng
 
 
 def main(config: SudokuBuildConfig) -> None:
-    """Build the Sudoku dataset (SPEC §8) from train.csv/test.csv of a hub id or local folder."""
+    """Build the Sudoku dataset (train/, test/, identifiers.json) from train.csv/test.csv of a hub id or local folder."""
     if config.num_aug < 0:
         raise ValueError(f"--num-aug must be >= 0, got {config.num_aug}")
     if config.size not in BOX_SHAPES:
@@ -178,5 +178,10 @@ def main(config: SudokuBuildConfig) -> None:
     write_identifiers(Path(config.output_dir), [BLANK_IDENTIFIER_NAME])
 
 
+def command_line() -> int:
+    """`python dataset/build_sudoku_dataset.py ...` and `hrm-build-sudoku ...`: flags, one-line errors, the exit status."""
+    return run_cli(main, SudokuBuildConfig)
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main, SudokuBuildConfig))
+    sys.exit(command_line())

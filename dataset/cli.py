@@ -4,11 +4,12 @@ Each field `some_name` of the config class is the flag `--some-name` (the refere
 typed from its annotation: `bool` is a switch, `list[...]` takes one or more values and
 *replaces* the default (the reference's CLI library appends to it, a defect), `X | None`
 accepts a value of type X. The parsed values are validated by the pydantic model itself.
+`--help` shows each flag with its field's description and its default.
 
 `run_cli` is the entry point wrapper: ValueError and OSError (missing or unreadable source, full
 disk) from library code become `error: <message>` on stderr and exit status 2, without a traceback.
 Flag errors (unknown flag, ill-typed value) take the same one-line form instead of argparse's usage
-block; `--help` is unchanged.
+block.
 
 No partial output: for a config with an `output_dir` field, `main` writes into a fresh hidden
 sibling `.<name>.partial-<host>-<pid>-<random>` (same file system, so renames are cheap and atomic),
@@ -60,7 +61,10 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 
 def build_parser(config_cls: type[BaseModel], description: str | None = None) -> argparse.ArgumentParser:
-    parser = OneLineErrorParser(description=description or (config_cls.__doc__ or "").strip() or None)
+    parser = OneLineErrorParser(
+        description=description or (config_cls.__doc__ or "").strip() or None,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,  # every flag's help ends with its default
+    )
     for name, field in config_cls.model_fields.items():
         flag = "--" + name.replace("_", "-")
         base, is_list = _base_type(field.annotation)
@@ -76,7 +80,7 @@ def build_parser(config_cls: type[BaseModel], description: str | None = None) ->
             nargs="+" if is_list else None,
             default=default,
             required=field.is_required(),
-            help=f"{help_text} (default: {default})".strip(),
+            help=help_text,
         )
     return parser
 

@@ -195,5 +195,10 @@ def main(config: GenerateMazeConfig) -> None:
     generate_splits(config.output_dir, make, config.num_train, config.num_test, config.seed, config.num_workers, source)
 
 
+def command_line() -> int:
+    """`python dataset/generate_maze.py ...` and `hrm-generate-maze ...`: flags, one-line errors, the exit status."""
+    return run_cli(main, GenerateMazeConfig, output_entries=CSV_FILES)
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main, GenerateMazeConfig, output_entries=CSV_FILES))
+    sys.exit(command_line())

@@ -254,5 +254,10 @@ def main(config: GenerateSudokuConfig) -> None:
     generate_splits(config.output_dir, make, config.num_train, config.num_test, config.seed, config.num_workers, source)
 
 
+def command_line() -> int:
+    """`python dataset/generate_sudoku.py ...` and `hrm-generate-sudoku ...`: flags, one-line errors, the exit status."""
+    return run_cli(main, GenerateSudokuConfig, output_entries=CSV_FILES)
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main, GenerateSudokuConfig, output_entries=CSV_FILES))
+    sys.exit(command_line())

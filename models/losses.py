@@ -5,7 +5,8 @@ Design choices:
   sequence by its own count of labelled tokens and *sums* over the batch. The launcher divides by
   the global batch size, so every sequence weighs the same whatever its length.
 - Stablemax (Prieto et al., "Grokking at the edge of numerical stability") replaces exp by a
-  function that grows linearly for positive logits; it is evaluated in float64, as the reference does.
+  function that grows linearly for positive logits; it is evaluated in float64, as the reference does,
+  except on Apple GPUs (MPS), which have no float64: float32 there.
 - Metrics are sums over sequences that halted in this ACT step and have at least one label, so
   the launcher can reduce them across ranks and divide by `count`.
 - The head is the only place that reads labels, so the model forward never syncs with the host.
@@ -39,11 +40,11 @@ def stablemax_cross_entropy(
     ignore_index: int = IGNORE_LABEL_ID,
     valid_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-token stablemax cross entropy in float64; 0 at ignored labels.
+    """Per-token stablemax cross entropy in float64 (float32 on MPS); 0 at ignored labels.
 
     `valid_mask` (TRM's head passes it): the positions that count; by default `labels != ignore_index`.
     """
-    logprobs = log_stablemax(logits.to(torch.float64), dim=-1)
+    logprobs = log_stablemax(logits.to(torch.float32 if logits.device.type == "mps" else torch.float64), dim=-1)
     if valid_mask is None:
         valid_mask = labels != ignore_index
     safe_labels = torch.where(valid_mask, labels, 0).to(torch.long)  # gather needs an in-range index

@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import torch
 
-from tests.test_pretrain_helpers import REPO, TINY_ARCH, make_tiny_dataset
+from tests.test_pretrain_helpers import REPO, TINY_ARCH, make_tiny_dataset, metric_records
 
 # Each rank runs the real command-line entry point; `train` is wrapped only to dump that rank's final weights.
 DRIVER = textwrap.dedent(
@@ -104,7 +104,7 @@ def test_two_rank_async_metrics_run_equals_waited_run(tmp_path):
             f"async_metrics={mode}",
         ]
         rank0, rank1, _, _ = run_two_rank_training(run_dir, overrides)
-        results[mode] = (rank0, rank1, (run_dir / "ckpt" / "metrics.jsonl").read_text().splitlines())
+        results[mode] = (rank0, rank1, metric_records(run_dir / "ckpt" / "metrics.jsonl"))
     (w0, w1, lines_waited), (a0, a1, lines_async) = results["false"], results["true"]
     assert all(torch.equal(w1[key], w0[key]) for key in w0)
     for key in w0:

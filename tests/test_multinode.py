@@ -37,7 +37,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_pretrain_helpers import REPO, TINY_ARCH, free_port, make_tiny_dataset
+from tests.test_pretrain_helpers import REPO, TINY_ARCH, free_port, make_tiny_dataset, metric_records
 from utils.checkpointing import find_latest_train_state, train_state_path
 from utils.distributed import restarts_share_agent_store
 from utils.train_state import read_train_state
@@ -272,7 +272,7 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
     assert_same({k: v for k, v in got.items() if k != "config"}, {k: v for k, v in want.items() if k != "config"}, "")
     weights = [torch.load(d / f"step_{TOTAL_STEPS}", weights_only=True) for d in (run_dir, reference)]
     assert_same(weights[0], weights[1], f"step_{TOTAL_STEPS}")
-    lines = [(d / "metrics.jsonl").read_text().splitlines() for d in (run_dir, reference)]
+    lines = [metric_records(d / "metrics.jsonl") for d in (run_dir, reference)]
     assert len(lines[1]) > TOTAL_STEPS and lines[0] == lines[1]
 
 

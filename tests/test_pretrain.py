@@ -1,7 +1,6 @@
 """Unit tests of the training step pieces, optimizer setup, compile switch, loggers and checkpoint helpers."""
 
 import dataclasses
-import json
 import math
 import os
 
@@ -10,7 +9,7 @@ import torch
 from torch import nn
 
 import pretrain
-from tests.test_pretrain_helpers import make_tiny_dataset, tiny_config
+from tests.test_pretrain_helpers import make_tiny_dataset, metric_records, tiny_config
 from utils import build, logging_utils, train_state, train_step
 from utils import checkpointing as ckpt
 from utils.distributed import DistInfo
@@ -188,10 +187,7 @@ def test_jsonl_and_null_loggers(tmp_path):
     logger.log({"train/lm_loss": 1.5}, step=1)
     logger.log({"all/accuracy": float("nan")}, step=2)
     logger.close()
-    assert [json.loads(line) for line in path.read_text().splitlines()] == [
-        {"step": 1, "train/lm_loss": 1.5},
-        {"step": 2, "all/accuracy": "nan"},
-    ]
+    assert metric_records(path) == [{"step": 1, "train/lm_loss": 1.5}, {"step": 2, "all/accuracy": "nan"}]
     other_rank = logging_utils.create_logger(
         is_main=False, use_wandb=True, project="", run_name="", config={}, jsonl_path=str(path)
     )

@@ -1,5 +1,7 @@
-"""Shared by the launcher tests: a tiny synthetic puzzle dataset on disk, a tiny composed config, a free port."""
+"""Shared by the launcher tests: a tiny synthetic puzzle dataset on disk, a tiny composed config, a free port,
+a run's metric records."""
 
+import json
 import socket
 from pathlib import Path
 
@@ -8,6 +10,7 @@ import numpy as np
 from dataset.common import PuzzleDatasetMetadata, write_identifiers, write_split
 from puzzle_dataset import PuzzleDataset, PuzzleDatasetConfig
 from utils.config import PretrainConfig, compose_config
+from utils.logging_utils import WALL_TIME_KEY
 
 REPO = Path(__file__).resolve().parent.parent
 SEQ_LEN = 8
@@ -87,6 +90,15 @@ def tiny_config(data_path: Path, checkpoint_path: Path, *overrides: str) -> Pret
         "device=cpu",
     ]
     return compose_config([*base, *overrides])
+
+
+def metric_records(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl without their wall time, which differs from run to run (each record must
+    have one, never less than the previous record's)."""
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    times = [record.pop(WALL_TIME_KEY) for record in records]
+    assert times == sorted(times), f"{path}: wall times go back"
+    return records
 
 
 def free_port() -> int:

@@ -21,7 +21,7 @@ import torch
 
 import pretrain
 from models.losses import ACTLossHead
-from tests.test_pretrain_helpers import REPO, TINY_ARCH, free_port, make_tiny_dataset, tiny_config
+from tests.test_pretrain_helpers import REPO, TINY_ARCH, free_port, make_tiny_dataset, metric_records, tiny_config
 from utils import checkpointing as ckpt
 from utils import train_state, train_step
 
@@ -123,7 +123,7 @@ def test_async_metrics_run_equals_waited_run(data, tmp_path, monkeypatch, capsys
         assert warnings == [f"warning: step {BAD_STEP}: non-finite loss or gradients, update skipped (nonfinite=skip)"]
         assert runs[mode].step == 6 and runs[mode].skipped_steps == 1
     assert_same_state(runs["true"], runs["false"])
-    lines = {mode: (tmp_path / f"async_{mode}" / "metrics.jsonl").read_text().splitlines() for mode in runs}
+    lines = {mode: metric_records(tmp_path / f"async_{mode}" / "metrics.jsonl") for mode in runs}
     assert len(lines["true"]) > 6 and lines["true"] == lines["false"]
 
 

@@ -1,12 +1,10 @@
 """A run stopped at step k and resumed from its train state ends bit-identical to an uninterrupted run."""
 
-import json
-
 import pytest
 import torch
 
 from pretrain import run
-from tests.test_pretrain_helpers import make_tiny_dataset, tiny_config
+from tests.test_pretrain_helpers import make_tiny_dataset, metric_records, tiny_config
 from utils.checkpointing import find_latest_train_state
 from utils.train_state import read_train_state
 
@@ -20,8 +18,7 @@ def load_weights(path):
 
 def metrics_by_step(path, prefix="train/"):
     out = {}
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
+    for record in metric_records(path):
         if any(k.startswith(prefix) for k in record):
             out[record["step"]] = record
     return out

@@ -424,7 +424,10 @@ def format_table(score: ArcScore) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="ARC pass@K and submission.json from saved step_N_all_preds.* files.")
+    parser = argparse.ArgumentParser(
+        description="ARC pass@K and submission.json from saved step_N_all_preds.* files.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--predictions", nargs="+", required=True, help="the per-rank step_N_all_preds.R files")
     parser.add_argument("--data-path", required=True, help="the ARC dataset folder (identifiers.json, test tasks)")
     parser.add_argument("--submission-out", default=None, help="write the ARC Prize submission.json here")

@@ -7,7 +7,10 @@ Design choices:
 - The model is created on its device and then broadcast from rank 0, so every rank starts identical;
   `vocab_size`, `seq_len` and `num_puzzle_identifiers` come from the train split's metadata, the
   per-rank batch from `global_batch_size / world_size` (and `grad_accum_steps`).
-- `torch.compile` is on for CUDA unless disabled (the reference's env `DISABLE_COMPILE` too), off on CPU.
+- `torch.compile` is on for CUDA unless disabled (the reference's env `DISABLE_COMPILE` too), off on CPU
+  and Apple GPUs (MPS).
+- The forward dtype is the config's, except that bfloat16 becomes float32, with a notice, on a device
+  without native bfloat16 (a GPU before Ampere, MPS before macOS 14): the one place that decides it.
 - Loaders use one worker with prefetching and, on CUDA, pinned memory (SPEC §8); the worker's seed
   comes from a private generator, so building a loader never draws from the global RNG (a resumed
   run's ACT exploration noise would drift otherwise). The worker dies with its parent
@@ -150,14 +153,38 @@ def model_config_dict(config: PretrainConfig, metadata: Any, world_size: int) ->
     }
 
 
+def bf16_supported(device: torch.device) -> bool:
+    """Whether `device` computes bfloat16 natively: CUDA from Ampere on, MPS from macOS 14, any CPU."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "mps":
+        return torch.backends.mps.is_macos_or_newer(14, 0)
+    return True
+
+
+def fit_forward_dtype(model_cls: type, model_config: dict[str, Any], info: DistInfo) -> None:
+    """A bfloat16 forward (set, or the model's default) on a device without native bfloat16 becomes float32,
+    with a one-line notice; elsewhere the config is left as it is, so what a run computes does not change."""
+    fields = getattr(getattr(model_cls, "config_cls", None), "model_fields", {})
+    default = fields["forward_dtype"].default if "forward_dtype" in fields else None
+    if model_config.get("forward_dtype", default) != "bfloat16" or bf16_supported(info.device):
+        return
+    model_config["forward_dtype"] = "float32"
+    if info.is_main:
+        name = f" ({torch.cuda.get_device_name(info.device)})" if info.device.type == "cuda" else ""
+        print(f"notice: {info.device}{name} has no native bfloat16: the model runs in float32", file=sys.stderr)
+
+
 def create_model(config: PretrainConfig, metadata: Any, info: DistInfo) -> tuple[nn.Module, list[str]]:
     """The loss head wrapping the model, identical on every rank; also returns the source files to archive."""
     from utils.functions import load_model_class
 
     model_cls = load_model_class(config.arch.name)
     loss_head_cls = load_model_class(config.arch.loss.name)
+    model_config = model_config_dict(config, metadata, info.world_size)
+    fit_forward_dtype(model_cls, model_config, info)
     with torch.device(info.device):
-        model = model_cls(model_config_dict(config, metadata, info.world_size))
+        model = model_cls(model_config)
         head = loss_head_cls(model, **(config.arch.loss.model_extra or {}))
     broadcast_module_state(head)
     sources = [inspect.getsourcefile(model_cls) or "", inspect.getsourcefile(loss_head_cls) or ""]

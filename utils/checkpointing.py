@@ -199,6 +199,8 @@ def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     state = {"torch_cpu": torch.get_rng_state()}
     if device.type == "cuda":
         state["torch_cuda"] = torch.cuda.get_rng_state(device)
+    if device.type == "mps":
+        state["torch_mps"] = torch.mps.get_rng_state()
     return state
 
 
@@ -206,6 +208,8 @@ def set_rng_state(state: Mapping[str, torch.Tensor], device: torch.device) -> No
     torch.set_rng_state(state["torch_cpu"])
     if device.type == "cuda" and "torch_cuda" in state:
         torch.cuda.set_rng_state(state["torch_cuda"], device)
+    if device.type == "mps" and "torch_mps" in state:
+        torch.mps.set_rng_state(state["torch_mps"])
 
 
 # ---------------------------------------------------------------- weights

@@ -8,8 +8,14 @@ Design choices:
   `exit_code` attribute (3 non-finite loss with `nonfinite: stop`, 4 checkpoint not writable, 5 another
   rank died or timed out; README "Reliability"). This module imports nothing of the project, so every
   layer can raise such errors without importing the launchers.
+- An operator that torch does not implement on Apple GPUs stops a `device=mps` run with one line naming
+  it (status 2). The CPU fallback, `PYTORCH_ENABLE_MPS_FALLBACK=1`, is left to the user to set: silently
+  moving operators to the CPU would make the run slow without saying why.
 - Hydra and OmegaConf composition errors span several lines; only the first line of each part is kept,
   and the repeated "config:"-style prefixes are dropped.
+- `--help` of the Hydra commands lists every key with its default and description, taken from where the
+  key is defined (the YAML's trailing comments, the typed config's field descriptions), so no second copy
+  of the texts exists.
 - The reference and TRM spell some overrides `+run_name=...` because their YAML lacks those keys, and ours
   lacks them too, so their command lines compose unchanged. On the command line either spelling works:
   `normalize_overrides` adds the `+` to a typed-config key the YAML does not list, and drops it from one
@@ -17,9 +23,13 @@ Design choices:
 """
 
 import os
+import re
+import shutil
 import sys
+import textwrap
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 BAD_INPUT_STATUS = 2
 
@@ -66,6 +76,13 @@ def describe_error(e: BaseException) -> tuple[str, int] | None:
         return one_line_config_error(e), BAD_INPUT_STATUS
     if isinstance(e, (ValueError, FileNotFoundError)):
         return error_line(e), BAD_INPUT_STATUS
+    missing = re.search(r"operator '([^']+)' is not currently implemented for the MPS device", str(e))
+    if isinstance(e, NotImplementedError) and missing:
+        return (
+            f"device=mps: the operator '{missing.group(1)}' is not implemented for MPS in this torch "
+            "(PYTORCH_ENABLE_MPS_FALLBACK=1 in the environment runs such operators on the CPU, slower)",
+            BAD_INPUT_STATUS,
+        )
     return None
 
 
@@ -105,10 +122,58 @@ def normalize_overrides(
     return out
 
 
+def override_text(value: Any) -> str:
+    """A value as one writes it in an override: `null`, `true`, `[a, b]`, `{name: x}`, else as is."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(override_text, value)) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {override_text(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def field_entries(model: Any, skip: Iterable[str] = ()) -> list[tuple[str, str]]:
+    """(`key=default`, description) of each field of a pydantic model, for `format_help`."""
+    return [
+        (
+            f"{name}=... (required)" if field.is_required() else f"{name}={override_text(field.default)}",
+            field.description or "",
+        )
+        for name, field in model.model_fields.items()
+        if name not in skip
+    ]
+
+
+def format_help(usage: str, summary: str, sections: Iterable[tuple[str, Iterable[tuple[str, str]]]]) -> str:
+    """A command's `--help`: usage, summary, then each section's entries, a label (`key=default`) on its own
+    line and its description wrapped below it."""
+    width = min(shutil.get_terminal_size().columns, 120)
+    parts = [f"usage: {os.path.basename(sys.argv[0])} {usage}", "", textwrap.fill(summary, width)]
+    for title, entries in sections:
+        parts += ["", f"{title}:"]
+        for label, description in entries:
+            parts.append(f"  {label}")
+            parts += textwrap.wrap(description, width, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(parts)
+
+
 def run_hydra_entry(
-    entry: Callable[[], None], listed: Iterable[str] = (), fields: Iterable[str] = (), open_sections: Iterable[str] = ()
+    entry: Callable[[], None],
+    listed: Iterable[str] = (),
+    fields: Iterable[str] = (),
+    open_sections: Iterable[str] = (),
+    help_text: Callable[[], str] | None = None,
 ) -> None:
-    """Run a Hydra entry point with one-line composition errors (the entry handles its own errors)."""
+    """Run a Hydra entry point with one-line composition errors (the entry handles its own errors).
+
+    `-h`/`--help` prints `help_text()` (every key, its default and description) instead of Hydra's
+    config dump; `--hydra-help` and `--cfg job` still reach Hydra."""
+    if help_text is not None and any(arg in ("-h", "--help") for arg in sys.argv[1:]):
+        print(help_text())
+        return
     # Let composition errors propagate to us instead of Hydra printing them over several lines.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     sys.argv[1:] = normalize_overrides(sys.argv[1:], listed, fields, open_sections)

@@ -9,11 +9,12 @@ Design choices:
   as `error: ...` without a traceback.
 """
 
+import itertools
 import os
 from typing import Any, Literal, Optional
 
 from omegaconf import DictConfig, OmegaConf
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class LossConfig(BaseModel):
@@ -63,21 +64,30 @@ class PretrainConfig(BaseModel):
     puzzle_emb_lr: float
     puzzle_emb_weight_decay: float
 
-    project_name: Optional[str] = None
-    run_name: Optional[str] = None
-    load_checkpoint: Optional[str] = None  # TRM: initial weights (puzzle table of another shape: its mean row)
-    checkpoint_path: Optional[str] = None
+    # Not listed in config/cfg_pretrain.yaml (its header says why), so `--help` describes them from here.
+    project_name: Optional[str] = Field(None, description='W&B project; null: "{Dataset} ACT-torch" from the dataset')
+    run_name: Optional[str] = Field(
+        None, description='W&B run and run folder name; null: "{model class} {random slug}"'
+    )
+    load_checkpoint: Optional[str] = Field(
+        None,
+        description="TRM's: initial weights (step_N or a train state); a puzzle table of another shape: its mean row",
+    )
+    checkpoint_path: Optional[str] = Field(None, description="run folder; null: checkpoints/{project_name}/{run_name}")
 
     seed: int = 0
-    eval_save_outputs: list[str] = []
+    eval_save_outputs: list[str] = Field(
+        [], description="outputs saved at each evaluation as step_N_all_preds.{rank} (e.g. [inputs,labels,logits])"
+    )
     min_eval_interval: Optional[int] = 0  # TRM: first training iteration after which to evaluate (and save step_N)
     freeze_weights: bool = False  # TRM: train only the puzzle embedding
 
     # Additions beyond the reference (see config/cfg_pretrain.yaml).
     use_wandb: bool = True
+    use_tensorboard: bool = False
     compile: Optional[bool] = None
     compile_mode: Optional[Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]] = None
-    device: Literal["auto", "cuda", "cpu"] = "auto"
+    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
     resume: Optional[str] = None
     checkpoint_interval_steps: Optional[int] = None
     stop_at_step: Optional[int] = None
@@ -162,7 +172,11 @@ def config_from_hydra(cfg: DictConfig) -> PretrainConfig:
     return config_from_dict(values)  # type: ignore[arg-type]
 
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config")
+# config/ of a checkout (or an editable install); a wheel installs it as the data folder `hrm_config` beside
+# `utils` (pyproject.toml), since a top-level `config` would clash with other distributions' modules.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_INSTALLED_CONFIG_DIR = os.path.join(_ROOT, "hrm_config")
+CONFIG_DIR = _INSTALLED_CONFIG_DIR if os.path.isdir(_INSTALLED_CONFIG_DIR) else os.path.join(_ROOT, "config")
 
 
 def compose_config(overrides: list[str], config_dir: str = CONFIG_DIR) -> PretrainConfig:
@@ -180,14 +194,58 @@ def compose_config(overrides: list[str], config_dir: str = CONFIG_DIR) -> Pretra
     return config_from_hydra(cfg)
 
 
-def listed_keys(yaml_path: str) -> set[str]:
-    """Top-level keys a primary config file lists: its values and its config groups (`arch`)."""
+def listed_values(yaml_path: str) -> dict[str, Any]:
+    """Top-level keys a primary config file lists, with their values as written: its config groups
+    (`arch: hrm_v1`), then its values."""
     import yaml
 
     with open(yaml_path, encoding="utf-8") as f:
         values = yaml.safe_load(f) or {}
-    groups = {k for entry in values.get("defaults", []) if isinstance(entry, dict) for k in entry}
-    return (set(values) - {"defaults", "hydra"}) | {g for g in groups if not g.startswith("override ")}
+    groups = {
+        k: v
+        for entry in values.get("defaults", [])
+        if isinstance(entry, dict)
+        for k, v in entry.items()
+        if not k.startswith("override ")
+    }
+    return {**groups, **{k: v for k, v in values.items() if k not in ("defaults", "hydra")}}
+
+
+def listed_keys(yaml_path: str) -> set[str]:
+    """Top-level keys a primary config file lists: its values and its config groups (`arch`)."""
+    return set(listed_values(yaml_path))
+
+
+def yaml_comments(yaml_path: str) -> dict[str, str]:
+    """The trailing `# comment` of each top-level key of a config file, and of each config group of its
+    `defaults` list: the keys' descriptions that `--help` shows."""
+    import re
+
+    with open(yaml_path, encoding="utf-8") as f:
+        found = (re.match(r"(?:  - )?(\w+):[^#]*#\s*(.*\S)", line) for line in f)
+        return {m.group(1): m.group(2) for m in found if m}
+
+
+def pretrain_help(config_dir: str = CONFIG_DIR) -> str:
+    """pretrain.py's `--help`: each key with its default and description (the YAML's comment, or the field
+    description of a key the YAML does not list), then each architecture with its file's first comment line."""
+    from utils.cli import field_entries, format_help, override_text
+
+    path = os.path.join(config_dir, "cfg_pretrain.yaml")
+    values, comments = listed_values(path), yaml_comments(path)
+    keys = [(f"{k}={override_text(v)}", comments.get(k, "")) for k, v in values.items()]
+    keys += field_entries(PretrainConfig, skip=values)
+    archs = []
+    for name in sorted(n for n in os.listdir(os.path.join(config_dir, "arch")) if n.endswith(".yaml")):
+        with open(os.path.join(config_dir, "arch", name), encoding="utf-8") as f:
+            header = " ".join(line[1:].strip() for line in itertools.takewhile(lambda line: line.startswith("#"), f))
+        archs.append((f"arch={name.removesuffix('.yaml')}", header.split(". ", 1)[0].removesuffix(".")))
+    summary = (
+        "Train an HRM or TRM model, in one process or under torchrun (one process per GPU). Hydra overrides set "
+        "the keys below (key=value, or +key=value as in the references' READMEs); arch=NAME picks an architecture "
+        "and arch.KEY=value changes one of its keys. Hydra's --cfg job prints the composed config."
+    )
+    return format_help("[key=value ...]", summary, [("keys (key=default)", keys), ("architectures", archs)])
 
 
 def train_data_paths(config: PretrainConfig) -> list[str]:

@@ -4,7 +4,8 @@ Design choices:
 - A process group exists only when torchrun launched us (env RANK and WORLD_SIZE); a plain
   `python pretrain.py` runs single-process without touching torch.distributed.
 - The backend follows the device: NCCL for CUDA (one GPU per local rank), gloo for CPU, so the
-  same code runs the 2-process CI test on a laptop.
+  same code runs the 2-process CI test on a laptop. An Apple GPU (`device=mps`) runs one process:
+  no backend reduces MPS tensors.
 - `distributed_context` pairs setup with teardown so the group is destroyed even when training
   raises (a leaked NCCL group makes the other ranks hang until their timeout).
 - Gradients are summed with one all-reduce over a flat concatenated buffer: one collective per
@@ -66,16 +67,25 @@ class DistInfo:
 
 
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """'auto' → CUDA when available, else CPU; 'cuda' picks the GPU of this local rank."""
+    """'auto' → CUDA when available, else CPU; 'cuda' picks the GPU of this local rank; 'mps' is Apple's
+    GPU, only when asked for (so `auto` computes on a Mac what it always did)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("config key 'device': cuda requested but no CUDA device is available")
         return torch.device("cuda", local_rank)
+    if name == "mps":
+        if not torch.backends.mps.is_available():
+            built = torch.backends.mps.is_built()
+            why = (
+                "needs macOS 12.3+ on Apple silicon" if built else "this torch build has none: Apple silicon Macs only"
+            )
+            raise ValueError(f"config key 'device': device=mps: the MPS backend is not available ({why})")
+        return torch.device("mps")
     if name == "cpu":
         return torch.device("cpu")
-    raise ValueError(f"config key 'device': expected auto, cuda or cpu, got {name!r}")
+    raise ValueError(f"config key 'device': expected auto, cuda, mps or cpu, got {name!r}")
 
 
 def launched_by_torchrun() -> bool:
@@ -99,6 +109,8 @@ def setup_distributed(device_name: str = "auto", timeout_s: float = DEFAULT_TIME
         )
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name, local_rank)
+    if device.type == "mps" and int(os.environ["WORLD_SIZE"]) > 1:
+        raise ValueError("config key 'device': device=mps runs one process (neither gloo nor NCCL reduces MPS tensors)")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():

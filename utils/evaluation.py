@@ -237,3 +237,18 @@ def evaluate(
 
 def flatten_eval_metrics(results: dict[str, dict[str, float]]) -> dict[str, float]:
     return {f"{set_name}/{k}": v for set_name, metrics in results.items() for k, v in metrics.items()}
+
+
+# What the console line after an evaluation shows of each set, in this order.
+SUMMARY_METRICS = ("exact_accuracy", "accuracy", "lm_loss", "pass@1", "pass@2")
+
+
+def eval_summary(results: dict[str, dict[str, float]], step: int) -> str:
+    """One line of an evaluation's main metrics per set, e.g. `step 500 eval | all: exact_accuracy 0.882
+    accuracy 0.945 lm_loss 0.213 | ARC: pass@1 0.31 pass@2 0.4`; a set with none of them (another
+    evaluator's) shows all of its metrics."""
+    parts = [f"step {step} eval"]
+    for set_name, metrics in results.items():
+        shown = [k for k in SUMMARY_METRICS if k in metrics] or list(metrics)
+        parts.append(f"{set_name}: " + " ".join(f"{k} {metrics[k]:.4g}" for k in shown))
+    return " | ".join(parts)

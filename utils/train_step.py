@@ -254,6 +254,12 @@ def train_metrics(summed: dict[str, float], global_batch_size: int, lr: float) -
     return out
 
 
+def progress_postfix(metrics: dict[str, float]) -> str:
+    """The progress bar's text for a step's logged metrics (already on the host): loss and accuracies."""
+    shown = {"loss": "train/lm_loss", "acc": "train/accuracy", "exact": "train/exact_accuracy"}
+    return ", ".join(f"{name} {metrics[key]:.4g}" for name, key in shown.items() if key in metrics)
+
+
 def use_async_metrics(config: PretrainConfig, info: DistInfo) -> bool:
     """Whether the train loop reads each step's metrics one step late (never waiting for the device)."""
     if config.async_metrics is not None:

@@ -60,7 +60,7 @@ MAZE_COLOURS = {1: "#33343d", 2: "#ffffff", 3: "#2ecc40", 4: "#e0312b", 5: "#ffd
 WRONG_COLOUR = "#ff1744"
 SPLIT_NAMES = ("train", "test")
 PREDICTIONS_FORMAT = "hrm-predictions-v1"
-VIZ_INSTALL_HINT = "matplotlib is needed for PNG output: pip install -e '.[viz]' (or pip install matplotlib)"
+VIZ_INSTALL_HINT = 'matplotlib is needed for PNG output: pip install matplotlib (or the viz extra, "hrm[viz]")'
 
 
 # ----------------------------------------------------------------------------------------------- puzzle kinds
@@ -461,7 +461,9 @@ def load_step_accuracy(path: str | Path) -> dict:
 # ----------------------------------------------------------------------------------------------- drawing
 
 
-def _figure_class():
+def figure_class():
+    """matplotlib's `Figure` (no pyplot: a caller's backend and open figures are left alone), or a one-line
+    error saying how to install it."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
@@ -554,7 +556,7 @@ def render_sheets(
     """PNG sheets, `per_sheet` examples each (input | answer | prediction), in dataset order; returns the paths."""
     from tqdm import tqdm
 
-    Figure = _figure_class()
+    Figure = figure_class()
     kind, width = data.kind
     ignore = data.meta.get("ignore_label_id")
     pad_id = int(data.meta.get("pad_id", 0))
@@ -606,7 +608,7 @@ def render_sheets(
 
 def plot_step_accuracy(step_data: dict, out_path: str | Path) -> Path:
     """Line plot of accuracy (and exact accuracy) against the ACT step."""
-    fig = _figure_class()(figsize=(6, 4))
+    fig = figure_class()(figsize=(6, 4))
     ax = fig.subplots()
     for key, label in (("accuracy", "token accuracy"), ("exact_accuracy", "exact accuracy")):
         if key in step_data:
@@ -633,8 +635,11 @@ def plot_step_accuracy(step_data: dict, out_path: str | Path) -> Path:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m utils.visualize", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    exp = sub.add_parser("export", help="write saved predictions as .npy files for puzzle_visualizer.html")
-    sheets = sub.add_parser("sheets", help="render PNG sheets of predictions next to answers")
+    defaults = argparse.ArgumentDefaultsHelpFormatter
+    exp = sub.add_parser(
+        "export", help="write saved predictions as .npy files for puzzle_visualizer.html", formatter_class=defaults
+    )
+    sheets = sub.add_parser("sheets", help="render PNG sheets of predictions next to answers", formatter_class=defaults)
     for p in (exp, sheets):
         p.add_argument(
             "--predictions", help="a step_N_all_preds.R file, its prefix, or a checkpoint folder (latest step)"
