@@ -23,9 +23,13 @@ Design choices:
   rank as `step_{N}_all_preds.{rank}` beside the checkpoint. The run's evaluators run too (by default
   the ARC evaluator, left out with a notice where the dataset is not ARC): ARC/pass@K by the ARC
   Prize's rule and a submission.json in `evaluator_ARC_step_{N}/`.
+- Nothing is lost to a bad request or an unwritable folder: `save_outputs` names are checked against the
+  model's outputs, and the folder the outputs go to is checked writable (exit 4), before the model runs;
+  the metrics are printed before any file is written.
 """
 
 import json
+import math
 import os
 import sys
 from typing import Any, Literal, Optional
@@ -36,14 +40,14 @@ import torch.distributed as dist
 import yaml
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from utils import checkpointing as ckpt
 from utils.build import create_dataloader, create_evaluators, create_model, print_backends, use_compile
 from utils.cli import bad_input_exits, run_hydra_entry
 from utils.config import EvaluatorConfig, PretrainConfig, config_from_dict, format_validation_error, test_data_paths
 from utils.distributed import DistInfo, distributed_context
-from utils.evaluation import evaluate, flatten_eval_metrics
+from utils.evaluation import check_eval_requests, evaluate, flatten_eval_metrics, probe_eval_call
 from utils.train_state import TrainState, read_checkpoint
 
 DEFAULT_SAVE_OUTPUTS = ["inputs", "labels", "puzzle_identifiers", "logits", "q_halt_logits", "q_continue_logits"]
@@ -53,7 +57,7 @@ class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     checkpoint: str
-    save_outputs: list[str] = DEFAULT_SAVE_OUTPUTS
+    save_outputs: Optional[list[str]] = None  # None: those of DEFAULT_SAVE_OUTPUTS the model returns
     data_path: Optional[str] = None  # None: the data_path recorded in all_config.yaml
     device: str = "auto"
     compile: Optional[bool] = False  # compiling costs more than it saves for a single evaluation pass
@@ -63,6 +67,12 @@ class EvalConfig(BaseModel):
     step_accuracy: bool = False  # also report accuracy after each ACT step
     puzzle_identifiers: Literal["as_is", "blank", "shuffled"] = "as_is"  # what the model is fed
     evaluators: Optional[list[dict[str, Any]]] = None  # None: the run's, else the ARC evaluator; [] for none
+
+    @model_validator(mode="after")
+    def _check_values(self) -> "EvalConfig":
+        if not 0.0 < self.dist_timeout_s < math.inf:
+            raise ValueError(f"config key 'dist_timeout_s': must be a finite number > 0, got {self.dist_timeout_s}")
+        return self
 
 
 ConfigStore.instance().store(
@@ -111,7 +121,7 @@ def build_config(eval_cfg: EvalConfig, saved: Optional[dict[str, Any]]) -> Pretr
     except ValueError as e:
         raise ValueError(f"config of {eval_cfg.checkpoint}: {e}") from None
     update: dict[str, Any] = {
-        "eval_save_outputs": list(eval_cfg.save_outputs),
+        "eval_save_outputs": list(DEFAULT_SAVE_OUTPUTS if eval_cfg.save_outputs is None else eval_cfg.save_outputs),
         "checkpoint_path": os.path.dirname(os.path.abspath(eval_cfg.checkpoint)),
         "device": eval_cfg.device,
         "compile": eval_cfg.compile,
@@ -121,8 +131,9 @@ def build_config(eval_cfg: EvalConfig, saved: Optional[dict[str, Any]]) -> Pretr
         update.update(data_path=eval_cfg.data_path, data_paths=[], data_paths_test=[])
     if eval_cfg.eval_halting is not None:
         update["eval_halting"] = eval_cfg.eval_halting
-    if eval_cfg.arch:
-        update["arch"] = config.arch.model_copy(update=dict(eval_cfg.arch))
+    if eval_cfg.arch:  # nested keys (arch.loss.loss_type) merge into the run's, and the result is validated again
+        arch = OmegaConf.to_container(OmegaConf.merge(config.arch.model_dump(), eval_cfg.arch))
+        update["arch"] = config_from_dict({**config.model_dump(), "arch": arch}).arch
     if eval_cfg.evaluators is not None:
         update["evaluators"] = [EvaluatorConfig(**spec) for spec in eval_cfg.evaluators]
     elif not config.evaluators:  # a run without evaluators (the reference's config): ARC where it applies
@@ -152,6 +163,11 @@ def step_accuracy(state: TrainState, loader, info: DistInfo) -> dict[str, Any]:
     }
 
 
+def print_metrics(results: dict[str, dict[str, float]]) -> None:
+    for key, value in flatten_eval_metrics(results).items():
+        print(f"{key}: {value:.6g}", flush=True)
+
+
 def evaluate_checkpoint(eval_cfg: EvalConfig, info: DistInfo) -> Optional[dict[str, Any]]:
     """Rebuild loaders and model from the run's config, load the weights, evaluate; results on rank 0."""
     weights, step, saved_config = read_checkpoint(eval_cfg.checkpoint)
@@ -161,24 +177,37 @@ def evaluate_checkpoint(eval_cfg: EvalConfig, info: DistInfo) -> Optional[dict[s
 
     train_dataset, _ = create_dataloader(config, "train", info, test_set_mode=False, epochs=1)
     eval_dataset, eval_loader = create_dataloader(config, "test", info, test_set_mode=True, epochs=1)
+    evaluators = create_evaluators(config, eval_dataset.metadata, info)
+    # What is written is known once the evaluators are (ARC is left out on other data): check before the model.
+    if config.eval_save_outputs or eval_cfg.step_accuracy or evaluators:
+        ckpt.writable_folder(config.checkpoint_path or ".", "evaluation outputs")
     head, _ = create_model(config, train_dataset.metadata, info)
     ckpt.load_model_weights(head, weights, eval_cfg.checkpoint)
+    if eval_cfg.save_outputs is None:  # the defaults this model has (the three-level model: no q_continue_logits)
+        _, outputs = probe_eval_call(head, eval_dataset.metadata, info.device)
+        config = config.model_copy(update={"eval_save_outputs": [k for k in config.eval_save_outputs if k in outputs]})
+    else:
+        check_eval_requests(config, head, eval_dataset.metadata, evaluators, info.device, save_key="save_outputs")
     forward = torch.compile(head, dynamic=False) if use_compile(config, info.device) else head
     state = TrainState(model=head, forward=forward, optimizers=[], optimizer_lrs=[], total_steps=0, step=step)
     head.eval()
-    evaluators = create_evaluators(config, eval_dataset.metadata, info)
 
     if info.is_main:
         where = ", ".join(test_data_paths(config))
         print(f"evaluating {eval_cfg.checkpoint} (step {step}) on {where}", file=sys.stderr)
     results = evaluate(
-        config, state, eval_loader, eval_dataset.metadata, info, evaluators, identifiers=eval_cfg.puzzle_identifiers
+        config,
+        state,
+        eval_loader,
+        eval_dataset.metadata,
+        info,
+        evaluators,
+        identifiers=eval_cfg.puzzle_identifiers,
+        report=print_metrics,  # before any output file is written
     )
     per_step = step_accuracy(state, eval_loader, info) if eval_cfg.step_accuracy else None
     if not info.is_main or results is None:
         return None
-    for key, value in flatten_eval_metrics(results).items():
-        print(f"{key}: {value:.6g}")
     if per_step is not None:
         print("ACT step  token accuracy  exact accuracy")
         for s, tok, exact in zip(per_step["steps"], per_step["accuracy"], per_step["exact_accuracy"]):
