@@ -36,10 +36,14 @@ Design choices:
   current folder for a hub checkpoint, whose folder is the hub cache and never written to.
 - `tta=sudoku|maze tta_views=N` adds test-time augmentation (utils/tta.py): N symmetric views of each test
   puzzle, answers mapped back and voted, reported as `tta_exact_accuracy` and `tta_accuracy` per set.
+- Nothing is lost to a bad request or an unwritable folder: `save_outputs` names are checked against the
+  model's outputs, and the output folder is checked writable (exit 4), before the model runs; the metrics
+  are printed before any file is written.
 """
 
 import datetime
 import json
+import math
 import os
 import sys
 from typing import Any, Literal, Optional
@@ -50,7 +54,7 @@ import torch.distributed as dist
 import yaml
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from utils import checkpointing as ckpt
 from utils.build import (
@@ -72,7 +76,7 @@ from utils.config import (
     train_data_paths,
 )
 from utils.distributed import DistInfo, distributed_context
-from utils.evaluation import evaluate, flatten_eval_metrics
+from utils.evaluation import check_eval_requests, evaluate, flatten_eval_metrics, probe_eval_call
 from utils.hub import parse_hub_checkpoint, resolve_hub_checkpoint
 from utils.train_state import TrainState, read_checkpoint
 from utils.tta import make_views, tta_accuracy
@@ -95,7 +99,9 @@ class EvalConfig(BaseModel):
         None,
         description="where outputs and eval_results.json go; null: the checkpoint's folder (hub: evaluations/<repo>)",
     )
-    save_outputs: list[str] = Field(DEFAULT_SAVE_OUTPUTS, description="outputs saved as step_N_all_preds.{rank}")
+    save_outputs: Optional[list[str]] = Field(
+        None, description="outputs saved as step_N_all_preds.{rank}; null: those of the defaults the model returns"
+    )
     data_path: Optional[str] = Field(None, description="the dataset, where it moved since training; null: the run's")
     device: str = Field("auto", description="auto (CUDA if available, else CPU), cuda, mps or cpu")
     # Compiling costs more than it saves for a single evaluation pass.
@@ -118,6 +124,12 @@ class EvalConfig(BaseModel):
         None, description="test-time augmentation of Sudoku or Maze puzzles: views answered, mapped back and voted"
     )
     tta_views: int = Field(8, description="views per puzzle with tta, the puzzle itself included")
+
+    @model_validator(mode="after")
+    def _check_values(self) -> "EvalConfig":
+        if not 0.0 < self.dist_timeout_s < math.inf:
+            raise ValueError(f"config key 'dist_timeout_s': must be a finite number > 0, got {self.dist_timeout_s}")
+        return self
 
 
 ConfigStore.instance().store(
@@ -166,7 +178,7 @@ def build_config(eval_cfg: EvalConfig, saved: Optional[dict[str, Any]]) -> Pretr
     except ValueError as e:
         raise ValueError(f"config of {eval_cfg.checkpoint}: {e}") from None
     update: dict[str, Any] = {
-        "eval_save_outputs": list(eval_cfg.save_outputs),
+        "eval_save_outputs": list(DEFAULT_SAVE_OUTPUTS if eval_cfg.save_outputs is None else eval_cfg.save_outputs),
         "checkpoint_path": eval_cfg.output_dir or os.path.dirname(os.path.abspath(eval_cfg.checkpoint)),
         "device": eval_cfg.device,
         "compile": eval_cfg.compile,
@@ -176,8 +188,9 @@ def build_config(eval_cfg: EvalConfig, saved: Optional[dict[str, Any]]) -> Pretr
         update.update(data_path=eval_cfg.data_path, data_paths=[], data_paths_test=[])
     if eval_cfg.eval_halting is not None:
         update["eval_halting"] = eval_cfg.eval_halting
-    if eval_cfg.arch:
-        update["arch"] = config.arch.model_copy(update=dict(eval_cfg.arch))
+    if eval_cfg.arch:  # nested keys (arch.loss.loss_type) merge into the run's, and the result is validated again
+        arch = OmegaConf.to_container(OmegaConf.merge(config.arch.model_dump(), eval_cfg.arch))
+        update["arch"] = config_from_dict({**config.model_dump(), "arch": arch}).arch
     if eval_cfg.evaluators is not None:
         update["evaluators"] = [EvaluatorConfig(**spec) for spec in eval_cfg.evaluators]
     elif not config.evaluators:  # a run without evaluators (the reference's config): ARC where it applies
@@ -253,6 +266,11 @@ def write_eval_results(config: PretrainConfig, record: dict[str, Any], step: int
     print(f"results: {path}", file=sys.stderr)
 
 
+def print_metrics(results: dict[str, dict[str, float]]) -> None:
+    for key, value in flatten_eval_metrics(results).items():
+        print(f"{key}: {value:.6g}", flush=True)
+
+
 def evaluate_checkpoint(eval_cfg: EvalConfig, info: DistInfo) -> Optional[dict[str, Any]]:
     """Rebuild loaders and model from the run's config, load the weights, evaluate; results on rank 0."""
     overrides = {
@@ -268,29 +286,42 @@ def evaluate_checkpoint(eval_cfg: EvalConfig, info: DistInfo) -> Optional[dict[s
 
     eval_dataset, eval_loader = create_dataloader(config, "test", info, test_set_mode=True, epochs=1)
     views = make_views(eval_cfg.tta, eval_cfg.tta_views, eval_dataset.metadata, config.seed) if eval_cfg.tta else None
+    evaluators = create_evaluators(config, eval_dataset.metadata, info)
+    ckpt.writable_folder(config.checkpoint_path or ".", "evaluation outputs")  # eval_results.json at least
     head, _ = create_model(config, model_metadata(config, info, eval_dataset), info)
     check_puzzle_rows(weights, head, record["checkpoint"], config)
     ckpt.load_model_weights(head, weights, eval_cfg.checkpoint)
+    if eval_cfg.save_outputs is None:  # the defaults this model has (the three-level model: no q_continue_logits)
+        _, outputs = probe_eval_call(head, eval_dataset.metadata, info.device)
+        config = config.model_copy(update={"eval_save_outputs": [k for k in config.eval_save_outputs if k in outputs]})
+    else:
+        check_eval_requests(config, head, eval_dataset.metadata, evaluators, info.device, save_key="save_outputs")
     forward = torch.compile(head, dynamic=False) if use_compile(config, info.device) else head
     state = TrainState(model=head, forward=forward, optimizers=[], optimizer_lrs=[], total_steps=0, step=step)
     head.eval()
-    evaluators = create_evaluators(config, eval_dataset.metadata, info)
 
     if info.is_main:
         where = ", ".join(test_data_paths(config))
         print(f"evaluating {record['checkpoint']} (step {step}) on {where}", file=sys.stderr)
     results = evaluate(
-        config, state, eval_loader, eval_dataset.metadata, info, evaluators, identifiers=eval_cfg.puzzle_identifiers
+        config,
+        state,
+        eval_loader,
+        eval_dataset.metadata,
+        info,
+        evaluators,
+        identifiers=eval_cfg.puzzle_identifiers,
+        report=print_metrics,  # before any output file is written
     )
     per_step = step_accuracy(state, eval_loader, info) if eval_cfg.step_accuracy else None
     voted = tta_accuracy(config, state, eval_loader, eval_dataset.metadata, info, views) if views else None
     if not info.is_main or results is None:
         return None
+    if voted:
+        print_metrics(voted)
     for set_name, metrics in (voted or {}).items():
         results.setdefault(set_name, {}).update(metrics)
     flat = flatten_eval_metrics(results)
-    for key, value in flat.items():
-        print(f"{key}: {value:.6g}")
     if per_step is not None:
         print("ACT step  token accuracy  exact accuracy")
         for s, tok, exact in zip(per_step["steps"], per_step["accuracy"], per_step["exact_accuracy"]):

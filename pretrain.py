@@ -53,7 +53,7 @@ from utils.config import (
 )
 from utils.distributed import DistInfo, broadcast_object, distributed_context
 from utils.ema import ModelEMA
-from utils.evaluation import eval_summary, evaluate, flatten_eval_metrics
+from utils.evaluation import check_eval_requests, eval_summary, evaluate, flatten_eval_metrics
 from utils.logging_utils import MetricLogger, create_logger
 from utils.train_state import (
     TrainState,
@@ -257,6 +257,7 @@ def train(config: PretrainConfig, info: DistInfo, logger: MetricLogger | None = 
     # Model and optimizers, or the saved train state of this run (found alike by every rank).
     resume_path = resolve_resume_path_on_every_rank(config, info)
     state, sources = init_train_state(config, train_dataset.metadata, info)
+    check_eval_requests(config, state.model, eval_dataset.metadata, evaluators, info.device)
     if resume_path is not None:
         restore_train_state(read_train_state(resume_path), resume_path, config, state, info)
         if info.is_main:

@@ -68,8 +68,26 @@ class PuzzleDatasetConfig(BaseModel):
         return list(self.dataset_paths) if self.dataset_paths else [self.dataset_path]  # type: ignore[list-item]
 
 
-# Fields every dataset loaded together must share.
-SHARED_FIELDS = ("pad_id", "ignore_label_id", "blank_identifier_id", "vocab_size", "seq_len", "sets")
+# How tokens and padding are encoded: every split one model reads must agree on these.
+ENCODING_FIELDS = ("pad_id", "ignore_label_id", "blank_identifier_id", "vocab_size", "seq_len")
+SHARED_FIELDS = (*ENCODING_FIELDS, "sets")  # and datasets loaded together on their set names
+
+
+def check_fields_agree(
+    meta: PuzzleDatasetMetadata,
+    split_dir: Path,
+    reference: PuzzleDatasetMetadata,
+    reference_dir: Path,
+    fields,
+    why: str,
+) -> None:
+    """One ValueError line naming both dataset.json files and the first of `fields` on which they differ."""
+    for field in fields:
+        if getattr(meta, field) != getattr(reference, field):
+            raise ValueError(
+                f"{Path(split_dir) / 'dataset.json'}: field '{field}' is {getattr(meta, field)!r}, but "
+                f"{Path(reference_dir) / 'dataset.json'} has {getattr(reference, field)!r}: {why}"
+            )
 
 
 def merge_metadata(metas: list[PuzzleDatasetMetadata], puzzle_counts: list[int], where: list[Path]):
@@ -78,12 +96,7 @@ def merge_metadata(metas: list[PuzzleDatasetMetadata], puzzle_counts: list[int],
         return metas[0]
     first = metas[0]
     for meta, path in zip(metas[1:], where[1:]):
-        for field in SHARED_FIELDS:
-            if getattr(meta, field) != getattr(first, field):
-                raise ValueError(
-                    f"{path / 'dataset.json'}: field '{field}' is {getattr(meta, field)!r}, but "
-                    f"{where[0] / 'dataset.json'} has {getattr(first, field)!r}: datasets trained together must agree"
-                )
+        check_fields_agree(meta, path, first, where[0], SHARED_FIELDS, "datasets trained together must agree")
     puzzles = [m.total_puzzles if m.total_puzzles is not None else n for m, n in zip(metas, puzzle_counts)]
     return first.model_copy(
         update={

@@ -43,7 +43,8 @@ ARC Prize mode (`--input-file-prefix P --subsets ... --test-set-name T`, TRM's b
   the criterion of TRM's sorted list of pair hashes, compared as exact bytes.
 - Where TRM's builder would crash (a test-subset puzzle without test or demonstration pairs, a
   puzzle without pairs, solutions that do not fit the challenges), this one stops with an error
-  naming the file and puzzle: such a puzzle would silently count as 0/0 in scoring.
+  naming the file and puzzle: such a puzzle would silently count as 0/0 in scoring. A bad grid of a
+  solutions file is blamed on that file, not on the challenges file it completes.
 
 Both modes:
 - Encoding on a 30x30 canvas: PAD 0, EOS 1, colour c -> c + 2; the grid sits at an offset with
@@ -53,7 +54,8 @@ Both modes:
 - Augmentation: dihedral transform after a permutation of colours 1..9 (0 fixed); a variant whose
   set of transformed pairs equals one already kept (including the original) is rejected.
 - After a build, a warning names test tasks that also appear in the train split, by name or by a
-  test pair among another task's pairs (ARC-AGI-2's training set holds ARC-AGI-1 evaluation tasks).
+  test pair among another task's pairs (ARC-AGI-2's training set holds ARC-AGI-1 evaluation tasks);
+  tasks are counted by name, so one listed by two test subsets counts once.
 """
 
 import hashlib
@@ -187,9 +189,9 @@ def pair_key(inp: np.ndarray, out: np.ndarray) -> bytes:
 def warn_leakage(test_tasks: list[tuple[int, str, list[Example]]], train_tasks: list[tuple[int, str, list[Example]]]):
     """One warning line when test tasks also appear in the train split.
 
-    Tasks are (index, name, pairs); a test task's own demonstrations, which belong in the train
-    split, carry its index and are not counted. A test task leaks when another train-split task has
-    its name or holds one of its test pairs.
+    Tasks are (index, name, pairs) and are counted by name: a task that two test subsets list is one
+    task, and its copies' demonstrations, which belong in the train split, are its own and not counted.
+    A test task leaks when another train-split task has its name or holds one of its test pairs.
     """
     owners: dict[bytes, set[int]] = {}
     names: dict[str, set[int]] = {}
@@ -197,14 +199,19 @@ def warn_leakage(test_tasks: list[tuple[int, str, list[Example]]], train_tasks: 
         names.setdefault(name, set()).add(index)
         for inp, out in pairs:
             owners.setdefault(pair_key(inp, out), set()).add(index)
-    leaked = []
-    for index, name, pairs in test_tasks:
-        if names.get(name, set()) - {index} or any(owners.get(pair_key(i, o), set()) - {index} for i, o in pairs):
-            leaked.append(name)
+    own: dict[str, set[int]] = {}
+    for index, name, _ in test_tasks:
+        own.setdefault(name, set()).add(index)
+    leaked: dict[str, None] = {}  # names in order of appearance
+    for _, name, pairs in test_tasks:
+        mine = own[name]
+        if names.get(name, set()) - mine or any(owners.get(pair_key(i, o), set()) - mine for i, o in pairs):
+            leaked[name] = None
     if leaked:
-        shown = ", ".join(leaked[:LEAK_EXAMPLES]) + (", ..." if len(leaked) > LEAK_EXAMPLES else "")
+        total = len(own)
+        shown = ", ".join(list(leaked)[:LEAK_EXAMPLES]) + (", ..." if len(leaked) > LEAK_EXAMPLES else "")
         warn(
-            f"{len(leaked)} of {len(test_tasks)} test tasks also appear in the train split (same name, or a test pair"
+            f"{len(leaked)} of {total} test tasks also appear in the train split (same name, or a test pair"
             f" in another training task): {shown}; their test answers are seen in training"
         )
 
@@ -451,7 +458,8 @@ def load_prize_subset(prefix: str, subset: str, is_test: bool) -> tuple[list[tup
                 raise ValueError(
                     f"{solutions_path}: puzzle '{pid}' has {len(grids)} solutions for {len(puzzle['test'])} test inputs"
                 )
-            for pair, grid in zip(puzzle["test"], grids):
+            for i, (pair, grid) in enumerate(zip(puzzle["test"], grids)):
+                parse_grid(grid, f"{solutions_path}: puzzle '{pid}': field 'test[{i}].output'")  # blame its own file
                 pair["output"] = grid
     else:  # the caller notices it once every input has been read without error
         for puzzle in raw.values():

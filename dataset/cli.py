@@ -37,6 +37,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
+from utils.cli import OneLineErrorParser
+
 # What a dataset builder writes into its output folder (SPEC §8); generators pass their own list.
 DATASET_ENTRIES = ("train", "test", "identifiers.json")
 
@@ -53,11 +55,6 @@ def _base_type(annotation):
         (item,) = typing.get_args(annotation)[:1]
         return item, True
     return annotation, False
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise ValueError(message)  # e.g. "argument --num-aug: invalid int value: 'x'"
 
 
 def build_parser(config_cls: type[BaseModel], description: str | None = None) -> argparse.ArgumentParser:

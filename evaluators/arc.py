@@ -18,6 +18,8 @@ Design choices:
 - On a dataset that is not ARC (no identifiers.json; no test_puzzles.json, 30x30 ARC encoding or ARC names)
   the constructor raises `EvaluatorNotApplicable`: the launcher leaves the evaluator out with a notice,
   so the default `evaluators: [{name: arc@ARC}]` (TRM's) costs nothing on Sudoku or mazes.
+- `result_names()` lists the metrics `result` will report, so `keep_best=ARC/pass@2` is checked before
+  training; the launcher checks the options' types against the constructor's annotations.
 """
 
 import os
@@ -32,9 +34,10 @@ from utils.arc_scoring import (
     RULES,
     SUBMISSION_K,
     Votes,
-    is_arc_dataset,
     load_identifier_names,
     load_test_tasks,
+    metric_names,
+    not_arc_reason,
     score_votes,
     write_submission,
 )
@@ -55,18 +58,23 @@ class ARC:
     ):
         if rule not in RULES:
             raise ValueError(f"ARC evaluator: rule must be one of {', '.join(RULES)}, got {rule!r}")
+        if submission_K < 1 or not pass_Ks or min(pass_Ks) < 1:
+            raise ValueError(f"ARC evaluator: submission_K and pass_Ks must be >= 1, got {submission_K} and {pass_Ks}")
         self.submission_K, self.pass_Ks, self.rule = int(submission_K), tuple(pass_Ks), rule
         self.aggregated_voting = aggregated_voting
         self.blank_identifier_id = eval_metadata.blank_identifier_id
         if not os.path.isfile(os.path.join(data_path, "identifiers.json")):
             raise EvaluatorNotApplicable("no identifiers.json: not an ARC dataset")
         self.identifier_names = load_identifier_names(data_path)
-        arc_encoding = (eval_metadata.seq_len, eval_metadata.vocab_size) == (30 * 30, 12)  # 30x30 canvas, PAD/EOS + 10
-        has_test_puzzles = os.path.isfile(os.path.join(data_path, "test_puzzles.json"))
-        if not (has_test_puzzles or arc_encoding or is_arc_dataset(self.identifier_names)):
-            raise EvaluatorNotApplicable("not an ARC dataset (no test_puzzles.json, no ARC grids or puzzle names)")
+        reason = not_arc_reason(data_path, self.identifier_names, eval_metadata.seq_len, eval_metadata.vocab_size)
+        if reason is not None:
+            raise EvaluatorNotApplicable(reason)
         self.tasks = load_test_tasks(data_path, self.identifier_names)
         self.votes = Votes(self.identifier_names, self.blank_identifier_id)
+
+    def result_names(self) -> list[str]:
+        """The keys `result` reports, known before any evaluation (the launcher checks `keep_best` against them)."""
+        return metric_names(self.rule, self.pass_Ks)
 
     def begin_eval(self) -> None:
         if not self.aggregated_voting:
@@ -89,6 +97,5 @@ class ARC:
             return None
         score = score_votes(self.tasks, gathered, self.rule, self.pass_Ks, self.submission_K)
         if save_path is not None:
-            os.makedirs(save_path, exist_ok=True)
             write_submission(os.path.join(save_path, "submission.json"), score.submission)
         return score.metrics()

@@ -1,11 +1,14 @@
-"""Table of bad inputs, each run through the real command line (pretrain.py, evaluate.py, the builders).
+"""Table of bad inputs, each run through the real command line (pretrain.py, evaluate.py, the builders,
+utils.arc_scoring).
 
 Every row must end with exit status 2 and exactly one `error:` line, the last line of stderr, naming
 what is wrong and where (file, field, line or config key), and no traceback. Rows: malformed, ill-typed or
 inconsistent `dataset.json`, missing, unreadable or mismatched arrays, token ids outside the vocabulary
 (found when the split is opened, before any step), wrong dtypes, empty splits, bad ARC JSON, bad or empty
-CSV sources, bad output folders, unknown or ill-typed overrides and flags, unreadable checkpoints and
-checkpoints of another architecture (evaluate.py and resume). Some rows also check what must not have
+CSV sources, bad output folders, unknown or ill-typed overrides and flags, out-of-range optimizer keys,
+requests only an evaluation would have met (output names, keep_best metrics, evaluator options, a test split
+encoded otherwise than the train split: all before the first step), unreadable checkpoints and checkpoints of
+another architecture (evaluate.py and resume), ARC scoring of predictions that match nothing. Some rows also check what must not have
 happened (no training step, no partial output). The subprocesses of all rows run a few at a time in one
 module fixture.
 """
@@ -184,9 +187,11 @@ def resume_corrupt(content: bytes):
     return make
 
 
-def eval_copy(change_config: Callable[[dict], None] | None = None, weights: bytes | Callable | None = None):
+def eval_copy(
+    change_config: Callable[[dict], None] | None = None, weights: bytes | Callable | None = None, extra: tuple = ()
+):
     """evaluate.py on a copy of the finished run, with its all_config.yaml or weights file changed
-    (`weights`: the new bytes, or a function of the weights file's path that rewrites it)."""
+    (`weights`: the new bytes, or a function of the weights file's path that rewrites it), and `extra` overrides."""
 
     def make(root, world):
         run = root / "run"
@@ -200,9 +205,62 @@ def eval_copy(change_config: Callable[[dict], None] | None = None, weights: byte
             weights(run / "step_3")
         elif weights is not None:
             (run / "step_3").write_bytes(weights)
-        return evaluate_cmd(run / "step_3")
+        return evaluate_cmd(run / "step_3", *extra)
 
     return make
+
+
+def only_the_run_files(root):
+    """evaluate.py wrote nothing beside the checkpoint (no saved outputs, no evaluator folder)."""
+    assert sorted(os.listdir(root / "run")) == ["all_config.yaml", "step_3"]
+
+
+def other_test_seq_len(root, world):
+    """A second dataset whose test split has 10 tokens per example where the training dataset has 8."""
+    other = Path(shutil.copytree(world.good_data, root / "other"))
+    for field in ("inputs", "labels"):
+        path = other / "test" / f"all__{field}.npy"
+        np.save(path, np.pad(np.load(path), ((0, 0), (0, 2))))
+    edit_meta("test", seq_len=10)(other)
+    return pretrain_cmd(world.good_data, root, f"data_paths=[{world.good_data}]", f"data_paths_test=[{other}]")
+
+
+def non_ascii_data_path(root, world):
+    return [str(REPO / "pretrain.py"), *PRETRAIN_BASE, f"data_path={root / 'données'}"]
+
+
+def arc_scoring(predictions: dict[str, torch.Tensor] | None, data: Callable[[Path, World], Path] | None = None):
+    """`python -m utils.arc_scoring` on a saved-outputs file holding `predictions` (None: no --predictions) and
+    the dataset `data(root, world)` returns (default: a one-task ARC dataset of identifiers and test_puzzles.json)."""
+
+    def one_task(root, world):
+        arc_data = root / "arc"
+        arc_data.mkdir()
+        (arc_data / "identifiers.json").write_text(json.dumps(["<blank>", "p1"]))
+        task = {"train": [{"input": [[1]], "output": [[2]]}], "test": [{"input": [[1, 2]], "output": [[2, 1]]}]}
+        (arc_data / "test_puzzles.json").write_text(json.dumps({"p1": task}))
+        return arc_data
+
+    def make(root, world):
+        argv = ["-m", "utils.arc_scoring", "--data-path", str((data or one_task)(root, world))]
+        if predictions is not None:
+            torch.save(predictions, root / "step_1_all_preds.0")
+            argv += ["--predictions", str(root / "step_1_all_preds.0")]
+        return argv
+
+    return make
+
+
+def arc_rows(n: int, seq_len: int = 900) -> dict[str, torch.Tensor]:
+    """`n` saved rows predicting PAD everywhere for puzzle identifier 1, on canvases holding the grid [[3]]."""
+    inputs = torch.zeros(n, seq_len, dtype=torch.int32)
+    inputs[:, 0] = 5  # colour 3
+    return {
+        "inputs": inputs,
+        "preds": torch.zeros(n, seq_len, dtype=torch.int32),
+        "puzzle_identifiers": torch.ones(n, dtype=torch.int32),
+        "q_halt_logits": torch.zeros(n),
+    }
 
 
 def truncate_half(path):
@@ -360,6 +418,28 @@ CASES = [
          ("error: HierarchicalReasoningModel_ACTV1 config: hidden_size (32) must be divisible by num_heads (3)",)),
     Case("override_parse_error", with_overrides("lr==1"), ("override 'lr==1'", "extraneous input '='")),
     Case("override_bad_interpolation", with_overrides("lr=${nope}"), ("Interpolation key 'nope'", "(key 'lr')")),
+    Case("negative_lr", with_overrides("lr=-1"), ("config key 'lr': must be a finite number >= 0, got -1.0",),
+         no_training_step),
+    Case("lr_min_ratio_above_one", with_overrides("lr_min_ratio=1.5"), ("config key 'lr_min_ratio': must be in [0, 1]",)),
+    Case("unquoted_non_ascii_path", non_ascii_data_path,
+         ("override 'data_path=", "données': character 'é' is not allowed in an unquoted value", "quote the value")),
+    Case("misspelled_loss_option", with_overrides("+arch.loss.los_type=x"),
+         ("config key 'arch.loss': unknown option 'los_type' (it takes loss_type)",), no_training_step),
+    # Checked before the first step, not after the first evaluation:
+    Case("eval_save_outputs_unknown", with_overrides("eval_save_outputs=[logits,logitz]"),
+         ("config key 'eval_save_outputs': 'logitz' is not an output", "inputs, labels, logits, preds"), no_training_step),
+    Case("keep_best_unknown_metric", with_overrides("keep_best=all/exact_acc"),
+         ("config key 'keep_best': 'all/exact_acc' is not an eval metric", "all/exact_accuracy, all/lm_loss"),
+         no_training_step),
+    Case("evaluator_option_wrong_type", with_overrides("evaluators=[{name: arc@ARC, pass_Ks: [two]}]"),
+         ("config key 'evaluators': arc@ARC: option 'pass_Ks' (item 0)", "valid integer", "'two'"), no_training_step),
+    Case("evaluator_unknown_option", with_overrides("evaluators=[{name: arc@ARC, passKs: [1]}]"),
+         ("config key 'evaluators': arc@ARC: unknown option 'passKs'", "pass_Ks"), no_training_step),
+    Case("test_split_other_vocab", with_data(edit_meta("test", vocab_size=7)),
+         ("test/dataset.json: field 'vocab_size' is 7, but", "train/dataset.json has 6", "encoded as the training split"),
+         no_training_step),
+    Case("data_paths_test_other_seq_len", other_test_seq_len,
+         ("other/test/dataset.json: field 'seq_len' is 10, but", "good/train/dataset.json has 8"), no_training_step),
     # 6 groups x 2 epochs per iteration = 12 examples: a batch of 16 is never filled, no step would run.
     Case("batch_larger_than_iteration", with_overrides("global_batch_size=16"),
          ("config key 'global_batch_size': 16", "eval_interval=2 epochs x 6 groups x 1 examples = 12", "no step")),
@@ -385,6 +465,16 @@ CASES = [
     Case("eval_bad_all_config", eval_bad_yaml, ("run/all_config.yaml", "invalid YAML")),
     Case("eval_missing_checkpoint", lambda root, world: evaluate_cmd(root / "step_9"), ("checkpoint not found", "step_9")),
     Case("eval_unknown_override", lambda root, world: evaluate_cmd(world.run_dir / "step_3", "batch=1"), ("'batch'",)),
+    Case("eval_save_outputs_typo", eval_copy(extra=("save_outputs=[logitz]",)),
+         ("config key 'save_outputs': 'logitz' is not an output", "logits"), only_the_run_files),
+    # ARC scoring of saved outputs
+    Case("arc_scoring_without_predictions", arc_scoring(None),
+         ("the following arguments are required: --predictions",)),
+    Case("arc_scoring_no_rows", arc_scoring(arc_rows(0)),
+         ("no prediction of", "step_1_all_preds.0 is of a test input of", "(0 rows besides padding")),
+    Case("arc_scoring_rows_of_other_inputs", arc_scoring(arc_rows(3)), ("no prediction of", "(3 rows besides padding")),
+    Case("arc_scoring_not_arc", arc_scoring(arc_rows(2, seq_len=8), data=lambda root, world: world.good_data),
+         ("good: not an ARC dataset",)),
     # ARC JSON
     Case("arc_malformed_json", arc('{"train": ['), ("training/p.json", "malformed JSON")),
     Case("arc_colour_out_of_range", arc(json.dumps({"train": [{"input": [[1, 12]], "output": [[1]]}], "test": []})),

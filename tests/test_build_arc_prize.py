@@ -263,6 +263,25 @@ def test_leakage_warning_arc_agi_2_training_with_arc_agi_1_evaluation(kaggle, tm
     assert len(warnings) == 1 and "1 of 400 test tasks" in warnings[0] and ": 070dd51e;" in warnings[0]
 
 
+def test_leakage_warning_counts_tasks_by_name(tmp_path):
+    """A task listed by two test subsets is one task, and its own demonstrations are no leak: only 'c', whose test
+    pair is a training pair of 'a', leaks, out of 2 test tasks."""
+    src = tmp_path / "src"
+    write_subset(src, "training", {"a": {"train": [{"input": [[1]], "output": [[2]]}], "test": [{"input": [[3]]}]}},
+                 {"a": [[[4]]]})  # fmt: skip
+    b = {"train": [{"input": [[5]], "output": [[6]]}], "test": [{"input": [[7]]}]}
+    c = {"train": [{"input": [[8]], "output": [[9]]}], "test": [{"input": [[1]]}]}
+    write_subset(src, "evaluation", {"b": b, "c": c}, {"b": [[[8]]], "c": [[[2]]]})
+    write_subset(src, "evaluation2", {"b": b}, {"b": [[[8]]]})
+    result = run_builder("--input-file-prefix", src / "p", "--output-dir", tmp_path / "out", "--num-aug", "0",
+                         "--subsets", "training", "evaluation", "evaluation2", "--test-set-name", "evaluation",
+                         "--test-set-name2", "evaluation2")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "1 of 2 test tasks also appear in the train split" in warnings[0]
+    assert ": c;" in warnings[0]
+
+
 def test_missing_solutions_fill_dummy_outputs(kaggle, tmp_path, capsys):
     prefix = prize_files(kaggle, tmp_path / "src", {"training": ["007bbfb7"], "evaluation": ["12997ef3"]},
                          without_solutions=("evaluation",))  # fmt: skip
@@ -314,7 +333,7 @@ GOOD = {"a": {"train": [{"input": [[1]], "output": [[2]]}], "test": [{"input": [
             {"b": {"train": [{"input": [[0]], "output": [[0]]}], "test": [{"input": [[0]]}]}},
             {"b": [[[12]]]},
             (),
-            "puzzle 'b': field 'test[0].output': colour 12 at row 0, column 0 outside 0-9",
+            "p_evaluation_solutions.json: puzzle 'b': field 'test[0].output': colour 12 at row 0, column 0 outside 0-9",
         ),
         (
             {"b": {"train": [{"input": [[0]], "output": [[0]]}], "test": []}},

@@ -141,6 +141,29 @@ def test_validation_errors_name_the_key():
 
 
 @pytest.mark.parametrize(
+    "key, bad, good, message",
+    [
+        ("lr", (-1e-4, math.nan, math.inf), (0.0, 3.0), "must be a finite number >= 0"),
+        ("puzzle_emb_lr", (-0.01, math.inf), (0.0,), "must be a finite number >= 0"),
+        ("weight_decay", (-0.1, math.nan), (0.0, 1.0), "must be a finite number >= 0"),
+        ("puzzle_emb_weight_decay", (-1.0,), (0.0,), "must be a finite number >= 0"),
+        ("lr_min_ratio", (-0.1, 1.01, math.nan), (0.0, 1.0), r"must be in \[0, 1\]"),
+        ("beta1", (-0.1, 1.0), (0.0, 0.999), r"must be in \[0, 1\)"),
+        ("beta2", (1.5, math.nan), (0.0, 0.95), r"must be in \[0, 1\)"),
+        ("dist_timeout_s", (0.0, -5.0, math.inf), (0.5,), "must be a finite number > 0"),
+    ],
+)
+def test_optimizer_and_timeout_ranges(key, bad, good, message):
+    """Rates and decays may be 0 (that part keeps its weights), never negative or non-finite."""
+    base = compose_cli(ARC1).model_dump()
+    for value in bad:
+        with pytest.raises(ValueError, match=rf"^config key '{key}': {message}, got {value}$"):
+            config_from_dict({**base, key: value})
+    for value in good:
+        assert getattr(config_from_dict({**base, key: value}), key) == value
+
+
+@pytest.mark.parametrize(
     "override, message",
     [
         ("foo=1", "error: Could not override 'foo': Key 'foo' is not in struct"),

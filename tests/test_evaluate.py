@@ -1,19 +1,23 @@
 """evaluate.py: reproduces training's evaluation from a checkpoint, accepts compiled-module keys, refuses
-mismatched checkpoints in one line, runs under torchrun, and hands ARC datasets to the scorer."""
+mismatched checkpoints in one line, runs under torchrun, and hands ARC datasets to the scorer; the probe that
+finds an evaluation's outputs and metrics beforehand, a read-only run folder (exit 4 before the evaluation),
+metrics printed before a save that fails."""
 
 import json
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import evaluate
 import pretrain
-from tests.test_pretrain_helpers import REPO, make_tiny_dataset, tiny_config
+from tests.test_pretrain_helpers import REPO, TINY_ARCH, make_tiny_dataset, tiny_config
 from utils import evaluation
+from utils.config import compose_config
 from utils.distributed import DistInfo
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -151,3 +155,96 @@ def test_torchrun_two_ranks_match_single_process(trained, tmp_path):
     ids = torch.cat([p["puzzle_identifiers"] for p in parts])
     assert sorted(ids[ids != 0].tolist()) == sorted(single[single != 0].tolist())
     assert len(set(single[single != 0].tolist())) == 5
+
+
+ARCHS = {
+    "hrm": TINY_ARCH,
+    "trm": ["arch=trm_tiny", "arch.hidden_size=32", "arch.num_heads=2", "arch.halt_max_steps=3"],
+    "hrm_3level": ["arch=hrm_3level", "arch.hidden_size=32", "arch.num_heads=4", "arch.planner_layers=1",
+                   "arch.decomposer_layers=1", "arch.executor_layers=1", "arch.window_size=3",
+                   "arch.num_global_tokens=2", "arch.forward_dtype=float32"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_probe_finds_what_an_evaluation_saves_and_reports(trained, tmp_path, arch):
+    """The names `probe_eval_call` finds before any work are exactly the outputs a real evaluation can save and the
+    metrics it reports, for each model; the probe leaves the RNG state and the head's mode as they were."""
+    from utils.build import create_dataloader, create_model
+    from utils.train_state import TrainState
+
+    data, _, _ = trained
+    config = compose_config([*ARCHS[arch], f"data_path={data}", f"checkpoint_path={tmp_path}", "global_batch_size=4",
+                             "epochs=1", "eval_interval=1", "device=cpu"])  # fmt: skip
+    train_dataset, _ = create_dataloader(config, "train", CPU, test_set_mode=False, epochs=1)
+    eval_dataset, eval_loader = create_dataloader(config, "test", CPU, test_set_mode=True, epochs=1)
+    head, _ = create_model(config, train_dataset.metadata, CPU)
+    rng = torch.get_rng_state()
+    metrics, outputs = evaluation.probe_eval_call(head, eval_dataset.metadata, CPU.device)
+    assert head.training and torch.equal(rng, torch.get_rng_state())
+    assert {"inputs", "labels", "puzzle_identifiers", "logits", "q_halt_logits"} <= outputs
+    head.eval()
+    state = TrainState(model=head, forward=head, optimizers=[], optimizer_lrs=[], total_steps=0)
+    config = config.model_copy(update={"eval_save_outputs": sorted(outputs)})
+    results = evaluation.evaluate(config, state, eval_loader, eval_dataset.metadata, CPU)
+    assert set(results["all"]) == metrics
+    assert set(torch.load(tmp_path / "step_0_all_preds.0", weights_only=True)) == outputs
+
+
+def copy_run(ckpt, root):
+    """The run's step_6 and all_config.yaml in `root`/run."""
+    run = root / "run"
+    run.mkdir()
+    for name in ("step_6", "all_config.yaml"):
+        shutil.copy(ckpt / name, run / name)
+    return run
+
+
+def read_only(folder: Path, argv: list[str]) -> list[str]:
+    """`argv` run where `folder` cannot be written: its permissions for a normal user; for root, whom permissions do
+    not stop, a read-only bind mount of it in a private mount namespace (`unshare`, as the container allows)."""
+    os.chmod(folder, 0o555)
+    if os.geteuid() != 0:
+        return argv
+    probe = subprocess.run(["unshare", "--mount", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("running as root without a mount namespace: nothing makes a folder read-only")
+    remount = 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"'
+    return ["unshare", "--mount", "sh", "-c", remount, str(folder), *argv]
+
+
+def test_unwritable_run_folder_stops_before_the_evaluation(trained, tmp_path):
+    """A read-only run folder: exit 4 with one line naming it, before the evaluation runs."""
+    _, ckpt, _ = trained
+    run = copy_run(ckpt, tmp_path)
+    argv = [sys.executable, str(REPO / "evaluate.py"), f"checkpoint={run / 'step_6'}", "device=cpu"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    try:
+        result = subprocess.run(
+            read_only(run, argv), cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120
+        )
+    finally:
+        os.chmod(run, 0o755)
+    assert result.returncode == 4, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1] in (
+        f"error: cannot write evaluation outputs to {run}: {reason}"
+        for reason in ("Permission denied", "Read-only file system")
+    ), result.stderr
+    assert "evaluating" not in result.stderr and result.stdout == ""
+    assert sorted(os.listdir(run)) == ["all_config.yaml", "step_6"]
+
+
+def test_metrics_are_printed_before_a_failing_save(trained, tmp_path):
+    """When saving the outputs fails after the evaluation (here a folder where the file goes), the metrics are
+    already printed; the run ends with status 4."""
+    _, ckpt, logged = trained
+    run = copy_run(ckpt, tmp_path)
+    (run / "step_6_all_preds.0").mkdir()
+    result = cli(f"checkpoint={run / 'step_6'}", "device=cpu", cwd=tmp_path)
+    assert result.returncode == 4, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: cannot write checkpoint to {run}: ")
+    printed = dict(line.split(": ") for line in result.stdout.splitlines() if line.startswith("all/"))
+    assert printed.keys() == logged[6].keys()
+    for key, value in logged[6].items():
+        assert float(printed[key]) == pytest.approx(value, rel=1e-5, abs=1e-6), key

@@ -88,10 +88,29 @@ def test_learned_halting_with_more_steps(run):
     assert 1.0 <= learned["all/steps"] <= 6.0  # each row stops at its own q decision, at most at the limit
 
 
+def test_nested_loss_override_from_the_command_line(run, tmp_path):
+    """`arch.loss.loss_type=...` merges into the run's loss config (it replaced the whole section before)."""
+    result = cli(
+        f"checkpoint={run.checkpoint}", "device=cpu", "save_outputs=[]", "arch.loss.loss_type=softmax_cross_entropy",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed = {k: float(v) for k, v in (line.split(": ") for line in result.stdout.splitlines() if ": " in line)}
+    softmax = flatten_eval_metrics(
+        evaluate_with(run.checkpoint, arch={"loss": {"loss_type": "softmax_cross_entropy"}})["metrics"]
+    )
+    stablemax = flatten_eval_metrics(evaluate_with(run.checkpoint)["metrics"])
+    assert printed == pytest.approx(softmax, rel=1e-5)
+    assert printed["all/lm_loss"] != pytest.approx(stablemax["all/lm_loss"], rel=1e-3)  # the loss did change
+    assert printed["all/accuracy"] == pytest.approx(stablemax["all/accuracy"])  # the predictions did not
+
+
 def test_unknown_or_bad_arch_override_is_one_line_error(run, tmp_path):
     for override, needle in (
         ("arch.halt_max_step=9", "unknown key 'arch.halt_max_step'"),
         ("arch.halt_max_steps=0", "halt_max_steps"),
+        ("arch.loss.los_type=x", "config key 'arch.loss': unknown option 'los_type' (it takes loss_type)"),
+        ("arch.loss=3", "config key 'arch.loss': Input should be a valid dictionary"),
     ):
         result = cli(f"checkpoint={run.checkpoint}", "device=cpu", override, cwd=tmp_path)
         assert result.returncode == 2, result.stderr[-2000:]

@@ -22,10 +22,11 @@ Design choices (SPEC §7, §12):
   test inputs are right.
 - submission.json follows the ARC Prize format, {task: [{"attempt_1": grid, "attempt_2": grid}, ...]},
   one entry per test input, attempt 2 repeating attempt 1 when there is one candidate. As in TRM's
-  evaluator, a test input without predictions gets no entry (a warning names the tasks).
+  evaluator, a test input without predictions gets no entry (a warning names the tasks); it is written atomically.
+- Scoring saved files refuses a dataset that is not ARC (the evaluator's test, `not_arc_reason`) and files none
+  of whose predictions is of a test input: scores of 0 would read as a model that solves nothing.
 """
 
-import argparse
 import json
 import os
 import re
@@ -36,8 +37,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from dataset.common import inverse_dihedral_transform, read_json
-from utils.checkpointing import read_saved_outputs
+from dataset.common import inverse_dihedral_transform, load_metadata, read_json
+from utils.checkpointing import atomic_write, read_saved_outputs
+from utils.cli import OneLineErrorParser
 
 PASS_KS = (1, 2, 5, 10, 100, 1000)
 NOTEBOOK_PASS_KS = (1, 2, 10, 100, 1000)  # the notebook's K list (SPEC §7), kept by `score_predictions`
@@ -68,6 +70,15 @@ def parse_identifier(name: str) -> tuple[str, int, np.ndarray]:
 
 def is_arc_dataset(identifier_names: Sequence[str]) -> bool:
     return any(p.match(name) for name in identifier_names for p in AUGMENTED_NAMES)
+
+
+def not_arc_reason(data_path: str, identifier_names: Sequence[str], seq_len: int | None, vocab_size: int | None):
+    """Why the dataset at `data_path` is not ARC, or None: an ARC dataset has test_puzzles.json, 30x30 canvases of
+    PAD, EOS and 10 colours (`seq_len`, `vocab_size` of its test split, None when unknown) or augmented ARC names."""
+    arc_encoding = (seq_len, vocab_size) == (GRID_SIZE * GRID_SIZE, COLOUR_OFFSET + NUM_COLOURS)
+    if os.path.isfile(os.path.join(data_path, "test_puzzles.json")) or arc_encoding or is_arc_dataset(identifier_names):
+        return None
+    return "not an ARC dataset (no test_puzzles.json, no ARC grids or puzzle names)"
 
 
 def crop_shapes(tokens: np.ndarray, grid_size: int = GRID_SIZE) -> np.ndarray:
@@ -179,8 +190,13 @@ class ArcScore:
     submission: dict[str, list[dict]] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, float]:
-        prefix = "ARC/pass@" if self.rule == "official" else "ARC/notebook_pass@"
-        return {f"{prefix}{k}": v for k, v in self.pass_at.items()}
+        return dict(zip(metric_names(self.rule, self.pass_at), self.pass_at.values()))
+
+
+def metric_names(rule: str, pass_ks: Iterable[int]) -> list[str]:
+    """The keys of `ArcScore.metrics` for a rule and its K list: `ARC/pass@K` (official), `ARC/notebook_pass@K`."""
+    prefix = "ARC/pass@" if rule == "official" else "ARC/notebook_pass@"
+    return [f"{prefix}{k}" for k in pass_ks]
 
 
 def score_votes(
@@ -232,9 +248,8 @@ def score_votes(
 
 
 def write_submission(path: str, submission: dict) -> None:
-    """ARC Prize submission.json, serialised as TRM's evaluator does (json.dump defaults)."""
-    with open(path, "w") as f:
-        json.dump(submission, f)
+    """ARC Prize submission.json, serialised as TRM's evaluator does (json.dump defaults), written atomically."""
+    atomic_write(path, lambda f: json.dump(submission, f), mode="w")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -377,10 +392,23 @@ def score_prediction_files(
     if not paths:
         raise FileNotFoundError("no prediction files given")
     names = load_identifier_names(data_path)
+    test_split = os.path.join(data_path, "test")
+    metadata = load_metadata(test_split) if os.path.isfile(os.path.join(test_split, "dataset.json")) else None
+    reason = not_arc_reason(data_path, names, *((metadata.seq_len, metadata.vocab_size) if metadata else (None, None)))
+    if reason is not None:
+        raise ValueError(f"{data_path}: {reason}")
     tasks = load_test_tasks(data_path, names)
     votes = Votes(names, blank_identifier_id)
     for path in sorted(paths, key=rank_of_file):
         add_outputs(votes, read_prediction_file(path), path)
+    matched = sum(len(votes.entries.get(task, {}).get(key, ())) for task, pairs in tasks.items() for key, _ in pairs)
+    if not matched:  # scores of 0 would read as a model that solves nothing
+        rows = sum(len(v) for inputs in votes.entries.values() for v in inputs.values())
+        files = f"{paths[0]} and {len(paths) - 1} more" if len(paths) > 1 else paths[0]
+        raise ValueError(
+            f"ARC scoring: no prediction of {files} is of a test input of {data_path} ({rows} rows besides padding; "
+            "predictions of another dataset or split?)"
+        )
     score = score_votes(tasks, [votes.entries], rule, pass_ks, submission_k)
     if submission_path is not None:
         write_submission(submission_path, score.submission)
@@ -424,7 +452,7 @@ def format_table(score: ArcScore) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         description="ARC pass@K and submission.json from saved step_N_all_preds.* files.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -433,8 +461,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--submission-out", default=None, help="write the ARC Prize submission.json here")
     parser.add_argument("--rule", choices=RULES, default="official", help="official (ARC Prize) or notebook")
     parser.add_argument("--json", action="store_true", help="print one JSON line of ARC/pass@K instead of a table")
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         score = score_prediction_files(
             args.predictions, args.data_path, rule=args.rule, submission_path=args.submission_out
         )

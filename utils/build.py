@@ -28,6 +28,11 @@ Design choices:
 - Evaluators (TRM's `evaluators`, `module@Class` under the `evaluators` package) are built once per
   test dataset, with TRM's constructor arguments; one that does not apply to a dataset (the ARC
   evaluator on Sudoku) says so in a notice and is left out.
+- Options that go to a constructor (an evaluator's, the loss head's `arch.loss.*`) are checked against
+  its signature and type annotations first (`checked_options`), so `pass_Ks: [two]` or a misspelled
+  option is one error line before training, not a traceback at the first evaluation.
+- A test split must be encoded as the train split that sizes the model (vocabulary, sequence length,
+  pad / ignore / blank ids); one that is not is refused when its loader is built.
 """
 
 import functools
@@ -83,6 +88,22 @@ def identifier_offsets(paths: list[str]) -> list[int]:
     return [sum(sizes[:i]) for i in range(len(paths))]
 
 
+def check_test_encoding(train_path: str, test_paths: list[str], split: str) -> None:
+    """The model is sized by the train split (vocab_size, seq_len) and reads its padding ids: a test split encoded
+    otherwise (`data_paths_test`, a test/ copied from another dataset) is refused before any step, naming both files."""
+    from pathlib import Path
+
+    from dataset.common import load_metadata
+    from puzzle_dataset import ENCODING_FIELDS, check_fields_agree
+
+    train_dir = Path(train_path) / "train"
+    reference = load_metadata(train_dir)
+    for path in test_paths:
+        split_dir = Path(path) / split
+        why = "a test split must be encoded as the training split, which sizes the model"
+        check_fields_agree(load_metadata(split_dir), split_dir, reference, train_dir, ENCODING_FIELDS, why)
+
+
 def create_dataloader(config: PretrainConfig, split: str, info: DistInfo, *, test_set_mode: bool, epochs: int):
     """(dataset, loader) for one split; the dataset is returned too, for its metadata and `set_position`."""
     from puzzle_dataset import PuzzleDataset, PuzzleDatasetConfig
@@ -100,6 +121,7 @@ def create_dataloader(config: PretrainConfig, split: str, info: DistInfo, *, tes
         paths = test_data_paths(config)
         by_path = {os.path.realpath(p): o for p, o in zip(train_paths, train_offsets)}
         offsets = [by_path.get(os.path.realpath(p), 0) for p in paths]
+        check_test_encoding(train_paths[0], paths, split)
     dataset = PuzzleDataset(
         PuzzleDatasetConfig(
             seed=config.seed,
@@ -181,11 +203,14 @@ def create_model(config: PretrainConfig, metadata: Any, info: DistInfo) -> tuple
 
     model_cls = load_model_class(config.arch.name)
     loss_head_cls = load_model_class(config.arch.loss.name)
+    loss_options = checked_options(
+        loss_head_cls, config.arch.loss.model_extra or {}, "config key 'arch.loss'", given=("model",)
+    )
     model_config = model_config_dict(config, metadata, info.world_size)
     fit_forward_dtype(model_cls, model_config, info)
     with torch.device(info.device):
         model = model_cls(model_config)
-        head = loss_head_cls(model, **(config.arch.loss.model_extra or {}))
+        head = loss_head_cls(model, **loss_options)
     broadcast_module_state(head)
     sources = [inspect.getsourcefile(model_cls) or "", inspect.getsourcefile(loss_head_cls) or ""]
     return head, sources
@@ -221,15 +246,45 @@ def create_evaluators(config: PretrainConfig, eval_metadata: Any, info: DistInfo
     evaluators = []
     for spec in config.evaluators:
         cls = load_model_class(spec.name, prefix="evaluators.")
+        where = f"config key 'evaluators': {spec.name}"
+        options = checked_options(cls, spec.model_extra or {}, where, given=("data_path", "eval_metadata"))
         for index, path in enumerate(test_data_paths(config)):
             try:
-                evaluators.append((index, cls(data_path=path, eval_metadata=eval_metadata, **(spec.model_extra or {}))))
+                evaluators.append((index, cls(data_path=path, eval_metadata=eval_metadata, **options)))
             except EvaluatorNotApplicable as e:
                 if info.is_main:
                     print(f"evaluator {spec.name} left out for {path}: {e}", file=sys.stderr)
-            except TypeError as e:  # an option the evaluator does not take
-                raise ValueError(f"config key 'evaluators': {spec.name}: {e}") from None
     return evaluators
+
+
+def checked_options(target: Any, options: dict[str, Any], where: str, given: tuple[str, ...] = ()) -> dict[str, Any]:
+    """`options` for the keyword parameters of `target` (a class: its constructor), checked against their type
+    annotations before anything is built or trained: an unknown name, a missing one or a value of the wrong type
+    (`pass_Ks: [two]`) is one ValueError line `{where}: option ...`. `given`: the parameters the launcher passes.
+    Returns the options as validated (`"2"` for an int is 2)."""
+    from pydantic import ConfigDict, ValidationError, create_model
+
+    params = {n: p for n, p in inspect.signature(target, eval_str=True).parameters.items() if n not in given}
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    fields = {
+        name: (Any if p.annotation is p.empty else p.annotation, ... if p.default is p.empty else p.default)
+        for name, p in params.items()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+    config = ConfigDict(extra="allow" if takes_any else "forbid", arbitrary_types_allowed=True, protected_namespaces=())
+    schema = create_model(f"{getattr(target, '__name__', 'Target')}Options", __config__=config, **fields)
+    try:
+        validated = schema(**options)
+    except ValidationError as e:
+        first = min(e.errors(), key=lambda err: err["type"] != "extra_forbidden")  # a misspelling explains the rest
+        name, *item = [str(part) for part in first["loc"]]
+        if first["type"] == "extra_forbidden":
+            raise ValueError(f"{where}: unknown option {name!r} (it takes {', '.join(fields) or 'none'})") from None
+        if first["type"] == "missing":
+            raise ValueError(f"{where}: option {name!r} is required") from None
+        at = f" (item {item[0]})" if item else ""
+        raise ValueError(f"{where}: option {name!r}{at}: {first['msg']} (got {first.get('input')!r})") from None
+    return {name: getattr(validated, name) for name in options}
 
 
 def print_backends(info: DistInfo) -> None:

@@ -64,9 +64,9 @@ def _first_line(error: BaseException, sentence: bool = False) -> str:
     return line or type(error).__name__
 
 
-def _write_error(directory: str, error: OSError) -> CheckpointWriteError:
+def _write_error(directory: str, error: OSError, what: str = "checkpoint") -> CheckpointWriteError:
     reason = error.strerror or str(error) or type(error).__name__
-    failure = CheckpointWriteError(f"cannot write checkpoint to {directory}: {reason}")
+    failure = CheckpointWriteError(f"cannot write {what} to {directory}: {reason}")
     failure.errno = error.errno  # set after construction: a two-argument OSError prefixes "[Errno N]" to the text
     return failure
 
@@ -114,6 +114,17 @@ def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> N
         if failure is not None:
             raise _write_error(directory, failure) from e
         raise
+
+
+def writable_folder(directory: str, what: str = "checkpoint") -> None:
+    """Create `directory` if needed and check that a file can be created in it (a nameless temporary one);
+    `CheckpointWriteError` otherwise, naming `what` would be written there, before any work that would be lost."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        raise _write_error(directory, e, what) from e
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:

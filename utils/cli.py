@@ -16,12 +16,15 @@ Design choices:
 - `--help` of the Hydra commands lists every key with its default and description, taken from where the
   key is defined (the YAML's trailing comments, the typed config's field descriptions), so no second copy
   of the texts exists.
+- Flag-based commands (the builders, `utils.arc_scoring`, `utils.visualize`) parse with `OneLineErrorParser`:
+  a missing or ill-typed flag is the same one `error:` line, exit status 2.
 - The reference and TRM spell some overrides `+run_name=...` because their YAML lacks those keys, and ours
   lacks them too, so their command lines compose unchanged. On the command line either spelling works:
   `normalize_overrides` adds the `+` to a typed-config key the YAML does not list, and drops it from one
   it does list (where Hydra would refuse it: "already at").
 """
 
+import argparse
 import os
 import re
 import shutil
@@ -32,6 +35,14 @@ from contextlib import contextmanager
 from typing import Any
 
 BAD_INPUT_STATUS = 2
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse for the flag-based commands (builders, scoring, visualiser): a bad flag raises ValueError, which
+    the command reports as its one `error:` line, instead of argparse's usage block; `--help` is unchanged."""
+
+    def error(self, message: str):
+        raise ValueError(message)  # e.g. "argument --num-aug: invalid int value: 'x'"
 
 
 def error_line(e: BaseException) -> str:
@@ -49,6 +60,8 @@ def one_line_config_error(e: BaseException) -> str:
     A parse error of an override keeps the parser's reason (`lr==1`: "extraneous input '='"), without the
     list of expected tokens and the link to the grammar; an OmegaConf error names its key.
     """
+    if str(e).startswith(LEXER_ERROR):
+        return unquoted_character_error(str(e))
     lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
     lines = [line for line in lines if not line.startswith(("See https://", "full_key:", "object_type="))]
     parts = [lines[0].rstrip(".")] if lines else [type(e).__name__]
@@ -62,6 +75,23 @@ def one_line_config_error(e: BaseException) -> str:
         if cause not in parts[0]:
             parts.append(cause)
     return ": ".join(parts)
+
+
+LEXER_ERROR = "LexerNoViableAltException: "  # Hydra's lexer: the override, then a line with a caret under the character
+
+
+def unquoted_character_error(text: str) -> str:
+    """A character Hydra's override grammar takes only inside quotes (`é` of a path, most often): say which, and
+    how to quote the value. The override is named as typed (`normalize_overrides` may have added a `+`)."""
+    first, _, caret = text.partition("\n")
+    override = first[len(LEXER_ERROR) :]
+    position = caret.find("^") - len(LEXER_ERROR)
+    character = f"character {override[position]!r}" if 0 <= position < len(override) else "a character"
+    key, _, value = override.lstrip("+").partition("=")
+    return (
+        f"override '{key}={value}': {character} is not allowed in an unquoted value; quote the value for Hydra, "
+        f"e.g. \"{key}='{value}'\""
+    )
 
 
 def describe_error(e: BaseException) -> tuple[str, int] | None:

@@ -10,6 +10,7 @@ Design choices:
 """
 
 import itertools
+import math
 import os
 from typing import Any, Literal, Optional
 
@@ -138,6 +139,18 @@ class PretrainConfig(BaseModel):
                 raise ValueError(f"config key '{key}': must be >= 1, got {value}")
         if self.lr_warmup_steps < 0:
             raise ValueError(f"config key 'lr_warmup_steps': must be >= 0, got {self.lr_warmup_steps}")
+        # 0 is allowed: that part then keeps its weights (puzzle_emb_lr=0: the initial puzzle embedding; lr=0: only
+        # the puzzle embedding trains), as with the reference; a negative rate would climb the loss instead.
+        for key in ("lr", "puzzle_emb_lr", "weight_decay", "puzzle_emb_weight_decay"):
+            if not 0.0 <= getattr(self, key) < math.inf:
+                raise ValueError(f"config key '{key}': must be a finite number >= 0, got {getattr(self, key)}")
+        if not 0.0 <= self.lr_min_ratio <= 1.0:
+            raise ValueError(f"config key 'lr_min_ratio': must be in [0, 1], got {self.lr_min_ratio}")
+        for key in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ValueError(f"config key '{key}': must be in [0, 1), got {getattr(self, key)}")
+        if not 0.0 < self.dist_timeout_s < math.inf:
+            raise ValueError(f"config key 'dist_timeout_s': must be a finite number > 0, got {self.dist_timeout_s}")
         if self.eval_interval is not None and self.epochs % self.eval_interval != 0:
             raise ValueError(
                 f"config key 'eval_interval': epochs ({self.epochs}) must be divisible by eval_interval ({self.eval_interval})"

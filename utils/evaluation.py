@@ -10,7 +10,11 @@ Design choices:
   frozen at its first step with q_halt > q_continue, and the loss head then computes its usual
   metrics on the frozen outputs through a `ReplayModel`, so the metric definitions stay in one place.
 - Metrics are summed per set in sorted-key order, reduced to rank 0 and divided by `count`;
-  requested outputs are concatenated and saved per rank as `step_{N}_all_preds.{rank}`.
+  requested outputs are concatenated and saved per rank as `step_{N}_all_preds.{rank}`, after the
+  metrics are known (and handed to `report`), so a failed write never loses them.
+- What an evaluation can save and report is found before any work by running the loss head once on a
+  blank example (`probe_eval_call`): a misspelled output name or `keep_best` metric is one error line
+  listing the valid ones, before the first step rather than after the first evaluation.
 - Evaluators (TRM's protocol: `required_outputs`, `begin_eval()`, `update_batch(batch, outputs)`,
   `result(save_path, rank, world_size, group)`) see the batches of their own test dataset, with its
   puzzle identifiers as its identifiers.json numbers them; their results are reported as the set
@@ -19,7 +23,7 @@ Design choices:
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -159,6 +163,73 @@ def identifier_feed(mode: str, metadata: Any, seed: int):
     return lambda ids: table.to(ids.device)[ids.long()].to(ids.dtype)
 
 
+def probe_eval_call(head: nn.Module, metadata: Any, device: torch.device) -> tuple[set[str], set[str]]:
+    """(metric names, output names) of one evaluation call of the loss head, for the configured model: the head run
+    once in eval mode on one blank example, the RNG states and the head's mode kept, so nothing is hard-coded and
+    nothing the run computes changes. Outputs: the batch's keys, the model's and what the head adds (`preds`)."""
+    shape = (1, metadata.seq_len)
+    batch = {  # the loader's keys and dtypes (puzzle_dataset.py)
+        "inputs": torch.full(shape, metadata.pad_id, dtype=torch.int32, device=device),
+        "labels": torch.zeros(shape, dtype=torch.int32, device=device),
+        "puzzle_identifiers": torch.full((1,), metadata.blank_identifier_id, dtype=torch.int32, device=device),
+    }
+    seen: dict[str, dict] = {}
+
+    def keep_outputs(_module, _args, result) -> None:  # the model's outputs dict, which the head extends in place
+        seen["outputs"] = result[1]
+
+    hook = head.model.register_forward_hook(keep_outputs)
+    was_training = head.training
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.inference_mode():
+            head.eval()
+            _, _, metrics, _, _ = head(return_keys=[], carry=head.initial_carry(batch), batch=batch)
+    finally:
+        hook.remove()
+        head.train(was_training)
+    return set(metrics) - {"count"}, set(batch) | set(seen["outputs"])
+
+
+def evaluator_metric(key: str, index: int) -> tuple[str, str]:
+    """(set, metric) under which an evaluator of test dataset `index` reports its result `key`: `ARC/pass@2` is
+    ("ARC", "pass@2"), ("ARC1", "pass@2") for the second test dataset's; a key without a set goes to "evaluator"."""
+    prefix, _, name = key.partition("/")
+    return (f"{prefix}{index or ''}", name) if name else ("evaluator", key)
+
+
+def check_eval_requests(
+    config: PretrainConfig,
+    head: nn.Module,
+    metadata: Any,
+    evaluators: Sequence[tuple[int, Any]],
+    device: torch.device,
+    save_key: str = "eval_save_outputs",
+) -> None:
+    """Before any work: each output `config.eval_save_outputs` names (`save_key` on the command line) is one the
+    evaluation has, and `keep_best` names a metric it reports (the loss head's per test set, and the evaluators'
+    declared `result_names()`); otherwise one ValueError line listing the valid names. A metric of an evaluator
+    that declares none is checked after the first evaluation instead."""
+    if not config.eval_save_outputs and config.keep_best is None:
+        return
+    metric_names, output_names = probe_eval_call(head, metadata, device)
+    unknown = [k for k in config.eval_save_outputs if k not in output_names]
+    if unknown:
+        raise ValueError(
+            f"config key '{save_key}': {unknown[0]!r} is not an output of this evaluation "
+            f"(have {', '.join(sorted(output_names))})"
+        )
+    if config.keep_best is None:
+        return
+    known = {f"{s}/{m}" for s in metadata.sets for m in metric_names}
+    declared = all(callable(getattr(ev, "result_names", None)) for _, ev in evaluators)
+    for index, evaluator in evaluators if declared else ():
+        known.update("/".join(evaluator_metric(key, index)) for key in evaluator.result_names())
+    if config.keep_best not in known and (declared or config.keep_best.split("/")[0] in metadata.sets):
+        raise ValueError(
+            f"config key 'keep_best': {config.keep_best!r} is not an eval metric (have {', '.join(sorted(known))})"
+        )
+
+
 def evaluate(
     config: PretrainConfig,
     state: TrainState,
@@ -167,12 +238,14 @@ def evaluate(
     info: DistInfo,
     evaluators: Sequence[tuple[int, Any]] = (),
     identifiers: str = "as_is",
+    report: Callable[[dict[str, dict[str, float]]], None] | None = None,
 ):
     """Run every test batch to the end of its ACT steps; per-set metrics (divided by count) on rank 0.
 
     `evaluators`: (test dataset index, evaluator) pairs, see the module docstring; their results join the
     per-set metrics on rank 0. `identifiers`: what the model is fed as puzzle identifiers
-    (`identifier_feed`); saved outputs and evaluators keep the true ones.
+    (`identifier_feed`); saved outputs and evaluators keep the true ones. `report` (rank 0) gets the results
+    before the saved outputs are written, so a failing write (a full disk) does not lose them.
     """
     feed = identifier_feed(identifiers, metadata, config.seed)
     set_ids = {name: i for i, name in enumerate(metadata.sets)}
@@ -205,33 +278,35 @@ def evaluate(
                 metric_sums = torch.zeros((len(set_ids), len(metric_keys)), dtype=torch.float32, device=info.device)
             metric_sums[set_ids[set_name]] += torch.stack([metrics[k].to(torch.float32) for k in metric_keys])
 
+    results = None
+    if metric_sums is not None:
+        if info.world_size > 1:
+            dist.reduce(metric_sums, dst=0)
+        if info.is_main:
+            sums = metric_sums.cpu().numpy()
+            results = {}
+            for set_name, set_id in set_ids.items():
+                values = dict(zip(metric_keys, sums[set_id].tolist()))
+                count = values.pop("count")
+                results[set_name] = {k: v / max(count, 1) for k, v in values.items()}
+        for index, evaluator in evaluators:  # collective: each gathers its predictions on rank 0
+            save_path = None
+            if config.checkpoint_path is not None:
+                name = f"evaluator_{type(evaluator).__name__}_step_{state.step}"
+                save_path = os.path.join(config.checkpoint_path, name)
+                ckpt.writable_folder(save_path, "evaluator outputs")
+            scores = evaluator.result(save_path, rank=info.rank, world_size=info.world_size, group=None)
+            if results is not None and scores:
+                for key, value in scores.items():
+                    set_name, metric = evaluator_metric(key, index)
+                    results.setdefault(set_name, {})[metric] = value
+    if results is not None and report is not None:
+        report(results)
+
     if saved:
         assert config.checkpoint_path is not None
         path = os.path.join(config.checkpoint_path, f"step_{state.step}_all_preds.{info.rank}")
         ckpt.atomic_torch_save({k: torch.cat(v, dim=0) for k, v in saved.items()}, path)
-
-    if metric_sums is None:
-        return None
-    if info.world_size > 1:
-        dist.reduce(metric_sums, dst=0)
-    results = None
-    if info.is_main:
-        sums = metric_sums.cpu().numpy()
-        results = {}
-        for set_name, set_id in set_ids.items():
-            values = dict(zip(metric_keys, sums[set_id].tolist()))
-            count = values.pop("count")
-            results[set_name] = {k: v / max(count, 1) for k, v in values.items()}
-    for index, evaluator in evaluators:  # collective: each gathers its predictions on rank 0
-        save_path = None
-        if config.checkpoint_path is not None:
-            save_path = os.path.join(config.checkpoint_path, f"evaluator_{type(evaluator).__name__}_step_{state.step}")
-            os.makedirs(save_path, exist_ok=True)
-        scores = evaluator.result(save_path, rank=info.rank, world_size=info.world_size, group=None)
-        if results is not None and scores:
-            for key, value in scores.items():
-                prefix, _, name = key.partition("/")
-                results.setdefault(f"{prefix}{index or ''}" if name else "evaluator", {})[name or key] = value
     return results
 
 
