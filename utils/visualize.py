@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from dataset.common import read_json
+from utils.cli import OneLineErrorParser
 
 ARC_PALETTE = [
     "#000000",
@@ -631,7 +632,7 @@ def plot_step_accuracy(step_data: dict, out_path: str | Path) -> Path:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m utils.visualize", description=__doc__.split("\n")[0])
+    parser = OneLineErrorParser(prog="python -m utils.visualize", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     exp = sub.add_parser("export", help="write saved predictions as .npy files for puzzle_visualizer.html")
     sheets = sub.add_parser("sheets", help="render PNG sheets of predictions next to answers")
@@ -650,8 +651,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
     try:
+        args = _parser().parse_args(argv)
         if args.command == "export":
             if not args.predictions or not args.dataset:
                 raise ValueError("export needs --predictions and --dataset")
