@@ -214,6 +214,14 @@ def test_missing_matplotlib_one_line_hint(monkeypatch, tmp_path, capsys):
     assert err == f"error: {viz.VIZ_INSTALL_HINT}\n" and "pip install" in err
 
 
+def test_flag_errors_are_one_line(tmp_path, capsys):
+    assert viz.main(["sheets", "--predictions", "x"]) == 2  # --out missing
+    assert capsys.readouterr().err == "error: the following arguments are required: --out\n"
+    assert viz.main(["draw", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: argument command: invalid choice: 'draw'") and err.count("\n") == 1
+
+
 def test_load_step_accuracy_validates(tmp_path):
     p = tmp_path / "s.json"
     p.write_text(json.dumps({"steps": [1, 2], "accuracy": [0.1]}))

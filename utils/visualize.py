@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from dataset.common import read_json
+from utils.cli import OneLineErrorParser
 
 ARC_PALETTE = [
     "#000000",
@@ -633,7 +634,7 @@ def plot_step_accuracy(step_data: dict, out_path: str | Path) -> Path:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m utils.visualize", description=__doc__.split("\n")[0])
+    parser = OneLineErrorParser(prog="python -m utils.visualize", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     defaults = argparse.ArgumentDefaultsHelpFormatter
     exp = sub.add_parser(
@@ -655,8 +656,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
     try:
+        args = _parser().parse_args(argv)
         if args.command == "export":
             if not args.predictions or not args.dataset:
                 raise ValueError("export needs --predictions and --dataset")
