@@ -27,6 +27,7 @@ Design choices (SPEC §7, §12):
   of whose predictions is of a test input: scores of 0 would read as a model that solves nothing.
 """
 
+import argparse
 import json
 import os
 import re
