@@ -100,7 +100,9 @@ class EvalConfig(BaseModel):
         description="where outputs and eval_results.json go; null: the checkpoint's folder (hub: evaluations/<repo>)",
     )
     save_outputs: Optional[list[str]] = Field(
-        None, description="outputs saved as step_N_all_preds.{rank}; null: those of the defaults the model returns"
+        None,
+        description="outputs saved as step_N_all_preds.{rank}; null: those of "
+        f"[{', '.join(DEFAULT_SAVE_OUTPUTS)}] the model returns",
     )
     data_path: Optional[str] = Field(None, description="the dataset, where it moved since training; null: the run's")
     device: str = Field("auto", description="auto (CUDA if available, else CPU), cuda, mps or cpu")

@@ -90,13 +90,16 @@ def identifier_offsets(paths: list[str]) -> list[int]:
 
 def check_test_encoding(train_path: str, test_paths: list[str], split: str) -> None:
     """The model is sized by the train split (vocab_size, seq_len) and reads its padding ids: a test split encoded
-    otherwise (`data_paths_test`, a test/ copied from another dataset) is refused before any step, naming both files."""
+    otherwise (`data_paths_test`, a test/ copied from another dataset) is refused before any step, naming both files.
+    Without a train split (a released checkpoint evaluated on test data alone) the test split sizes the model."""
     from pathlib import Path
 
     from dataset.common import load_metadata
     from puzzle_dataset import ENCODING_FIELDS, check_fields_agree
 
     train_dir = Path(train_path) / "train"
+    if not train_dir.is_dir():
+        return
     reference = load_metadata(train_dir)
     for path in test_paths:
         split_dir = Path(path) / split
