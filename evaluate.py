@@ -15,7 +15,7 @@ Design choices:
 - `eval_halting=fixed|learned` overrides the run's setting (README "Research options").
 - Inference-time compute: `arch.<key>=value` overrides the run's model config for this evaluation
   (e.g. `arch.halt_max_steps=64`: more ACT steps than in training); `step_accuracy=true` also reports
-  token and exact accuracy after each ACT step (utils/visualize.py's `act_step_accuracy`), so one sees
+  token and exact accuracy after each ACT step (tools/visualize.py's `act_step_accuracy`), so one sees
   where more steps stop helping.
 - `puzzle_identifiers=blank|shuffled` feeds the model every test example with the blank identifier, or
   with another puzzle's (a fixed random permutation of the identifiers), to measure how much the model
@@ -31,8 +31,8 @@ Design choices:
   count is a one-line error: the data was not built as the checkpoint's was.
 - `output_dir=` receives the saved outputs, evaluator outputs, step accuracy and `eval_results.json`
   (metrics, checkpoint and revision, step, datasets, overrides, date). By default it is the checkpoint's
-  folder for a local checkpoint, where the reference's workflow (its ARC notebook, `utils.visualize`,
-  `utils.arc_scoring`) looks for `step_N_all_preds.*`, and `evaluations/<owner>--<name>[...]` under the
+  folder for a local checkpoint, where the reference's workflow (its ARC notebook, `tools.visualize`,
+  `evaluators.arc_scoring`) looks for `step_N_all_preds.*`, and `evaluations/<owner>--<name>[...]` under the
   current folder for a hub checkpoint, whose folder is the hub cache and never written to.
 - `tta=sudoku|maze tta_views=N` adds test-time augmentation (utils/tta.py): N symmetric views of each test
   puzzle, answers mapped back and voted, reported as `tta_exact_accuracy` and `tta_accuracy` per set.
@@ -202,7 +202,7 @@ def build_config(eval_cfg: EvalConfig, saved: Optional[dict[str, Any]]) -> Pretr
 
 def step_accuracy(state: TrainState, loader, info: DistInfo) -> dict[str, Any]:
     """Token and exact accuracy after each ACT step over the test split, summed over ranks."""
-    from utils.visualize import act_step_accuracy
+    from tools.visualize import act_step_accuracy
 
     local = act_step_accuracy(state.model, loader, device=info.device)
     sums = torch.tensor(

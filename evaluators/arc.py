@@ -1,12 +1,9 @@
 """ARC evaluator run during training or evaluation (`evaluators=[{name: arc@ARC}]`, TRM's protocol).
 
-The launcher builds it with `load_model_class("arc@ARC", prefix="evaluators.")(data_path=...,
-eval_metadata=..., **options)`, adds `required_outputs` to the outputs the model returns, calls
-`begin_eval()`, then `update_batch(batch, outputs)` per evaluation batch on every rank, then
-`result(save_path, rank, world_size, group)` on every rank.
+The launchers drive it through the hooks of evaluators/protocol.py.
 
 Design choices:
-- Scoring is `utils.arc_scoring` (official ARC Prize rule by default, or the notebook's), so a
+- Scoring is evaluators/arc_scoring.py (official ARC Prize rule by default, or the notebook's), so a
   score computed here equals the one computed later from the saved `step_N_all_preds.*` files.
 - Each rank keeps only its votes (per task and test input, the answer and sigmoid(q_halt) of
   each prediction); `result` gathers them to rank 0 with `gather_object` on `group` (a gloo group
@@ -29,7 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from utils.arc_scoring import (
+from evaluators.arc_scoring import (
     PASS_KS,
     RULES,
     SUBMISSION_K,
@@ -41,7 +38,7 @@ from utils.arc_scoring import (
     score_votes,
     write_submission,
 )
-from utils.evaluation import EvaluatorNotApplicable
+from evaluators.protocol import EvaluatorNotApplicable
 
 
 class ARC:

@@ -20,9 +20,8 @@ import torch
 from dataset.build_arc_dataset import ArcBuildConfig
 from dataset.build_arc_dataset import main as build_main
 from dataset.cli import run_cli
-from tests.test_build_arc_prize import GOLDEN, GOLDEN_PICKS, prize_files
-from utils import arc_scoring
-from utils.arc_scoring import (
+from evaluators import arc_scoring
+from evaluators.arc_scoring import (
     crop,
     crop_shapes,
     format_table,
@@ -30,6 +29,7 @@ from utils.arc_scoring import (
     score_prediction_files,
     score_predictions,
 )
+from tests.test_build_arc_prize import GOLDEN, GOLDEN_PICKS, prize_files
 
 PAD, EOS = 0, 1
 OFFICIAL_KEYS = [f"ARC/pass@{k}" for k in (1, 2, 5, 10, 100, 1000)]

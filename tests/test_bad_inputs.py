@@ -1,5 +1,5 @@
 """Table of bad inputs, each run through the real command line (pretrain.py, evaluate.py, the builders,
-utils.arc_scoring).
+evaluators.arc_scoring).
 
 Every row must end with exit status 2 and exactly one `error:` line, the last line of stderr, naming
 what is wrong and where (file, field, line or config key), and no traceback. Rows: malformed, ill-typed or
@@ -230,7 +230,7 @@ def non_ascii_data_path(root, world):
 
 
 def arc_scoring(predictions: dict[str, torch.Tensor] | None, data: Callable[[Path, World], Path] | None = None):
-    """`python -m utils.arc_scoring` on a saved-outputs file holding `predictions` (None: no --predictions) and
+    """`python -m evaluators.arc_scoring` on a saved-outputs file holding `predictions` (None: no --predictions) and
     the dataset `data(root, world)` returns (default: a one-task ARC dataset of identifiers and test_puzzles.json)."""
 
     def one_task(root, world):
@@ -242,7 +242,7 @@ def arc_scoring(predictions: dict[str, torch.Tensor] | None, data: Callable[[Pat
         return arc_data
 
     def make(root, world):
-        argv = ["-m", "utils.arc_scoring", "--data-path", str((data or one_task)(root, world))]
+        argv = ["-m", "evaluators.arc_scoring", "--data-path", str((data or one_task)(root, world))]
         if predictions is not None:
             torch.save(predictions, root / "step_1_all_preds.0")
             argv += ["--predictions", str(root / "step_1_all_preds.0")]

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-TOP_LEVEL = ("models", "dataset", "utils", "evaluators", "puzzle_dataset", "pretrain", "evaluate")
+TOP_LEVEL = ("models", "dataset", "utils", "evaluators", "tools", "puzzle_dataset", "pretrain", "evaluate")
 FREE = ("tests", "benchmarks", "scripts", ".venv", "build")
 
 
@@ -39,7 +39,7 @@ def imports_of(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             if node.module.split(".")[0] not in TOP_LEVEL:
                 continue
-            if node.module in ("models", "dataset", "utils", "evaluators"):
+            if node.module in ("models", "dataset", "utils", "evaluators", "tools"):
                 found |= {f"{node.module}.{a.name}" for a in node.names}
             else:
                 found.add(node.module)

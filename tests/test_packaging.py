@@ -108,7 +108,7 @@ def test_builder_help_shows_each_flag_with_description_and_default(command, caps
 # ------------------------------------------------------------------------------- a wheel in a fresh venv
 
 TORCH_SPEC = os.environ.get("TORCH_SPEC", "torch==2.13.0")  # as scripts/test.sh installs it
-PROJECT_TOP = ("pretrain.py", "evaluate.py", "puzzle_dataset.py", "models", "dataset", "utils", "evaluators")
+PROJECT_TOP = ("pretrain.py", "evaluate.py", "puzzle_dataset.py", "models", "dataset", "utils", "evaluators", "tools")
 
 
 def run_in(cwd: Path, *command, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -1,4 +1,4 @@
-"""utils/visualize.py: prediction export aligned to the dataset, PNG sheets, accuracy by ACT step, CLI errors.
+"""tools/visualize.py: prediction export aligned to the dataset, PNG sheets, accuracy by ACT step, CLI errors.
 
 Saved predictions are written the way evaluate.py lays them out (per-rank slices of padded test-mode batches)
 with planted argmax predictions, so the expected aligned arrays and accuracies are known independently.
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tests.browser import synthetic
-from utils import visualize as viz
+from tools import visualize as viz
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -279,7 +279,7 @@ def test_module_entry_point(arc_with_preds, tmp_path):
         [
             sys.executable,
             "-m",
-            "utils.visualize",
+            "tools.visualize",
             "export",
             "--predictions",
             str(arc_with_preds.files[0]),

@@ -201,7 +201,7 @@ def test_arc_navigation_matches_npy(driver, site, tmp_path):
 
 def test_sudoku_predictions_marked(driver, site, tmp_path):
     root, url, data = site
-    from utils.visualize import export_predictions
+    from tools.visualize import export_predictions
 
     test = data["sudoku"]["test"]
     rng = np.random.default_rng(5)

@@ -1,5 +1,5 @@
 """Watching a run: the console line after each evaluation, train metrics on the progress bar, and learning
-curves drawn from real metrics.jsonl files by `python -m utils.plot_metrics`."""
+curves drawn from real metrics.jsonl files by `python -m tools.plot_metrics`."""
 
 import json
 import subprocess
@@ -10,7 +10,7 @@ import pytest
 
 import pretrain
 from tests.test_pretrain_helpers import REPO, TINY_ARCH, make_tiny_dataset, metric_records, tiny_config
-from utils import plot_metrics
+from tools import plot_metrics
 from utils.evaluation import eval_summary
 
 

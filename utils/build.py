@@ -39,7 +39,7 @@ import functools
 import inspect
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -48,6 +48,9 @@ from torch.utils.data import DataLoader
 from utils import checkpointing as ckpt
 from utils.config import PretrainConfig, test_data_paths, train_data_paths
 from utils.distributed import DistInfo, broadcast_module_state, exit_with_parent
+
+if TYPE_CHECKING:
+    from evaluators.protocol import Evaluator
 
 PUZZLE_TABLE_KEY = "model.inner.puzzle_emb.weights"
 
@@ -241,9 +244,9 @@ def load_initial_weights(head: nn.Module, path: str, info: DistInfo) -> None:
     broadcast_module_state(head)
 
 
-def create_evaluators(config: PretrainConfig, eval_metadata: Any, info: DistInfo) -> list[tuple[int, Any]]:
+def create_evaluators(config: PretrainConfig, eval_metadata: Any, info: DistInfo) -> list[tuple[int, "Evaluator"]]:
     """(test dataset index, evaluator) for each configured evaluator and test dataset that it applies to."""
-    from utils.evaluation import EvaluatorNotApplicable
+    from evaluators.protocol import EvaluatorNotApplicable
     from utils.functions import load_model_class
 
     evaluators = []

@@ -16,7 +16,7 @@ Design choices:
 - `--help` of the Hydra commands lists every key with its default and description, taken from where the
   key is defined (the YAML's trailing comments, the typed config's field descriptions), so no second copy
   of the texts exists.
-- Flag-based commands (the builders, `utils.arc_scoring`, `utils.visualize`) parse with `OneLineErrorParser`:
+- Flag-based commands (the builders, `evaluators.arc_scoring`, `tools.visualize`) parse with `OneLineErrorParser`:
   a missing or ill-typed flag is the same one `error:` line, exit status 2.
 - The reference and TRM spell some overrides `+run_name=...` because their YAML lacks those keys, and ours
   lacks them too, so their command lines compose unchanged. On the command line either spelling works:

@@ -222,16 +222,3 @@ def all_reduce_sum_flat_and_check_finite_(
             t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
     return torch.isfinite(flat).all()
-
-
-@torch.no_grad()
-def all_reduce_sum_flat_(tensors: Sequence[torch.Tensor]) -> None:
-    """Sum `tensors` across ranks in place with a single all-reduce over one flat buffer."""
-    if not tensors or not dist.is_initialized() or dist.get_world_size() == 1:
-        return
-    flat = torch.cat([t.reshape(-1) for t in tensors])  # [sum of numels]
-    dist.all_reduce(flat)
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset : offset + t.numel()].view_as(t))
-        offset += t.numel()

@@ -38,10 +38,6 @@ from utils.distributed import DistInfo
 from utils.train_state import TrainState
 
 
-class EvaluatorNotApplicable(Exception):
-    """Raised by an evaluator's constructor for a dataset it cannot score (the launcher leaves it out)."""
-
-
 def eval_batch(
     config: PretrainConfig,
     state: TrainState,

@@ -8,7 +8,7 @@ Design choices:
 - W&B never prompts: without credentials (env WANDB_API_KEY or a netrc entry for the W&B host)
   the run is logged offline with a one-line notice, and can be uploaded later with `wandb sync`.
   An explicit WANDB_MODE in the environment is respected as is.
-- Every record carries its step, so the JSON lines can be plotted without W&B (utils/plot_metrics.py).
+- Every record carries its step, so the JSON lines can be plotted without W&B (tools/plot_metrics.py).
   JSON lines also carry `wall_time_s`, seconds since the run began logging, continued across resumes
   from the last record kept, so curves can be drawn against time (W&B and TensorBoard time their
   records themselves).

@@ -10,7 +10,7 @@ Design choices:
 - A view is a permutation of the cells and a relabelling of the tokens (Sudoku's digits, PAD and the blank
   cell fixed; a maze keeps its tokens), applied to a whole batch by indexing; the inverse permutation and
   relabelling map a view's predictions back. Ignored labels (-100) stay ignored.
-- The answers of one puzzle are ranked by `utils.arc_scoring.rank_votes`, ARC's rule: most votes, then the
+- The answers of one puzzle are ranked by `evaluators.arc_scoring.rank_votes`, ARC's rule: most votes, then the
   highest mean sigmoid(q_halt); the first one is the answer. Reported per set as `tta_exact_accuracy` (the
   voted answer entirely right) and `tta_accuracy` (its cells right), over the rows the loss head counts
   (those with labels), to set beside the plain evaluation's `exact_accuracy` and `accuracy`. Each rank votes
@@ -31,7 +31,7 @@ from dataset.build_maze_dataset import CHARSET
 from dataset.build_sudoku_dataset import move_cells, random_augmentations
 from dataset.common import dihedral_transform
 from dataset.generate_sudoku import BOX_SHAPES
-from utils.arc_scoring import halt_probabilities, rank_votes
+from evaluators.arc_scoring import halt_probabilities, rank_votes
 from utils.config import PretrainConfig
 from utils.distributed import DistInfo
 from utils.evaluation import eval_batch

@@ -21,8 +21,8 @@ Design choices:
   batches and returns a JSON-able dict; save it with `json.dump` and pass it to `sheets --step-accuracy`.
 
 Commands:
-  python -m utils.visualize export --predictions CKPT_DIR/step_N_all_preds.0 --dataset DATA --out DIR
-  python -m utils.visualize sheets --predictions CKPT_DIR/step_N_all_preds.0 --dataset DATA --out DIR [--max N]
+  python -m tools.visualize export --predictions CKPT_DIR/step_N_all_preds.0 --dataset DATA --out DIR
+  python -m tools.visualize sheets --predictions CKPT_DIR/step_N_all_preds.0 --dataset DATA --out DIR [--max N]
                                    [--only-wrong] [--step-accuracy steps.json]
 """
 
@@ -634,7 +634,7 @@ def plot_step_accuracy(step_data: dict, out_path: str | Path) -> Path:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = OneLineErrorParser(prog="python -m utils.visualize", description=__doc__.split("\n")[0])
+    parser = OneLineErrorParser(prog="python -m tools.visualize", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     defaults = argparse.ArgumentDefaultsHelpFormatter
     exp = sub.add_parser(

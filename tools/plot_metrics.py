@@ -1,6 +1,6 @@
 """Learning curves of one or more runs in one PNG, from their metrics.jsonl (no W&B needed).
 
-    python -m utils.plot_metrics RUN [RUN ...] --out curves.png [--metrics lm_loss accuracy] [--smooth 50]
+    python -m tools.plot_metrics RUN [RUN ...] --out curves.png [--metrics lm_loss accuracy] [--smooth 50]
 
 RUN is a run folder (`checkpoint_path`, holding metrics.jsonl) or a metrics.jsonl file; the file may still
 be being written.
@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tools.visualize import figure_class
 from utils.logging_utils import WALL_TIME_KEY
-from utils.visualize import figure_class
 
 DEFAULT_METRICS = ("lm_loss", "accuracy", "exact_accuracy")
 TEST_MARKERS = "osv^D*"
@@ -185,7 +185,7 @@ def run_labels(runs: Sequence[str], labels: Sequence[str] | None) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m utils.plot_metrics",
+        prog="python -m tools.plot_metrics",
         description="Plot train and test learning curves of runs (metrics.jsonl) against steps and wall time.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

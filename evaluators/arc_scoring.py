@@ -1,6 +1,6 @@
 """ARC scoring of predictions: crop, undo augmentation, vote, pass@K, ARC Prize submission.
 
-    python -m utils.arc_scoring --predictions RUN/step_N_all_preds.* --data-path data/arc1concept-aug-1000 \
+    python -m evaluators.arc_scoring --predictions RUN/step_N_all_preds.* --data-path data/arc1concept-aug-1000 \
         --submission-out submission.json [--rule official|notebook] [--json]
 
 Design choices (SPEC §7, §12):
@@ -344,17 +344,6 @@ def read_prediction_file(path: str) -> dict[str, np.ndarray]:
     if "logits" in saved and "preds" not in saved:
         saved["preds"] = saved.pop("logits").argmax(-1)
     return {k: (v.float().numpy() if v.is_floating_point() else v.numpy()) for k, v in saved.items()}
-
-
-def load_prediction_files(paths: Sequence[str]) -> dict[str, np.ndarray]:
-    """Concatenate per-rank prediction files (each reduced as `read_prediction_file` does)."""
-    if not paths:
-        raise FileNotFoundError("no prediction files given")
-    parts = [read_prediction_file(p) for p in paths]
-    keys = {frozenset(p) for p in parts}
-    if len(keys) != 1:
-        raise ValueError(f"prediction files hold different keys: {sorted(sorted(k) for k in keys)}")
-    return {key: np.concatenate([p[key] for p in parts], axis=0) for key in parts[0]}
 
 
 def rank_of_file(path: str) -> tuple[int, str]:
