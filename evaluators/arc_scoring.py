@@ -39,8 +39,9 @@ import numpy as np
 import torch
 
 from dataset.common import inverse_dihedral_transform, load_metadata, read_json
-from utils.checkpointing import atomic_write, read_saved_outputs
+from utils.checkpointing import atomic_write
 from utils.cli import OneLineErrorParser
+from utils.saved_outputs import in_rank_order, read_saved_outputs
 
 PASS_KS = (1, 2, 5, 10, 100, 1000)
 NOTEBOOK_PASS_KS = (1, 2, 10, 100, 1000)  # the notebook's K list (SPEC §7), kept by `score_predictions`
@@ -339,17 +340,9 @@ def load_test_tasks(data_path: str, names: Sequence[str]) -> TestTasks:
 
 
 def read_prediction_file(path: str) -> dict[str, np.ndarray]:
-    """One rank's saved outputs; `logits` are reduced to `preds` (argmax) at once to save memory."""
-    saved = read_saved_outputs(path)
-    if "logits" in saved and "preds" not in saved:
-        saved["preds"] = saved.pop("logits").argmax(-1)
+    """One rank's saved outputs as numpy, `logits` reduced to `preds` at once (utils/saved_outputs.py)."""
+    saved = read_saved_outputs(path, preds=True)
     return {k: (v.float().numpy() if v.is_floating_point() else v.numpy()) for k, v in saved.items()}
-
-
-def rank_of_file(path: str) -> tuple[int, str]:
-    """Sort key: the `.{rank}` suffix of `step_N_all_preds.{rank}`, so voting pools ranks in rank order."""
-    suffix = path.rsplit(".", 1)[-1]
-    return (int(suffix), path) if suffix.isdigit() else (sys.maxsize, path)
 
 
 def add_outputs(votes: Votes, outputs: dict[str, np.ndarray], where: str) -> None:
@@ -389,7 +382,7 @@ def score_prediction_files(
         raise ValueError(f"{data_path}: {reason}")
     tasks = load_test_tasks(data_path, names)
     votes = Votes(names, blank_identifier_id)
-    for path in sorted(paths, key=rank_of_file):
+    for path in in_rank_order(paths):  # votes are pooled in rank order
         add_outputs(votes, read_prediction_file(path), path)
     matched = sum(len(votes.entries.get(task, {}).get(key, ())) for task, pairs in tasks.items() for key, _ in pairs)
     if not matched:  # scores of 0 would read as a model that solves nothing

@@ -26,36 +26,25 @@ if __package__ in (None, ""):  # run as `python scripts/quickstart_report.py`: m
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dataset.generate_sudoku import BOX_SHAPES  # noqa: E402
-from utils.checkpointing import read_saved_outputs  # noqa: E402
 from utils.cli import bad_input_exits  # noqa: E402
+from utils.saved_outputs import concatenate_saved_outputs  # noqa: E402
 
 PAD, BLANK = 0, 1  # Sudoku tokens: PAD 0, blank 1, digit d as d + 1
 IGNORE = -100  # label of cells that are not scored (padding rows of the last batch)
-KEYS = ("inputs", "labels", "logits")
+KEYS = ("inputs", "labels", "preds")  # preds: the argmax of the saved logits
 USAGE = "usage: python scripts/quickstart_report.py CHECKPOINT_DIR/step_N_all_preds.0 [more rank files]"
 
 
 def load_outputs(paths: list[str]) -> dict[str, torch.Tensor]:
-    """Concatenate the rank files' inputs, labels and predicted tokens; checks everything read."""
-    parts = []
-    for path in paths:
-        part = read_saved_outputs(path)
-        missing = [k for k in KEYS if k not in part]
-        if missing:
-            raise ValueError(
-                f"{path}: no tensor '{missing[0]}' (run evaluate.py with save_outputs=[inputs,labels,logits])"
-            )
-        inputs, labels, logits = (part[k] for k in KEYS)
-        if inputs.dim() != 2 or labels.shape != inputs.shape or logits.shape[:2] != inputs.shape or logits.dim() != 3:
-            raise ValueError(
-                f"{path}: expected inputs and labels [N, cells] and logits [N, cells, vocab], got "
-                f"{list(inputs.shape)}, {list(labels.shape)}, {list(logits.shape)}"
-            )
-        parts.append({"inputs": inputs, "labels": labels, "preds": logits.argmax(-1)})
-    cells = {p["inputs"].shape[1] for p in parts}
-    if len(cells) > 1:
-        raise ValueError(f"{', '.join(paths)}: the files hold grids of different sizes ({sorted(cells)} cells)")
-    return {k: torch.cat([p[k] for p in parts]) for k in ("inputs", "labels", "preds")}
+    """The rank files' inputs, labels and predicted tokens, concatenated; checks everything read."""
+    out = concatenate_saved_outputs(paths, KEYS, preds=True, require=KEYS)
+    inputs, labels, preds = (out[k] for k in KEYS)
+    if inputs.dim() != 2 or labels.shape != inputs.shape or preds.shape != inputs.shape:
+        raise ValueError(
+            f"{', '.join(paths)}: expected inputs, labels and predictions [N, cells] (logits [N, cells, vocab]), got "
+            f"{list(inputs.shape)}, {list(labels.shape)}, {list(preds.shape)}"
+        )
+    return out
 
 
 def grid_side(cells: int, source: str) -> int:

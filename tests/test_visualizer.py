@@ -61,17 +61,19 @@ def arc_with_preds(tmp_path):
     return SimpleNamespace(root=tmp_path / "arc", data=data, preds=preds, q_halt=q_halt, keep=keep, files=files)
 
 
-def test_find_prediction_files(arc_with_preds, tmp_path):
+def test_find_saved_outputs(arc_with_preds, tmp_path):
+    from utils.saved_outputs import find_saved_outputs
+
     files = arc_with_preds.files
-    assert viz.find_prediction_files(files[1]) == files  # any rank file finds all ranks, in rank order
-    assert viz.find_prediction_files(files[0].with_suffix("")) == files  # the prefix
+    assert find_saved_outputs(files[1]) == files  # any rank file finds all ranks, in rank order
+    assert find_saved_outputs(files[0].with_suffix("")) == files  # the prefix
     torch.save({}, files[0].parent / "step_8_all_preds.0")
-    assert viz.find_prediction_files(files[0].parent) == files  # a folder: the latest step (40 > 8)
+    assert find_saved_outputs(files[0].parent) == files  # a folder: the latest step (40 > 8)
     files[1].unlink()
     with pytest.raises(ValueError, match=r"rank files \[1\] missing"):
-        viz.find_prediction_files(files[0])
+        find_saved_outputs(files[0])
     with pytest.raises(FileNotFoundError, match="no saved predictions"):
-        viz.find_prediction_files(tmp_path / "nothing" / "step_1_all_preds")
+        find_saved_outputs(tmp_path / "nothing" / "step_1_all_preds")
 
 
 def test_export_aligns_ranks_and_padding(arc_with_preds, tmp_path):

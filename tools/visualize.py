@@ -199,55 +199,14 @@ def load_split(dataset_dir: str | Path, split: str = "test") -> SplitData:
 # ----------------------------------------------------------------------------------------------- saved predictions
 
 
-def find_prediction_files(path: str | Path) -> list[Path]:
-    """All rank files of one evaluation: from one `step_N_all_preds.R` file, its prefix, or a checkpoint folder."""
-    path = Path(path)
-    if path.is_dir():
-        candidates = [p for p in path.glob("step_*_all_preds.*") if re.fullmatch(r"step_\d+_all_preds\.\d+", p.name)]
-        if not candidates:
-            raise FileNotFoundError(f"no step_N_all_preds.R files in {path}")
-        last = max(int(p.name.split("_")[1]) for p in candidates)
-        path = path / f"step_{last}_all_preds"
-    elif path.is_file() and re.fullmatch(r"\d+", path.suffix[1:]):
-        path = path.with_suffix("")
-    files = {int(p.suffix[1:]): p for p in path.parent.glob(path.name + ".*") if re.fullmatch(r"\d+", p.suffix[1:])}
-    if not files:
-        raise FileNotFoundError(f"no saved predictions at {path} (expected {path}.0, {path}.1, ...)")
-    missing = sorted(set(range(max(files) + 1)) - set(files))
-    if missing:
-        raise ValueError(f"{path}: rank files {missing} missing (found ranks {sorted(files)})")
-    return [files[r] for r in sorted(files)]
-
-
 def load_saved_predictions(files: list[Path]) -> dict[str, np.ndarray]:
     """Concatenate the rank files into numpy: inputs, puzzle_identifiers, predictions (argmax), q logits."""
-    from utils.checkpointing import read_saved_outputs  # torch, imported only by the commands that read files
+    from utils.saved_outputs import concatenate_saved_outputs  # torch, imported only by the commands that read files
 
-    parts: dict[str, list[np.ndarray]] = {}
-    for f in files:
-        saved = read_saved_outputs(f)
-        for key in ("inputs", "puzzle_identifiers"):
-            if key not in saved:
-                raise ValueError(f"{f}: missing '{key}' (evaluate with save_outputs including it)")
-        if "logits" in saved:
-            preds = saved["logits"].argmax(-1)
-        elif "preds" in saved:
-            preds = saved["preds"]
-        else:
-            raise ValueError(f"{f}: missing 'logits' (evaluate with save_outputs including it)")
-        row = {"inputs": saved["inputs"], "puzzle_identifiers": saved["puzzle_identifiers"], "predictions": preds}
-        for key in ("q_halt_logits", "q_continue_logits"):
-            if key in saved:
-                row[key] = saved[key].float()
-        n = row["inputs"].shape[0]
-        for key, value in row.items():
-            if value.shape[0] != n:
-                raise ValueError(f"{f}: '{key}' has {value.shape[0]} rows, inputs {n}")
-            parts.setdefault(key, []).append(value.numpy())
-    missing = [k for k, v in parts.items() if len(v) != len(files)]
-    if missing:
-        raise ValueError(f"{files[0].parent}: {missing} saved by some ranks only")
-    return {k: np.concatenate(v) for k, v in parts.items()}
+    keys = ("inputs", "puzzle_identifiers", "preds", "q_halt_logits", "q_continue_logits")
+    saved = concatenate_saved_outputs(files, keys, preds=True, require=keys[:3])
+    saved["predictions"] = saved.pop("preds")
+    return {k: (v.float() if k.startswith("q_") else v).numpy() for k, v in saved.items()}
 
 
 def _row_keys(identifiers: np.ndarray, inputs: np.ndarray, small: bool) -> np.ndarray:
@@ -293,7 +252,9 @@ def match_rows(
 def collect_predictions(predictions: str | Path, dataset_dir: str | Path, split: str = "test") -> SplitData:
     """Load a dataset split and attach saved predictions aligned to its examples (see module docstring)."""
     data = load_split(dataset_dir, split)
-    files = find_prediction_files(predictions)
+    from utils.saved_outputs import find_saved_outputs
+
+    files = find_saved_outputs(predictions)
     saved = load_saved_predictions(files)
     seq_len = int(data.meta["seq_len"])
     if saved["inputs"].ndim != 2 or saved["inputs"].shape[1] != seq_len:

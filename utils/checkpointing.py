@@ -27,7 +27,7 @@ Design choices:
   of tensors (empty, truncated, random bytes, a folder, a pickle of something else, unreadable) is
   one ValueError line naming the file; warnings torch prints while failing on such a file are
   dropped, those of a file that loads are shown as before. The same reader serves the saved outputs
-  of an evaluation (`step_N_all_preds.{rank}`, a dict of tensors too) for the scoring and report tools.
+  of an evaluation (`step_N_all_preds.{rank}`, a dict of tensors too: utils/saved_outputs.py).
 """
 
 import contextlib
@@ -280,11 +280,6 @@ def read_tensor_dict(path: str, what: str, container: str, map_location: torch.d
 def load_weights_file(path: str, map_location: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Read a `step_N` weights file (ours or the reference's), without the `_orig_mod.` prefix."""
     return strip_compile_prefix(read_tensor_dict(path, "checkpoint", "state dict", map_location))
-
-
-def read_saved_outputs(path: str) -> dict[str, torch.Tensor]:
-    """One rank's `step_N_all_preds.{rank}` file (evaluate.py's `save_outputs`), on the CPU."""
-    return read_tensor_dict(str(path), "saved-outputs file", "dict", "cpu")
 
 
 def load_model_weights(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:

@@ -10,8 +10,9 @@ Design choices:
   frozen at its first step with q_halt > q_continue, and the loss head then computes its usual
   metrics on the frozen outputs through a `ReplayModel`, so the metric definitions stay in one place.
 - Metrics are summed per set in sorted-key order, reduced to rank 0 and divided by `count`;
-  requested outputs are concatenated and saved per rank as `step_{N}_all_preds.{rank}`, after the
-  metrics are known (and handed to `report`), so a failed write never loses them.
+  requested outputs are concatenated and saved per rank as `step_{N}_all_preds.{rank}`
+  (utils/saved_outputs.py), after the metrics are known (and handed to `report`), so a failed write
+  never loses them.
 - What an evaluation can save and report is found before any work by running the loss head once on a
   blank example (`probe_eval_call`): a misspelled output name or `keep_best` metric is one error line
   listing the valid ones, before the first step rather than after the first evaluation.
@@ -35,6 +36,7 @@ from tqdm import tqdm
 from utils import checkpointing as ckpt
 from utils.config import PretrainConfig
 from utils.distributed import DistInfo
+from utils.saved_outputs import write_saved_outputs
 from utils.train_state import TrainState
 
 
@@ -301,8 +303,7 @@ def evaluate(
 
     if saved:
         assert config.checkpoint_path is not None
-        path = os.path.join(config.checkpoint_path, f"step_{state.step}_all_preds.{info.rank}")
-        ckpt.atomic_torch_save({k: torch.cat(v, dim=0) for k, v in saved.items()}, path)
+        write_saved_outputs(config.checkpoint_path, state.step, info.rank, saved)
     return results
 
 
