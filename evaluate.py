@@ -20,7 +20,7 @@ Design choices:
 - `puzzle_identifiers=blank|shuffled` feeds the model every test example with the blank identifier, or
   with another puzzle's (a fixed random permutation of the identifiers), to measure how much the model
   leans on its puzzle embedding; scoring still uses the true identifiers.
-- Evaluation itself is utils/evaluation.py's, the same as training's (SPEC §6); outputs are saved per
+- Evaluation itself is utils/evaluation.py's, the same as training's; outputs are saved per
   rank as `step_{N}_all_preds.{rank}` in the output folder. The run's evaluators run too (by default
   the ARC evaluator, left out with a notice where the dataset is not ARC): ARC/pass@K by the ARC
   Prize's rule and a submission.json in `evaluator_ARC_step_{N}/`.

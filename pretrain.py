@@ -10,7 +10,7 @@ resume), `utils/train_step.py` (one optimisation step and its options), `utils/e
 `utils/cli.py` (one-line errors for every command).
 
 Design choices:
-- The training algorithm is the reference's (SPEC §6): two optimizers (SignSGD on the sparse puzzle
+- The training algorithm is the reference's: two optimizers (SignSGD on the sparse puzzle
   embedding, AdamATan2 on everything else), warmup + cosine schedule recomputed every step, loss
   scaled by 1/global batch, gradients summed over ranks, an ACT carry that persists across batches,
   `eval_interval` epochs per loader iteration followed by evaluation and a checkpoint.

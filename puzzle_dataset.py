@@ -1,4 +1,4 @@
-"""Puzzle dataset loader (SPEC §8): group-balanced training batches, in-order test batches.
+"""Puzzle dataset loader (dataset/common.py's format): group-balanced training batches, in-order test batches.
 
 Design choices:
 - `dataset.json` of the split is read in the constructor (the launcher needs `.metadata`

@@ -13,7 +13,7 @@ Design choices:
 - Times are end to end on the host clock between device synchronisations over many steps (so every
   launch gap and host synchronisation inside a step is counted), after warm-up steps that absorb
   `torch.compile`.
-- Model FLOPs follow SPEC §9: one train step = the no-grad block applications of the first inner
+- Model FLOPs: one train step = the no-grad block applications of the first inner
   pass, the grad ones times 3 (forward + backward), and the whole target-Q pass; an eval batch =
   `halt_max_steps` inner passes. Matmuls count 2·m·n·k; attention counts QKᵀ and AV.
 - `train_host_ms_per_step` is the host's time to issue the steps (before the final device
@@ -122,7 +122,8 @@ def trm_step_flops(model_cfg, local_batch: int, world_size: int) -> tuple[float,
 
 
 def step_flops(model, local_batch: int, world_size: int) -> tuple[float, float]:
-    """(train-step FLOPs, eval-batch FLOPs) over the global batch, per SPEC §9 for HRM ACT-v1 (TRM: its own count).
+    """(train-step FLOPs, eval-batch FLOPs) over the global batch, for HRM ACT-v1 as the module docstring counts
+    them (TRM: its own count).
 
     A model without H/L cycles (the single-step three-level model) is counted as 2·params per token
     forward and 3× that for a train step, attention excluded: an approximation, marked so in the docs.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Multi-GPU scaling of the Sudoku train step (issue 5, item 3): for each variant, the benchmark on one GPU
+# Multi-GPU scaling of the Sudoku train step: for each variant, the benchmark on one GPU
 # and then under `torchrun --nproc-per-node N` at the same global batch (768), one after the other so
 # the runs never share the machine. Detached (setsid), so it outlives the command that starts it.
 #

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# End-to-end learning run on one GPU (issue 5, item 4): generate hard Sudokus with the project's
+# End-to-end learning run on one GPU: generate hard Sudokus with the project's
 # generator, build them with 1000 augmentations, and train the default architecture with the
 # reference README's Sudoku hyper-parameters, evaluating every 2000 epochs (= 2604 steps here).
 #

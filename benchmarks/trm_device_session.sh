@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session for TRM (issue 16, items 4 and 5), run detached on the device machine:
+# One GPU session for TRM (speed and learning), run detached on the device machine:
 #   1. installs the carried wheels and builds adam-atan2 (the reference's optimizer);
 #   2. generates and builds the Sudoku data on the CPU while the GPU tests run (tests/test_gpu.py: HRM and TRM,
 #      bf16 against fp32, fused against unfused, compiled against eager; tests/test_fused_ops.py);

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# TRM learning run on one GPU (issue 16, item 5): generated hard Sudokus (1000 train x 1000 augmentations,
+# TRM learning run on one GPU: generated hard Sudokus (1000 train x 1000 augmentations,
 # 1000 test, the generator and builder of this project, as benchmarks/sudoku_learning_run.sh for HRM), trained
 # with TRM's README Sudoku recipe (mlp_t, no positions, EMA, lr 1e-4, weight decay 1.0, batch 768,
 # 50,000 epochs), evaluating every EVAL_INTERVAL epochs (default 500: 651 steps, so every fourth point is one of

@@ -1,4 +1,4 @@
-"""Build an ARC dataset (SPEC §8, §12): from folders of puzzle files, or from ARC Prize files as TRM does.
+"""Build an ARC dataset (the reference's format): from folders of puzzle files, or from ARC Prize files as TRM does.
 
     python dataset/build_arc_dataset.py                       # ARC-AGI-1 + ConceptARC folders -> data/arc-aug-1000
     python dataset/build_arc_dataset.py --dataset-dirs dataset/raw-data/ARC-AGI-2/data --output-dir data/arc-2-aug-1000

@@ -1,4 +1,4 @@
-"""Build the Maze dataset (SPEC §8) from `train.csv`/`test.csv` (hub id or local folder).
+"""Build the Maze dataset (the reference's format) from `train.csv`/`test.csv` (hub id or local folder).
 
     python dataset/build_maze_dataset.py --output-dir data/maze-30x30-hard-1k [--aug]
 

@@ -1,4 +1,4 @@
-"""Build the Sudoku dataset (SPEC §8) from `train.csv`/`test.csv` (hub id or local folder).
+"""Build the Sudoku dataset (the reference's format) from `train.csv`/`test.csv` (hub id or local folder).
 
     python dataset/build_sudoku_dataset.py --output-dir data/sudoku-extreme-1k-aug-1000 --subsample-size 1000 --num-aug 1000
     python dataset/build_sudoku_dataset.py --source-repo data/sudoku6-gen --output-dir data/sudoku6-aug-7 --size 6 --num-aug 7

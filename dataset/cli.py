@@ -39,7 +39,7 @@ from pydantic import BaseModel, ValidationError
 
 from utils.cli import OneLineErrorParser
 
-# What a dataset builder writes into its output folder (SPEC §8); generators pass their own list.
+# What a dataset builder writes into its output folder (dataset/common.py's layout); generators pass their own list.
 DATASET_ENTRIES = ("train", "test", "identifiers.json")
 
 

@@ -3,7 +3,7 @@
 Design choices:
 - `--source-repo` is a local folder when such a directory exists, otherwise a Hugging Face
   dataset id fetched with `hf_hub_download` (the reference's only option).
-- Layout as the reference reads it (SPEC §8): line 1 is a header and is skipped whatever it says
+- Layout as the reference reads it: line 1 is a header and is skipped whatever it says
   (the hub files say `source,question,answer,rating`, the offline generators the same), and every
   further row has four fields taken by position: source, puzzle, solution, rating. So the arrays,
   and every output byte, do not depend on the header's names. The file is read as UTF-8 with an

@@ -3,7 +3,7 @@
     python -m evaluators.arc_scoring --predictions RUN/step_N_all_preds.* --data-path data/arc1concept-aug-1000 \
         --submission-out submission.json [--rule official|notebook] [--json]
 
-Design choices (SPEC §7, §12):
+Design choices:
 - Each sequence is a 30x30 canvas (PAD 0, EOS 1, colour c -> c + 2). An answer is the largest
   top-left rectangle free of PAD/EOS, minus 2 (computed for a whole batch at once).
 - A puzzle identifier's name says which augmentation produced the example: `<id>_t<k>_<perm>`
@@ -44,7 +44,7 @@ from utils.cli import OneLineErrorParser
 from utils.saved_outputs import in_rank_order, read_saved_outputs
 
 PASS_KS = (1, 2, 5, 10, 100, 1000)
-NOTEBOOK_PASS_KS = (1, 2, 10, 100, 1000)  # the notebook's K list (SPEC §7), kept by `score_predictions`
+NOTEBOOK_PASS_KS = (1, 2, 10, 100, 1000)  # HRM's ARC notebook's K list, kept by `score_predictions`
 RULES = ("official", "notebook")
 SUBMISSION_K = 2  # attempts per test input in the ARC Prize format
 ROWS_PER_CHUNK = 8192  # saved rows voted at once

@@ -82,7 +82,7 @@ LOSS_FUNCTIONS = {
 
 @torch.no_grad()
 def halted_sequence_metrics(labels: torch.Tensor, outputs: dict[str, torch.Tensor], carry):
-    """Batch sums of the SPEC §4 metrics over halted rows that have labels; also returns the per-row
+    """Batch sums of the reported metrics over halted rows that have labels; also returns the per-row
     loss divisor `[B, 1]` (labelled tokens, at least 1) and whether each row is entirely correct `[B]`.
     `carry` provides `halted` and `steps` (`[B]`); `outputs` provides `logits` and `q_halt_logits`."""
     mask = labels != IGNORE_LABEL_ID

@@ -5,7 +5,7 @@
   `prize_files` below. To regenerate: write the same subset files into a folder, run
   `python -m dataset.build_arc_dataset --input-file-prefix <folder>/arc ...` (the flags in
   GOLDEN) from a checkout of TRM, and `sha256sum` the output files.
-- `expected_build` derives the whole output independently from the rule (SPEC §12), in the
+- `expected_build` derives the whole output independently from the rule (TRM's ARC Prize build), in the
   plainest form: TRM's order of random draws on one RandomState, scalar draws, a content-set
   duplicate test, canvases by np.pad. It pins every byte on the full real files.
 """

@@ -1,4 +1,4 @@
-"""evaluate.py beyond the reference (issue 19 items 3 and 4), for HRM and TRM checkpoints:
+"""evaluate.py beyond the reference, for HRM and TRM checkpoints:
 
 - more ACT steps than in training (`arch.halt_max_steps=N`, with fixed or learned halting), and accuracy after
   each ACT step (`step_accuracy=true`);

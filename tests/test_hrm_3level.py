@@ -509,7 +509,7 @@ def test_trains_on_synthetic_sudoku_with_falling_loss():
 
 
 def write_reverse_dataset(root: Path, seq_len=12, vocab=6, num_train=16, num_test=8):
-    """A dataset in the SPEC §8 on-disk layout, written directly: one example per puzzle and group."""
+    """A dataset in the on-disk layout of dataset/common.py, written directly: one example per puzzle and group."""
     rng = np.random.default_rng(0)
     for split, n in (("train", num_train), ("test", num_test)):
         inputs = rng.integers(1, vocab, size=(n, seq_len), dtype=np.int32)

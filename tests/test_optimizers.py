@@ -12,7 +12,7 @@ BETAS = (0.9, 0.95)
 
 
 class ReferenceAdamATan2:
-    """Element-by-element SPEC §5 math in Python floats, one scalar at a time."""
+    """Element-by-element AdamATan2 math in Python floats, one scalar at a time."""
 
     def __init__(self, values: list[float], weight_decay: float):
         self.w = list(values)

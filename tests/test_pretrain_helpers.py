@@ -23,7 +23,7 @@ def _task(inputs: np.ndarray) -> np.ndarray:
 
 
 def make_tiny_dataset(root: Path, *, num_groups: int = 6, aug_per_group: int = 2, num_test: int = 5, seed: int = 0):
-    """A dataset in the on-disk format of SPEC §8: groups of one-example puzzles, each with its own identifier."""
+    """A dataset in the on-disk format: groups of one-example puzzles, each with its own identifier."""
     rng = np.random.default_rng(seed)
     names = ["<blank>"]
 

@@ -1,4 +1,4 @@
-"""Research options beyond the reference (issue 10): EMA, learned-halting evaluation, early stopping,
+"""Research options beyond the reference: EMA, learned-halting evaluation, early stopping,
 keep-best, gradient accumulation. Each is checked against an independent expectation."""
 
 import dataclasses

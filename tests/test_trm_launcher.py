@@ -1,4 +1,4 @@
-"""TRM's launcher keys in pretrain.py / evaluate.py (issue 16 item 3).
+"""TRM's launcher keys in pretrain.py / evaluate.py.
 
 - Every training command line of TRM's README composes unchanged, and runs on tiny data on CPU with only
   data paths, epochs and batch size changed (the full-size model: these runs are the slow part).

@@ -56,7 +56,7 @@ ARC_PALETTE = [
 ]
 ARC_EOS_COLOUR = "#d9d9e3"
 PAD_COLOUR = "#f0f0f0"
-# Maze tokens 1..5 = wall, open, start, goal, path (SPEC §8 charset "# SGo").
+# Maze tokens 1..5 = wall, open, start, goal, path (the maze files' characters "# SGo").
 MAZE_COLOURS = {1: "#33343d", 2: "#ffffff", 3: "#2ecc40", 4: "#e0312b", 5: "#ffd24d"}
 WRONG_COLOUR = "#ff1744"
 SPLIT_NAMES = ("train", "test")
@@ -152,7 +152,7 @@ def _check_offsets(arr: np.ndarray, total: int, path: Path) -> None:
 
 
 def load_split(dataset_dir: str | Path, split: str = "test") -> SplitData:
-    """Memory-map one split of a dataset folder (SPEC §8 layout), checking shapes and offsets."""
+    """Memory-map one split of a dataset folder (dataset/common.py's layout), checking shapes and offsets."""
     root = Path(dataset_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder {root} does not exist")

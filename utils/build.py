@@ -11,7 +11,7 @@ Design choices:
   and Apple GPUs (MPS).
 - The forward dtype is the config's, except that bfloat16 becomes float32, with a notice, on a device
   without native bfloat16 (a GPU before Ampere, MPS before macOS 14): the one place that decides it.
-- Loaders use one worker with prefetching and, on CUDA, pinned memory (SPEC §8); the worker's seed
+- Loaders use one worker with prefetching and, on CUDA, pinned memory (as the reference loads); the worker's seed
   comes from a private generator, so building a loader never draws from the global RNG (a resumed
   run's ACT exploration noise would drift otherwise). The worker dies with its parent
   (`utils.distributed.exit_with_parent`), so a killed rank's sockets close at once.

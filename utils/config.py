@@ -1,4 +1,4 @@
-"""The launcher's typed configuration: `PretrainConfig` and its validation (SPEC §6).
+"""The launcher's typed configuration: `PretrainConfig` and its validation.
 
 Design choices:
 - Hydra composes `config/cfg_pretrain.yaml` + `config/arch/*.yaml`; the result is validated at once

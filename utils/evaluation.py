@@ -1,4 +1,4 @@
-"""Evaluation (SPEC §6): every test batch run to the end of its ACT steps, per-set metrics, saved outputs.
+"""Evaluation: every test batch run to the end of its ACT steps, per-set metrics, saved outputs.
 
 Used by both launchers: pretrain.py after each training iteration and evaluate.py on a checkpoint.
 

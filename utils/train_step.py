@@ -1,4 +1,4 @@
-"""One optimisation step (SPEC §6) and its options: async metrics, gradient accumulation, non-finite guard.
+"""One optimisation step (the reference's) and its options: async metrics, gradient accumulation, non-finite guard.
 
 Design choices:
 - The algorithm is the reference's: the loss head runs one ACT step on the persistent carry, the loss

@@ -1,7 +1,7 @@
 """TRM, the Tiny Recursive Model (Jolicoeur-Martineau 2025, "Less is More: Recursive Reasoning with Tiny
 Networks"), with HRM's Adaptive Computation Time wrapper.
 
-Design choices (TRM's, SPEC §11):
+Design choices (TRM's):
 - One small network `L_level` (a stack of `L_layers` post-norm blocks) does all the reasoning; there is
   no H level. It keeps two states: the answer y (`z_H`) and a latent z (`z_L`). One cycle is `L_cycles`
   latent updates `z_L = L(z_L, z_H + x)` (x: the scaled input embedding) followed by one answer update

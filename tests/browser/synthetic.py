@@ -1,4 +1,4 @@
-"""Tiny synthetic datasets in the SPEC §8 on-disk layout, written with plain numpy (independent of the library).
+"""Tiny synthetic datasets in the on-disk layout, written with plain numpy (independent of the library).
 
 Each builder returns the arrays it wrote so that tests can compare what a viewer shows against them.
 """
