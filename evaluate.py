@@ -7,9 +7,9 @@ Design choices:
 - The run's `all_config.yaml` beside the checkpoint rebuilds data loaders and model exactly as
   training did; `data_path=` points at the dataset when it has moved since training.
 - Reads our `step_N` files, the reference's (keys with the `_orig_mod.` prefix of a compiled
-  module) and our train-state files; the step comes from a `step_N` name (0 otherwise) or from the
-  train state. A checkpoint that does not fit the configured model is a one-line error naming the key.
-  A train state of an `ema` run is evaluated with its averaged parameters, as its `step_N` files are.
+  module) and our train-state files; the step comes from a `step_N` name, from `best.json` beside a
+  `keep_best` checkpoint (`best`), from the train state, or is 0. A checkpoint that does not fit the
+  configured model is a one-line error naming the key. A train state of an `ema` run is evaluated with its averaged parameters, as its `step_N` files are.
 - Reads TRM's run folders as TRM writes them: its all_config.yaml (`data_paths`, `evaluators`, ...),
   its `_orig_mod.`-prefixed `step_N` files, its datasets (`total_puzzles` in dataset.json).
 - `eval_halting=fixed|learned` overrides the run's setting (README "Research options").
@@ -79,6 +79,7 @@ from utils.distributed import DistInfo, distributed_context
 from utils.evaluation import check_eval_requests, evaluate, flatten_eval_metrics, probe_eval_call
 from utils.hub import parse_hub_checkpoint, resolve_hub_checkpoint
 from utils.train_state import TrainState, read_checkpoint
+from utils.training_options import read_best_record
 from utils.tta import make_views, tta_accuracy
 
 DEFAULT_SAVE_OUTPUTS = ["inputs", "labels", "puzzle_identifiers", "logits", "q_halt_logits", "q_continue_logits"]
@@ -234,6 +235,15 @@ def resolve_checkpoint(eval_cfg: EvalConfig) -> tuple[EvalConfig, dict[str, Any]
     return eval_cfg.model_copy(update={"checkpoint": resolved.file, "output_dir": output_dir}), record
 
 
+def checkpoint_step(checkpoint: str, step: int) -> int:
+    """The step of the weights: `read_checkpoint`'s, except for a `keep_best` checkpoint (`best`, whose name has
+    no step), whose step is recorded in best.json beside it."""
+    if os.path.basename(checkpoint) != "best":
+        return step
+    record = read_best_record(os.path.dirname(os.path.abspath(checkpoint)))
+    return step if record is None else record["step"]
+
+
 def model_metadata(config: PretrainConfig, info: DistInfo, eval_dataset) -> Any:
     """What the model is built from: the train split's metadata, as in training, or the test split's where the
     datasets have no train/ (a released checkpoint evaluated on the test data alone)."""
@@ -282,6 +292,7 @@ def evaluate_checkpoint(eval_cfg: EvalConfig, info: DistInfo) -> Optional[dict[s
         overrides["tta_views"] = eval_cfg.tta_views
     eval_cfg, record = resolve_checkpoint(eval_cfg)
     weights, step, saved_config = read_checkpoint(eval_cfg.checkpoint)
+    step = checkpoint_step(eval_cfg.checkpoint, step)
     config = build_config(eval_cfg, saved_config)
     torch.manual_seed(config.seed + info.rank)
     print_backends(info)

@@ -359,6 +359,35 @@ def test_keep_best_by_eval_metric(data, tmp_path):
     best = torch.load(ckpt / "best", weights_only=True)
     expected = torch.load(ckpt / f"step_{best_step}", weights_only=True)
     assert all(torch.equal(best[k], expected[k]) for k in expected)
+    # evaluate.py on `best` reports the best checkpoint's step (its name has none) and names its files by it
+    cfg = evaluate_cli.EvalConfig(checkpoint=str(ckpt / "best"), device="cpu", save_outputs=["inputs"])
+    metrics = evaluate_cli.evaluate_checkpoint(cfg, CPU)["metrics"]["all"]
+    assert metrics["lm_loss"] == pytest.approx(evals[best_step], rel=1e-5)
+    assert json.loads((ckpt / "eval_results.json").read_text())["step"] == best_step
+    assert (ckpt / f"step_{best_step}_all_preds.0").is_file() and not (ckpt / "step_0_all_preds.0").exists()
+
+
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ('{"metric": "all/lm_loss", "value": 0.5', "unreadable keep_best record (Expecting"),
+        ("\xff\xfe", "unreadable keep_best record"),
+        ("[1, 2]", 'not a keep_best record {"metric", "value", "step"}'),
+        ('{"metric": "all/lm_loss", "value": "low", "step": 3}', "not a keep_best record"),
+        ('{"metric": "all/lm_loss", "value": 0.5, "step": true}', "not a keep_best record"),
+    ],
+    ids=["truncated", "not_utf8", "a_list", "value_not_a_number", "step_not_an_int"],
+)
+def test_damaged_best_record_is_one_error_line(tmp_path, text, reason):
+    """A damaged best.json stops a resumed keep_best run, and an evaluation of `best`, with one line naming it."""
+    (tmp_path / "best.json").write_bytes(text.encode("latin-1"))
+    with pytest.raises(ValueError) as caught:
+        training_options.BestCheckpoint("all/lm_loss", str(tmp_path))
+    message = str(caught.value)
+    assert message.startswith(f"{tmp_path / 'best.json'}: ") and reason in message and "\n" not in message
+    with pytest.raises(ValueError, match="keep_best record"):
+        evaluate_cli.checkpoint_step(str(tmp_path / "best"), 0)
+    assert evaluate_cli.checkpoint_step(str(tmp_path / "step_7"), 7) == 7  # only `best` reads the record
 
 
 def test_keep_best_direction_and_unknown_metric(data, tmp_path):

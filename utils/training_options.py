@@ -4,7 +4,9 @@ Design choices:
 - `EarlyStopping` keeps its window on rank 0 (the only rank with metrics) and broadcasts the decision,
   so every rank stops at the same step.
 - `BestCheckpoint` writes the best weights so far in the `step_N` format, atomically, beside a small
-  JSON record; a resumed run continues from that record.
+  JSON record (`best.json`: metric, value, step); a resumed run continues from that record, and evaluate.py
+  reads the step of a `best` checkpoint from it (`read_best_record`). A damaged record is one error line
+  naming it, before any training: guessing a value could overwrite better weights with worse ones.
 """
 
 import json
@@ -38,6 +40,29 @@ class EarlyStopping:
         return bool(broadcast_object(reached))
 
 
+BEST_RECORD = "best.json"
+
+
+def read_best_record(checkpoint_path: str) -> dict | None:
+    """`{checkpoint_path}/best.json` ({"metric": str, "value": float, "step": int}), or None when there is none;
+    a file that is not such a record is one ValueError line naming it."""
+    path = os.path.join(checkpoint_path, BEST_RECORD)
+    if not os.path.isfile(path):
+        return None
+    remedy = "delete it and `best` beside it to keep the best weights afresh"
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: unreadable keep_best record ({e}); {remedy}") from None
+    fields = {"metric": (str,), "value": (int, float), "step": (int,)}
+    if not isinstance(saved, dict) or any(
+        not isinstance(saved.get(k), types) or isinstance(saved.get(k), bool) for k, types in fields.items()
+    ):
+        raise ValueError(f'{path}: not a keep_best record {{"metric", "value", "step"}}; {remedy}')
+    return saved
+
+
 class BestCheckpoint:
     """`keep_best`: the weights with the best value so far of one eval metric (`<set>/<metric>`), kept as
     `{checkpoint_path}/best` (same format as `step_N`) beside `best.json` (metric, value, step).
@@ -49,13 +74,11 @@ class BestCheckpoint:
         self.metric = metric
         self.lower_is_better = metric.endswith("loss")
         self.weights_path = os.path.join(checkpoint_path, "best")
-        self.json_path = os.path.join(checkpoint_path, "best.json")
+        self.json_path = os.path.join(checkpoint_path, BEST_RECORD)
         self.value: float | None = None
-        if os.path.isfile(self.json_path):
-            with open(self.json_path, encoding="utf-8") as f:
-                saved = json.load(f)
-            if saved.get("metric") == metric:
-                self.value = float(saved["value"])
+        saved = read_best_record(checkpoint_path)
+        if saved is not None and saved["metric"] == metric:
+            self.value = float(saved["value"])
 
     def is_better(self, value: float) -> bool:
         if self.value is None:
