@@ -6,10 +6,10 @@ typed from its annotation: `bool` is a switch, `list[...]` takes one or more val
 accepts a value of type X. The parsed values are validated by the pydantic model itself.
 `--help` shows each flag with its field's description and its default.
 
-`run_cli` is the entry point wrapper: ValueError and OSError (missing or unreadable source, full
-disk) from library code become `error: <message>` on stderr and exit status 2, without a traceback.
-Flag errors (unknown flag, ill-typed value) take the same one-line form instead of argparse's usage
-block.
+`run_cli` is the entry point wrapper, through utils/cli.py's error layer for flag-based commands:
+ValueError and OSError (missing or unreadable source, full disk) from library code become
+`error: <message>` on stderr and exit status 2, without a traceback. Flag errors (unknown flag,
+ill-typed value) take the same one-line form instead of argparse's usage block.
 
 No partial output: for a config with an `output_dir` field, `main` writes into a fresh hidden
 sibling `.<name>.partial-<host>-<pid>-<random>` (same file system, so renames are cheap and atomic),
@@ -29,7 +29,6 @@ import re
 import secrets
 import shutil
 import socket
-import sys
 import types
 import typing
 from collections.abc import Callable, Iterator, Sequence
@@ -37,7 +36,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
-from utils.cli import OneLineErrorParser
+from utils.cli import OneLineErrorParser, report_error, validation_error_line
 
 # What a dataset builder writes into its output folder (dataset/common.py's layout); generators pass their own list.
 DATASET_ENTRIES = ("train", "test", "identifiers.json")
@@ -87,9 +86,16 @@ def parse_config(config_cls: type[BaseModel], argv: Sequence[str] | None = None,
     try:
         return config_cls(**vars(args))
     except ValidationError as e:
-        err = e.errors()[0]
-        flag = "--" + str(err["loc"][0]).replace("_", "-") if err["loc"] else "?"
-        raise ValueError(f"{flag}: {err['msg']}") from None
+        flag = "{field}: {msg}"  # `--num-aug: Input should be greater than or equal to 0`
+        line = validation_error_line(
+            e,
+            lambda loc: "--" + loc[0].replace("_", "-") if loc else "?",
+            unknown=flag,
+            required=flag,
+            invalid=flag,
+            own=None,
+        )
+        raise ValueError(line) from None
 
 
 def _host_tag() -> str:
@@ -165,14 +171,6 @@ def staged_output(output_dir: str, output_entries: Sequence[str]) -> Iterator[Pa
         shutil.rmtree(staging, ignore_errors=True)  # still there only if the build failed
 
 
-def error_message(e: BaseException) -> str:
-    """One line for an OSError raised by the OS (`<file>: <reason>`) or for our own messages."""
-    if isinstance(e, OSError) and e.strerror:
-        where = f"{e.filename}: " if e.filename is not None else ""
-        return f"{where}{e.strerror}"
-    return next(iter(str(e).strip().splitlines()), "") or type(e).__name__
-
-
 def run_cli(
     main: Callable[[BaseModel], object],
     config_cls: type[BaseModel],
@@ -193,10 +191,6 @@ def run_cli(
         shown = str(Path(config.output_dir))
         with staged_output(config.output_dir, output_entries) as staging:
             main(config.model_copy(update={"output_dir": str(staging)}))
-    except (ValueError, OSError) as e:
-        message = error_message(e)
-        if staging is not None:
-            message = message.replace(str(staging), shown)
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+    except Exception as e:  # utils/cli.py's error layer: one line, status 2, the staging folder named as given
+        return report_error(e, flag_command=True, shown={str(staging): shown} if staging is not None else None)
     return 0

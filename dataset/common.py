@@ -21,7 +21,9 @@ import math
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
+
+from utils.cli import validation_error_line
 
 # Per-set array names, in the order they are written; `inputs`/`labels` are per example.
 FIELDS = ("inputs", "labels", "puzzle_identifiers", "puzzle_indices", "group_indices")
@@ -105,13 +107,13 @@ def load_metadata(split_dir: Path) -> PuzzleDatasetMetadata:
     raw = read_json(path, "dataset.json")
     try:
         meta = PuzzleDatasetMetadata.model_validate(raw)
-    except Exception as e:  # pydantic.ValidationError: condense to the first offending field
-        errs = getattr(e, "errors", lambda: [])()
-        where = ".".join(str(x) for x in errs[0]["loc"]) if errs else ""
-        msg = errs[0]["msg"] if errs else str(e)
-        if not where:  # the document itself is wrong (a list, a number): no field to name
-            raise ValueError(f"{path}: expected a JSON object of metadata fields ({msg})") from None
-        raise ValueError(f"{path}: field '{where}': {msg}") from None
+    except ValidationError as e:  # the first offending field; a list or a number has none
+        named = "{field}: {msg}"
+        line = validation_error_line(
+            e, lambda loc: f"field '{'.'.join(loc)}'", prefix=f"{path}: ", unknown=named, required=named,
+            invalid=named, own=None, whole="expected a JSON object of metadata fields ({msg})",
+        )  # fmt: skip
+        raise ValueError(line) from None
     for name in ("vocab_size", "seq_len", "num_puzzle_identifiers"):
         if getattr(meta, name) <= 0:
             raise ValueError(f"{path}: field '{name}' must be positive, got {getattr(meta, name)}")

@@ -40,7 +40,7 @@ import torch
 
 from dataset.common import inverse_dihedral_transform, load_metadata, read_json
 from utils.checkpointing import atomic_write
-from utils.cli import OneLineErrorParser
+from utils.cli import OneLineErrorParser, run_flag_command
 from utils.saved_outputs import in_rank_order, read_saved_outputs
 
 PASS_KS = (1, 2, 5, 10, 100, 1000)
@@ -444,16 +444,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--submission-out", default=None, help="write the ARC Prize submission.json here")
     parser.add_argument("--rule", choices=RULES, default="official", help="official (ARC Prize) or notebook")
     parser.add_argument("--json", action="store_true", help="print one JSON line of ARC/pass@K instead of a table")
-    try:
+
+    def body() -> None:
         args = parser.parse_args(argv)
         score = score_prediction_files(
             args.predictions, args.data_path, rule=args.rule, submission_path=args.submission_out
         )
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(score.metrics()) if args.json else format_table(score))
-    return 0
+        print(json.dumps(score.metrics()) if args.json else format_table(score))
+
+    return run_flag_command(body)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from tools.visualize import figure_class
+from utils.cli import OneLineErrorParser, run_flag_command
 from utils.logging_utils import WALL_TIME_KEY
 
 DEFAULT_METRICS = ("lm_loss", "accuracy", "exact_accuracy")
@@ -184,7 +185,7 @@ def run_labels(runs: Sequence[str], labels: Sequence[str] | None) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="python -m tools.plot_metrics",
         description="Plot train and test learning curves of runs (metrics.jsonl) against steps and wall time.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -196,8 +197,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--smooth", type=int, default=1, help="running mean of this many steps for train curves")
     parser.add_argument("--labels", nargs="+", help="legend names of the runs (default: their folder names)")
-    args = parser.parse_args(argv)
-    try:
+
+    def body() -> None:
+        args = parser.parse_args(argv)
         if args.smooth < 1:
             raise ValueError(f"--smooth: must be >= 1, got {args.smooth}")
         runs = [
@@ -205,11 +207,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             for label, run in zip(run_labels(args.runs, args.labels), args.runs)
         ]
         path = plot_runs(runs, args.out, args.metrics, args.smooth)
-    except (ValueError, OSError, ModuleNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {path}: {len(args.metrics)} metrics of {len(runs)} run(s)")
-    return 0
+        print(f"wrote {path}: {len(args.metrics)} metrics of {len(runs)} run(s)")
+
+    return run_flag_command(body)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from dataset.common import read_json
-from utils.cli import OneLineErrorParser
+from utils.cli import OneLineErrorParser, run_flag_command
 
 ARC_PALETTE = [
     "#000000",
@@ -617,38 +617,38 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = _parser().parse_args(argv)
-        if args.command == "export":
-            if not args.predictions or not args.dataset:
-                raise ValueError("export needs --predictions and --dataset")
-            info = export_predictions(args.predictions, args.dataset, args.out, args.split)
-            print(
-                f"wrote {args.out}: {sum(s['predicted'] for s in info['sets'].values())} predictions, "
-                f"accuracy {info['accuracy']:.4f}, exact accuracy {info['exact_accuracy']:.4f}"
-            )
-            return 0
-        if args.max < 1 or args.per_sheet < 1:
-            raise ValueError("--max and --per-sheet must be positive")
-        if not args.predictions and not args.step_accuracy:
-            raise ValueError("sheets needs --predictions (with --dataset) and/or --step-accuracy")
-        if args.predictions:
-            if not args.dataset:
-                raise ValueError("--predictions needs --dataset")
-            data = collect_predictions(args.predictions, args.dataset, args.split)
-            paths = render_sheets(data, args.out, args.max, args.per_sheet, args.only_wrong)
-            summary = accuracy_summary(data)
-            print(
-                f"wrote {len(paths)} sheet(s) to {args.out}; over {summary['count']} predictions: "
-                f"accuracy {summary['accuracy']:.4f}, exact accuracy {summary['exact_accuracy']:.4f}"
-            )
-        if args.step_accuracy:
-            path = plot_step_accuracy(load_step_accuracy(args.step_accuracy), Path(args.out) / "accuracy_by_step.png")
-            print(f"wrote {path}")
+    return run_flag_command(lambda: command(_parser().parse_args(argv)))
+
+
+def command(args: argparse.Namespace) -> int:
+    """One `export` or `sheets` run."""
+    if args.command == "export":
+        if not args.predictions or not args.dataset:
+            raise ValueError("export needs --predictions and --dataset")
+        info = export_predictions(args.predictions, args.dataset, args.out, args.split)
+        print(
+            f"wrote {args.out}: {sum(s['predicted'] for s in info['sets'].values())} predictions, "
+            f"accuracy {info['accuracy']:.4f}, exact accuracy {info['exact_accuracy']:.4f}"
+        )
         return 0
-    except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.max < 1 or args.per_sheet < 1:
+        raise ValueError("--max and --per-sheet must be positive")
+    if not args.predictions and not args.step_accuracy:
+        raise ValueError("sheets needs --predictions (with --dataset) and/or --step-accuracy")
+    if args.predictions:
+        if not args.dataset:
+            raise ValueError("--predictions needs --dataset")
+        data = collect_predictions(args.predictions, args.dataset, args.split)
+        paths = render_sheets(data, args.out, args.max, args.per_sheet, args.only_wrong)
+        summary = accuracy_summary(data)
+        print(
+            f"wrote {len(paths)} sheet(s) to {args.out}; over {summary['count']} predictions: "
+            f"accuracy {summary['accuracy']:.4f}, exact accuracy {summary['exact_accuracy']:.4f}"
+        )
+    if args.step_accuracy:
+        path = plot_step_accuracy(load_step_accuracy(args.step_accuracy), Path(args.out) / "accuracy_by_step.png")
+        print(f"wrote {path}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -270,6 +270,8 @@ def checked_options(target: Any, options: dict[str, Any], where: str, given: tup
     Returns the options as validated (`"2"` for an int is 2)."""
     from pydantic import ConfigDict, ValidationError, create_model
 
+    from utils.cli import validation_error_line
+
     params = {n: p for n, p in inspect.signature(target, eval_str=True).parameters.items() if n not in given}
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
     fields = {
@@ -282,14 +284,14 @@ def checked_options(target: Any, options: dict[str, Any], where: str, given: tup
     try:
         validated = schema(**options)
     except ValidationError as e:
-        first = min(e.errors(), key=lambda err: err["type"] != "extra_forbidden")  # a misspelling explains the rest
-        name, *item = [str(part) for part in first["loc"]]
-        if first["type"] == "extra_forbidden":
-            raise ValueError(f"{where}: unknown option {name!r} (it takes {', '.join(fields) or 'none'})") from None
-        if first["type"] == "missing":
-            raise ValueError(f"{where}: option {name!r} is required") from None
-        at = f" (item {item[0]})" if item else ""
-        raise ValueError(f"{where}: option {name!r}{at}: {first['msg']} (got {first.get('input')!r})") from None
+
+        def option(loc: tuple[str, ...]) -> str:
+            return f"option {loc[0]!r}" + (f" (item {loc[1]})" if len(loc) > 1 else "")
+
+        takes = f"unknown {{field}} (it takes {', '.join(fields) or 'none'})"
+        raise ValueError(
+            validation_error_line(e, option, prefix=f"{where}: ", unknown=takes, own=None, unknown_first=True)
+        ) from None
     return {name: getattr(validated, name) for name in options}
 
 

@@ -1,4 +1,5 @@
-"""One-line errors for every command-line entry point (pretrain.py, evaluate.py, the dataset builders).
+"""One-line errors for every command-line entry point: pretrain.py, evaluate.py, the dataset builders and
+generators, ARC scoring, the tools and the quick start's report.
 
 Design choices:
 - Bad input (config keys, files, flags) becomes `error: <one line>` on stderr and exit status 2, with no
@@ -16,8 +17,14 @@ Design choices:
 - `--help` of the Hydra commands lists every key with its default and description, taken from where the
   key is defined (the YAML's trailing comments, the typed config's field descriptions), so no second copy
   of the texts exists.
-- Flag-based commands (the builders, `evaluators.arc_scoring`, `tools.visualize`) parse with `OneLineErrorParser`:
-  a missing or ill-typed flag is the same one `error:` line, exit status 2.
+- Flag-based commands (the builders and generators, `evaluators.arc_scoring`, `tools.visualize`,
+  `tools.plot_metrics`) parse with `OneLineErrorParser` and run through `run_flag_command` (the builders
+  through `dataset/cli.py`'s `run_cli`, which calls `report_error`): a missing or ill-typed flag, bad input,
+  an error of the OS (unreadable file, full disk) or a missing optional package is one `error:` line, exit
+  status 2.
+- pydantic validation errors become one line in one place, `validation_error_line`, in the words of the
+  command that validated: `config key 'lr'` for the launchers, `--num-aug` for the builders, `option
+  'pass_Ks'` for an evaluator's options, `field 'seq_len'` for a dataset.json.
 - The reference and TRM spell some overrides `+run_name=...` because their YAML lacks those keys, and ours
   lacks them too, so their command lines compose unchanged. On the command line either spelling works:
   `normalize_overrides` adds the `+` to a typed-config key the YAML does not list, and drops it from one
@@ -94,12 +101,26 @@ def unquoted_character_error(text: str) -> str:
     )
 
 
-def describe_error(e: BaseException) -> tuple[str, int] | None:
-    """(one-line message, exit status) for an error that is reported rather than raised; None otherwise."""
+def os_error_line(e: BaseException) -> str:
+    """One line for an error the OS raised (`<file>: <reason>`), else the first line of the error's message."""
+    if isinstance(e, OSError) and e.strerror:
+        where = f"{e.filename}: " if e.filename is not None else ""
+        return f"{where}{e.strerror}"
+    return next(iter(str(e).strip().splitlines()), "") or type(e).__name__
+
+
+def describe_error(e: BaseException, flag_command: bool = False) -> tuple[str, int] | None:
+    """(one-line message, exit status) for an error that is reported rather than raised; None otherwise.
+
+    A flag-based command (`flag_command`: the builders, generators, ARC scoring, the tools) also reports what the
+    OS raised (an unreadable file, a full disk) and a missing optional package (its message says what to
+    install), and exits 2 for every reported error."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     status = getattr(type(e), "exit_code", None)
+    if flag_command and isinstance(e, (ValueError, OSError, ModuleNotFoundError)):
+        return os_error_line(e), BAD_INPUT_STATUS
     if isinstance(status, int):
         return str(e), status
     if isinstance(e, (HydraException, OmegaConfBaseException)):  # before ValueError: some are both
@@ -116,18 +137,74 @@ def describe_error(e: BaseException) -> tuple[str, int] | None:
     return None
 
 
+def report_error(e: BaseException, flag_command: bool = False, shown: dict[str, str] | None = None) -> int:
+    """Print `error: <line>` for an error `describe_error` knows and return its exit status; re-raise any other.
+    `shown`: paths in the message to name otherwise (a build's staging folder is named as its `--output-dir`)."""
+    described = describe_error(e, flag_command)
+    if described is None:
+        raise e
+    message, status = described
+    for path, name in (shown or {}).items():
+        message = message.replace(path, name)
+    print(f"error: {message}", file=sys.stderr)
+    return status
+
+
 @contextmanager
 def bad_input_exits() -> Iterator[None]:
     """Report the errors `describe_error` knows as `error: <line>` on stderr and exit with their status."""
     try:
         yield
     except Exception as e:
-        described = describe_error(e)
-        if described is None:
-            raise
-        message, status = described
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(status)
+        sys.exit(report_error(e))
+
+
+def run_flag_command(body: Callable[[], int | None]) -> int:
+    """The error layer of a flag-based command's `main`: `body()`'s status (None: 0), or 2 after one `error:` line
+    for bad flags, bad input and the OS's errors (`describe_error(..., flag_command=True)`)."""
+    try:
+        return body() or 0
+    except Exception as e:
+        return report_error(e, flag_command=True)
+
+
+def validation_error_line(
+    err: Any,
+    field: Callable[[tuple[str, ...]], str],
+    *,
+    prefix: str = "",
+    unknown: str = "unknown {field}",
+    required: str = "{field} is required",
+    invalid: str = "{field}: {msg} (got {input!r})",
+    own: str | None = "{msg}",
+    whole: str | None = None,
+    count_others: bool = False,
+    unknown_first: bool = False,
+) -> str:
+    """A pydantic `ValidationError` as one line, in the words of the command that validated: the first error
+    (`unknown_first`: an unknown key first, since a misspelling explains the errors after it), its location named
+    by `field(loc)` (`config key 'lr'`, `--num-aug`, `option 'pass_Ks' (item 0)`). Templates for an unknown key,
+    a missing one, an invalid value, a message of our own validators (`own`; None: as an invalid value, the
+    message kept as pydantic words it) and an error of the whole document (`whole`, where the location is empty);
+    `count_others` appends how many more errors there were."""
+    errors = err.errors()
+    first = min(errors, key=lambda e: e["type"] != "extra_forbidden") if unknown_first else errors[0]
+    loc = tuple(str(part) for part in first["loc"])
+    values = {"msg": first["msg"], "input": first.get("input")}
+    if whole is not None and not loc:
+        template = whole
+    elif first["type"] == "extra_forbidden":
+        template = unknown
+    elif first["type"] == "missing":
+        template = required
+    elif first["type"] == "value_error" and own is not None:
+        template, values["msg"] = own, first["msg"].removeprefix("Value error, ")
+    else:
+        template = invalid
+    line = prefix + template.format(field=field(loc) if loc or whole is None else "", **values)
+    if count_others and err.error_count() > 1:
+        line += f" (and {err.error_count() - 1} more errors)"
+    return line
 
 
 def normalize_overrides(

@@ -159,17 +159,11 @@ class PretrainConfig(BaseModel):
 
 
 def format_validation_error(err: ValidationError) -> str:
-    """The first error of a pydantic validation as one line naming the key."""
-    first = err.errors()[0]
-    key = ".".join(str(part) for part in first["loc"]) or "<config>"
-    more = f" (and {err.error_count() - 1} more errors)" if err.error_count() > 1 else ""
-    if first["type"] == "extra_forbidden":
-        return f"unknown config key '{key}'{more}"
-    if first["type"] == "missing":
-        return f"config key '{key}' is required{more}"
-    if first["type"] == "value_error":  # our own validators already name the key
-        return first["msg"].removeprefix("Value error, ") + more
-    return f"config key '{key}': {first['msg']} (got {first.get('input')!r}){more}"
+    """The first error of a pydantic validation as one line naming the key (our own validators' messages name it
+    already)."""
+    from utils.cli import validation_error_line
+
+    return validation_error_line(err, lambda loc: f"config key '{'.'.join(loc) or '<config>'}'", count_others=True)
 
 
 def config_from_dict(values: dict[str, Any]) -> PretrainConfig:
