@@ -124,6 +124,7 @@ def test_plot_draws_a_run_logged_before_wall_times_in_the_step_column(runs, tmp_
         ("metric", "metric 'acuracy': no run logged it (logged: "),
         ("labels", "--labels: 2 labels for 1 runs"),
         ("smooth", "--smooth: must be >= 1, got 0"),
+        ("smooth_not_int", "argument --smooth: invalid int value: 'x'"),  # a bad flag too: one line, not usage
     ],
 )
 def test_plot_bad_input_is_one_line(case, expected, runs, tmp_path, capsys):
@@ -134,6 +135,7 @@ def test_plot_bad_input_is_one_line(case, expected, runs, tmp_path, capsys):
     if case in contents:
         (run / "metrics.jsonl").write_text(contents[case])
     flags = {"metric": ["--metrics", "acuracy"], "labels": ["--labels", "a", "b"], "smooth": ["--smooth", "0"]}
+    flags["smooth_not_int"] = ["--smooth", "x"]
     if case in flags:
         argv = [str(runs[0]), *flags[case]]
     else:
