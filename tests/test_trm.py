@@ -10,7 +10,6 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import models.fused_ops as fused_ops
 from models.common import trunc_normal_init_
 from models.hrm.hrm_act_v1 import HierarchicalReasoningModel_ACTV1Block, HierarchicalReasoningModel_ACTV1Config
 from models.losses import IGNORE_LABEL_ID, ACTLossHead
@@ -501,12 +500,12 @@ def test_mlp_t_in_place_layout_matches_trms_transposed_layout(monkeypatch):
     """The GPU's [B, L, D] form of the mlp_t sub-layer (weights multiplied from the left, gate/up weight read
     through a row-padded view, RMSNorm over dim 1) computes TRM's transposed form: float32 outputs and
     gradients within 1e-6 relative over whole ACT steps, on the CPU where both can run."""
-    import models.recursive_reasoning.trm as trm
+    import models.layers
 
     cfg = tiny_config(mlp_t=True, pos_encodings="none", H_cycles=2, L_cycles=2, seq_len=7)  # 7 + 2 rows: unaligned
     results = {}
     for in_place in (False, True):
-        monkeypatch.setattr(trm, "_token_mix_in_place", lambda x, flag=in_place: flag)
+        monkeypatch.setattr(models.layers, "_token_mix_in_place", lambda x, flag=in_place: flag)
         model = build(cfg).train()
         batch = make_batch(cfg, 3)
         carry = model.initial_carry(batch)
@@ -537,23 +536,29 @@ def test_swiglu_over_dim1_is_the_transposed_swiglu():
 
 @pytest.mark.parametrize("mlp_t", [False, True])
 def test_fused_ops_dispatch(monkeypatch, mlp_t):
-    """fused_ops routes no-grad attention-block calls to the fused block (CUDA-only, so simulated here)."""
+    """fused_ops routes no-grad attention-block calls' SwiGLU to the fused kernel (CUDA-only, so simulated here
+    by the same math in PyTorch: the outputs stay those of the unfused model)."""
+    import models.layers
+
     calls = []
 
-    def fake_fused(attn, mlp, cos_sin, hidden_states, eps):
+    def fake_fused(x, w_gate_up):
         calls.append(torch.is_grad_enabled())
-        return hidden_states * 0
+        gate, up = torch.nn.functional.linear(x, w_gate_up.to(x.dtype)).chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate) * up
 
-    monkeypatch.setattr(fused_ops, "fused_block_supported", lambda x: not torch.is_grad_enabled())
-    monkeypatch.setattr(fused_ops, "fused_post_norm_block", fake_fused)
+    monkeypatch.setattr(models.layers, "fused_block_supported", lambda x: not torch.is_grad_enabled())
+    monkeypatch.setattr(models.layers, "fused_gate_up_swiglu", fake_fused)
+    logits = []
     for flag in (False, True):
         cfg = tiny_config(fused_ops=flag, mlp_t=mlp_t, H_cycles=3, L_cycles=2)
         model = build(cfg).train()
         batch = make_batch(cfg, 3)
         calls.clear()
-        model(model.initial_carry(batch), batch)
+        logits.append(model(model.initial_carry(batch), batch)[1]["logits"])
         expected = 0 if (not flag or mlp_t) else 2 * (2 + 1) * 2  # no-grad cycles x updates x layers
         assert len(calls) == expected and not any(calls)
+    assert torch.equal(logits[0], logits[1])
 
 
 # ---------------------------------------------------------------- an independent float64 TRM
