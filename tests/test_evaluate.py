@@ -168,8 +168,9 @@ ARCHS = {
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_probe_finds_what_an_evaluation_saves_and_reports(trained, tmp_path, arch):
-    """The names `probe_eval_call` finds before any work are exactly the outputs a real evaluation can save and the
-    metrics it reports, for each model; the probe leaves the RNG state and the head's mode as they were."""
+    """The outputs `probe_eval_outputs` finds before any work are exactly those a real evaluation can save, and the
+    head's eval-mode `metric_names` (less the divisor `count`) exactly the metrics it reports, for each model; the
+    probe leaves the RNG state and the head's mode as they were."""
     from utils.build import create_dataloader, create_model
     from utils.train_state import TrainState
 
@@ -180,7 +181,8 @@ def test_probe_finds_what_an_evaluation_saves_and_reports(trained, tmp_path, arc
     eval_dataset, eval_loader = create_dataloader(config, "test", CPU, test_set_mode=True, epochs=1)
     head, _ = create_model(config, train_dataset.metadata, CPU)
     rng = torch.get_rng_state()
-    metrics, outputs = evaluation.probe_eval_call(head, eval_dataset.metadata, CPU.device)
+    outputs = evaluation.probe_eval_outputs(head, eval_dataset.metadata, CPU.device)
+    metrics = set(head.metric_names(training=False)) - {"count"}
     assert head.training and torch.equal(rng, torch.get_rng_state())
     assert {"inputs", "labels", "puzzle_identifiers", "logits", "q_halt_logits"} <= outputs
     head.eval()

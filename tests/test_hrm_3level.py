@@ -317,6 +317,9 @@ def test_loss_head_hierarchical_objective_and_metrics():
     carry = head.initial_carry(batch)
     new_carry, loss, metrics, outputs, all_halted = head(["logits", "plan"], carry=carry, batch=batch)
     assert bool(all_halted) and set(outputs) == {"logits", "plan"}
+    assert set(head.metric_names(training=True)) == set(metrics)  # what the head declares is what it reports
+    head.eval()
+    assert set(head(["logits"], carry=head.initial_carry(batch), batch=batch)[2]) == set(head.metric_names())
 
     labels = batch["labels"]
     with torch.no_grad():
