@@ -47,6 +47,7 @@ def run_two_rank_training(tmp_path, overrides: list[str]) -> tuple[dict, dict, d
     return rank0, rank1, meta0, meta1
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_two_rank_gloo_run_keeps_ranks_identical(tmp_path):
     data = make_tiny_dataset(tmp_path / "data", num_groups=8)
@@ -80,6 +81,7 @@ def test_two_rank_gloo_run_keeps_ranks_identical(tmp_path):
     assert (tmp_path / "ckpt" / "metrics.jsonl").read_text().count("all/accuracy") == 2
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_two_rank_async_metrics_run_equals_waited_run(tmp_path):
     """`async_metrics` (the GPU default: each step's metric sums are reduced to rank 0 and read one step late)

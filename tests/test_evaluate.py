@@ -130,6 +130,7 @@ def test_arc_checkpoint_scored_as_the_arc_prize_does(raw_data_dir, tmp_path):
         assert all(set(a) == {"attempt_1", "attempt_2"} for a in attempts)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_torchrun_two_ranks_match_single_process(trained, tmp_path):
     _, ckpt, logged = trained

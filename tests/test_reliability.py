@@ -521,6 +521,7 @@ AGREE_DRIVER = textwrap.dedent(
 )
 
 
+@pytest.mark.multiprocess
 def test_all_ranks_reach_the_same_skip_decision(tmp_path):
     driver = tmp_path / "agree.py"
     driver.write_text(AGREE_DRIVER.format(repo=str(REPO)))

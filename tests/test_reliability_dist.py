@@ -39,6 +39,7 @@ DRIVER = textwrap.dedent(
 )
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("mode", ["die", "hang"])
 def test_surviving_rank_exits_with_a_clear_message(tmp_path, mode):
     data = make_tiny_dataset(tmp_path / "data", num_groups=8)

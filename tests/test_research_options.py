@@ -452,6 +452,7 @@ def test_grad_accum_training_run(data, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_all_options_on_two_gloo_ranks(tmp_path):
     """Every option on at once over 2 ranks: the collectives (early-stop decision, keep-best check, SignSGD

@@ -143,6 +143,7 @@ def test_identity_views_count_as_the_loss_head_does(tmp_path):
     assert voted["tta_exact_accuracy"] == pytest.approx(plain["exact_accuracy"], abs=1e-6)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_evaluate_votes_sudoku_views_from_the_command_line(sudoku6, tmp_path):
     run = tmp_path / "run"
