@@ -15,7 +15,7 @@ import torch
 
 import evaluate
 import pretrain
-from tests.test_pretrain_helpers import REPO, TINY_ARCH, make_tiny_dataset, tiny_config
+from tests.helpers import REPO, TINY_ARCH, make_tiny_dataset, tiny_config
 from utils import evaluation
 from utils.config import compose_config
 from utils.distributed import DistInfo

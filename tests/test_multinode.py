@@ -37,7 +37,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_pretrain_helpers import REPO, TINY_ARCH, free_port, make_tiny_dataset, metric_records
+from tests.helpers import REPO, TINY_ARCH, free_port, make_tiny_dataset, metric_records
 from utils.checkpointing import find_latest_train_state, train_state_path
 from utils.distributed import restarts_share_agent_store
 from utils.train_state import read_train_state
@@ -284,7 +284,7 @@ LOADER = textwrap.dedent(
     """
     import os, sys, time
     sys.path.insert(0, {repo!r})
-    from tests.test_pretrain_helpers import tiny_config
+    from tests.helpers import tiny_config
     from utils.build import create_dataloader
     from utils.distributed import setup_distributed
 

@@ -21,7 +21,7 @@ import torch
 
 import pretrain
 from models.losses import ACTLossHead
-from tests.test_pretrain_helpers import REPO, TINY_ARCH, free_port, make_tiny_dataset, metric_records, tiny_config
+from tests.helpers import REPO, TINY_ARCH, free_port, make_tiny_dataset, metric_records, tiny_config
 from utils import checkpointing as ckpt
 from utils import train_state, train_step
 

@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 
-from tests.test_pretrain_helpers import REPO, TINY_ARCH, free_port, make_tiny_dataset
+from tests.helpers import REPO, TINY_ARCH, free_port, make_tiny_dataset
 
 TIMEOUT_S = 3
 

@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 from models.hrm.hrm_act_v1 import HierarchicalReasoningModel_ACTV1
 from models.losses import ACTLossHead
 from models.sparse_embedding import CastedSparseEmbedding, CastedSparseEmbeddingSignSGD_Distributed
-from tests.test_pretrain_helpers import free_port
+from tests.helpers import free_port
 
 
 def make_embedding(num=6, dim=2, batch=4, cast_to=torch.float32) -> CastedSparseEmbedding:

@@ -24,7 +24,7 @@ from hydra import compose, initialize_config_dir
 
 import pretrain
 from puzzle_dataset import PuzzleDataset, PuzzleDatasetConfig
-from tests.test_pretrain_helpers import REPO, make_tiny_dataset
+from tests.helpers import REPO, make_tiny_dataset
 from utils.build import identifier_offsets
 from utils.config import compose_config, config_from_hydra
 from utils.distributed import DistInfo

@@ -27,7 +27,7 @@ from dataset.common import load_metadata
 from dataset.generate_maze import make_maze
 from dataset.generate_sudoku import make_sudoku
 from dataset.generation import puzzle_rng
-from tests.test_pretrain_helpers import REPO, make_tiny_dataset, tiny_config
+from tests.helpers import REPO, make_tiny_dataset, tiny_config
 from utils.build import create_dataloader
 from utils.distributed import DistInfo
 from utils.train_state import TrainState
