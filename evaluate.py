@@ -76,7 +76,7 @@ from utils.config import (
     train_data_paths,
 )
 from utils.distributed import DistInfo, distributed_context
-from utils.evaluation import check_eval_requests, evaluate, flatten_eval_metrics, probe_eval_call
+from utils.evaluation import check_eval_requests, evaluate, flatten_eval_metrics, probe_eval_outputs
 from utils.hub import parse_hub_checkpoint, resolve_hub_checkpoint
 from utils.train_state import TrainState, read_checkpoint
 from utils.training_options import read_best_record
@@ -305,7 +305,7 @@ def evaluate_checkpoint(eval_cfg: EvalConfig, info: DistInfo) -> Optional[dict[s
     check_puzzle_rows(weights, head, record["checkpoint"], config)
     ckpt.load_model_weights(head, weights, eval_cfg.checkpoint)
     if eval_cfg.save_outputs is None:  # the defaults this model has (the three-level model: no q_continue_logits)
-        _, outputs = probe_eval_call(head, eval_dataset.metadata, info.device)
+        outputs = probe_eval_outputs(head, eval_dataset.metadata, info.device)
         config = config.model_copy(update={"eval_save_outputs": [k for k in config.eval_save_outputs if k in outputs]})
     else:
         check_eval_requests(config, head, eval_dataset.metadata, evaluators, info.device, save_key="save_outputs")

@@ -47,8 +47,7 @@ from dataset.common import (
     validate_split_totals,
     validate_token_ids,
 )
-
-IGNORE_LABEL_ID = -100  # same value as models.losses.IGNORE_LABEL_ID (kept import-free of torch models)
+from models.losses import IGNORE_LABEL_ID
 
 
 class PuzzleDatasetConfig(BaseModel):

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from models.fused_ops import FUSED_OPS_AVAILABLE  # noqa: E402
-from models.layers import Attention, RotaryEmbedding, SwiGLU, apply_rotary_pos_emb, attention, rms_norm  # noqa: E402
+from models.layers import PostNormBlock, RotaryEmbedding, SwiGLU, apply_rotary_pos_emb, attention, rms_norm  # noqa: E402
 
 EPS = 1e-5
 HIDDEN, NUM_HEADS, EXPANSION = 512, 8, 4.0
@@ -65,15 +65,14 @@ def make_cases(shape: Shape, dtype: torch.dtype, device: torch.device) -> list[C
     from models.fused_ops import (
         fused_gate_up_swiglu,
         fused_linear_residual_rmsnorm,
-        fused_post_norm_block,
         fused_qkv_rope,
     )
 
     B, S, d = shape.batch_size, shape.seq_len, HIDDEN
     T = B * S
     head_dim = d // NUM_HEADS
-    attn = Attention(d, head_dim, NUM_HEADS, NUM_HEADS).to(device)
-    mlp = SwiGLU(d, EXPANSION).to(device)
+    block = PostNormBlock(d, NUM_HEADS, EXPANSION, EPS, fused_ops=True).to(device)
+    attn, mlp = block.self_attn, block.mlp
     m = mlp.down_proj.weight.shape[1]
     cos, sin = RotaryEmbedding(head_dim, S, base=10000.0, device=device)()
     x = torch.randn(B, S, d, device=device).to(dtype)
@@ -140,7 +139,7 @@ def make_cases(shape: Shape, dtype: torch.dtype, device: torch.device) -> list[C
         Case(
             "block",
             ref_block,
-            lambda x: fused_post_norm_block(attn, mlp, (cos, sin), x, EPS),
+            lambda x: block.forward_fused((cos, sin), x),
             (x,),
             block_flops,
             None,

@@ -107,7 +107,7 @@ def trm_step_flops(model_cfg, local_batch: int, world_size: int) -> tuple[float,
     L_layers blocks, the last cycle with gradient (x3); no target-Q pass with no_ACT_continue."""
     hidden = model_cfg.hidden_size
     inter = -(round(model_cfg.expansion * hidden * 2 / 3) // -256) * 256
-    prefix = model_cfg.puzzle_emb_len or -(model_cfg.puzzle_emb_ndim // -hidden)
+    prefix = model_cfg.puzzle_prefix_len
     seq = model_cfg.seq_len + prefix
     batch = local_batch * world_size
     if model_cfg.mlp_t:
@@ -133,12 +133,12 @@ def step_flops(model, local_batch: int, world_size: int) -> tuple[float, float]:
         return trm_step_flops(model_cfg, local_batch, world_size)
     if not hasattr(model_cfg, "H_cycles"):
         params = sum(p.numel() for p in model.parameters())
-        prefix = -(getattr(model_cfg, "puzzle_emb_ndim", 0) // -model_cfg.hidden_size)
+        prefix = model.puzzle_emb_len  # the three-level model's prefix rows
         tokens = local_batch * world_size * (model_cfg.seq_len + prefix)
         return 6.0 * params * tokens, 2.0 * params * tokens
     hidden = model_cfg.hidden_size
     inter = -(round(model_cfg.expansion * hidden * 2 / 3) // -256) * 256
-    prefix = -(model_cfg.puzzle_emb_ndim // -hidden) if model_cfg.puzzle_emb_ndim > 0 else 0
+    prefix = model_cfg.puzzle_prefix_len
     seq = model_cfg.seq_len + prefix
     batch = local_batch * world_size
     per_block = block_flops(batch * seq, seq, batch, hidden, inter)

@@ -17,6 +17,8 @@ Design choices:
   state resumes exactly); the "continue" target bootstraps from a second inner pass. In eval every row runs
   `halt_max_steps` steps, so a batch stays in lockstep.
 - No host synchronisation: every decision is a tensor op, so the wrapper compiles into one graph.
+- `RecursiveModelConfig` holds the config keys both models share (pydantic); each model's config subclasses it
+  with its own keys and checks. Its `puzzle_prefix_len` is the one place the prefix's row count is computed.
 """
 
 import math
@@ -24,17 +26,69 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from pydantic import field_validator
 from torch import nn
 
-from models.common import build_model_config, trunc_normal_init_
+from models.common import ModelConfig, build_model_config, puzzle_prefix_len, trunc_normal_init_
 from models.layers import CastedEmbedding, CastedLinear, RotaryEmbedding
 from models.sparse_embedding import CastedSparseEmbedding
+
+
+class RecursiveModelConfig(ModelConfig):
+    """The config keys of HRM's and TRM's ACT models; unknown keys are refused (models/common.py)."""
+
+    batch_size: int
+    seq_len: int
+    puzzle_emb_ndim: int = 0
+    num_puzzle_identifiers: int
+    vocab_size: int
+
+    H_cycles: int
+    L_cycles: int
+
+    H_layers: int
+    L_layers: int
+
+    # Transformer config
+    hidden_size: int
+    expansion: float
+    num_heads: int
+    pos_encodings: str
+
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+
+    # Halting Q-learning config
+    halt_max_steps: int
+    halt_exploration_prob: float
+
+    forward_dtype: str = "bfloat16"
+    # Beyond the references, opt-in: run no-grad attention-block calls through the fused Triton SwiGLU kernel of
+    # models/fused_ops.py (CUDA, bf16/fp16; persistent TMA kernel on Hopper). Same math, the eager path's bf16
+    # roundings; on an H100 ~3% faster HRM train steps and ~6% faster evaluation than torch.compile + cuBLAS
+    # (benchmarks/RESULTS.md). Off by default: the default stays the references' path.
+    fused_ops: bool = False
+
+    @field_validator(
+        "batch_size", "seq_len", "vocab_size", "num_puzzle_identifiers", "H_cycles", "L_cycles", "L_layers",
+        "hidden_size", "num_heads", "halt_max_steps",
+    )  # fmt: skip
+    @classmethod
+    def _check_positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"must be >= 1, got {v}")
+        return v
+
+    @property
+    def puzzle_prefix_len(self) -> int:
+        """Rows of the puzzle-embedding prefix of the state: ceil(puzzle_emb_ndim / hidden_size) (TRM: its override)."""
+        return puzzle_prefix_len(self.puzzle_emb_ndim, self.hidden_size)
 
 
 class RecursiveInner(nn.Module):
     carry_cls: ClassVar[type]  # the inner carry dataclass (z_H, z_L)
 
-    def __init__(self, config: Any, puzzle_emb_len: int) -> None:
+    def __init__(self, config: RecursiveModelConfig) -> None:
         super().__init__()
         self.config = config
         self.forward_dtype = getattr(torch, config.forward_dtype)
@@ -48,7 +102,7 @@ class RecursiveInner(nn.Module):
         self.lm_head = CastedLinear(config.hidden_size, config.vocab_size, bias=False)
         self.q_head = CastedLinear(config.hidden_size, 2, bias=True)
 
-        self.puzzle_emb_len = puzzle_emb_len
+        self.puzzle_emb_len = config.puzzle_prefix_len
         if config.puzzle_emb_ndim > 0:
             # Zero init: a new puzzle starts with no identity signal.
             self.puzzle_emb = CastedSparseEmbedding(
@@ -155,6 +209,11 @@ class ACTModel(nn.Module):
         """Whether the "continue" Q value is trained (a target from a second inner pass)."""
         return True
 
+    def makes_continue_target(self, training: bool) -> bool:
+        """Whether `forward` in that mode outputs `target_q_continue`: in training, with more than one ACT step,
+        when the model bootstraps its continue value (a loss head reports `q_continue_loss` exactly then)."""
+        return training and self.config.halt_max_steps > 1 and self.bootstraps_continue
+
     def initial_carry(self, batch: dict[str, torch.Tensor]) -> Any:
         batch_size = batch["inputs"].shape[0]
         device = batch["inputs"].device
@@ -192,7 +251,7 @@ class ACTModel(nn.Module):
                 min_halt_steps = explore * torch.randint_like(new_steps, low=2, high=self.config.halt_max_steps + 1)
                 halted = halted & (new_steps >= min_halt_steps)
 
-                if self.bootstraps_continue:
+                if self.makes_continue_target(self.training):
                     # Q-learning target for "continue": the value of the next step (no bootstrapping
                     # beyond the step limit, where only halting is possible).
                     next_q_halt_logits, next_q_continue_logits = self.inner(new_inner_carry, new_current_data)[-1]

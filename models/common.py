@@ -1,4 +1,4 @@
-"""Weight initialisation and the config base class shared by every model file.
+"""Weight initialisation, the config base class and the puzzle-prefix length shared by every model file.
 
 `trunc_normal_init_` follows JAX's `truncated_normal` initialiser rather than
 `torch.nn.init.trunc_normal_`: torch truncates a normal of the requested std, which leaves
@@ -74,6 +74,11 @@ class ModelConfig(BaseModel):
         if not isinstance(getattr(torch, v, None), torch.dtype):
             raise ValueError(f"{v!r} is not a torch dtype name (e.g. 'bfloat16', 'float32')")
         return v
+
+
+def puzzle_prefix_len(puzzle_emb_ndim: int, hidden_size: int) -> int:
+    """Rows the puzzle embedding takes as a sequence prefix: ceil(puzzle_emb_ndim / hidden_size), 0 without one."""
+    return -(puzzle_emb_ndim // -hidden_size)
 
 
 def build_model_config(config_cls: type[BaseModel], values: dict[str, Any], model_name: str):

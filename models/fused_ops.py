@@ -42,20 +42,19 @@ scratch allocator at launch time. The QKV-RoPE and residual-RMSNorm kernels meas
 Inductor's own fusion next to cuBLAS, and persistent TMA versions of them (an experiment script, in git
 history: `git show b067f7f:benchmarks/exp_tma_gemm.py`) did not help a whole train step (QKV-RoPE: 0.229
 vs 0.286 ms alone, no change per step) or were slower (residual-RMSNorm: 0.27 vs 0.20 ms), so
-`fused_post_norm_block` uses only the SwiGLU kernel.
+the fused block (`models.layers.PostNormBlock` with `fused_ops`) uses only the SwiGLU kernel.
 The first kernels stay here, tested and benchmarked (benchmarks/bench_fused_ops.py).
 
 Triton is an optional accelerator (probed in models/triton_common.py): without it this module still
 imports, `FUSED_OPS_AVAILABLE` is False and the model keeps its unfused path (`fused_block_supported(x)`
-says which path to take). `post_norm_block` is the one definition of the post-norm attention block that
-HRM's and TRM's blocks call; it takes the fused path when asked to and when `fused_block_supported` allows it.
+says which path to take). `models.layers.PostNormBlock`, the block of HRM and TRM, takes the fused path when
+asked to (`fused_ops`) and when `fused_block_supported` allows it; this module builds on no model code.
 """
 
 import os
 
 import torch
 
-from models.layers import Attention, SwiGLU, rms_norm
 from models.triton_common import HAS_TRITON, INTERPRET, SUPPORTED_DTYPES, kernel_flags
 
 if HAS_TRITON:
@@ -515,41 +514,3 @@ def fused_qkv_rope(
     )
     qkv = qkv.view(batch_size, seq_len, total_heads, head_dim)  # [B, S, H+2K, D]
     return qkv[:, :, :num_heads], qkv[:, :, num_heads : num_heads + kv_heads], qkv[:, :, num_heads + kv_heads :]
-
-
-def fused_post_norm_block(
-    attn: Attention,
-    mlp: SwiGLU,
-    cos_sin: tuple[torch.Tensor, torch.Tensor] | None,
-    hidden_states: torch.Tensor,
-    eps: float,
-) -> torch.Tensor:
-    """The post-norm HRM block, `x = rms_norm(x + attn(x)); x = rms_norm(x + mlp(x))`, through the fused ops.
-
-    For the no-grad forward only (check `fused_block_supported(hidden_states)` first). Only the SwiGLU
-    projection is fused: the attention half and the down projection's residual + RMSNorm run as in
-    models/layers.py, where torch.compile's kernels next to cuBLAS match or beat the fused ones (module doc).
-    """
-    hidden_states = rms_norm(hidden_states + attn(cos_sin=cos_sin, hidden_states=hidden_states), eps)
-    h = fused_gate_up_swiglu(hidden_states, mlp.gate_up_proj.weight)
-    return rms_norm(hidden_states + mlp.down_proj(h), eps)
-
-
-def post_norm_block(
-    attn: Attention,
-    mlp: SwiGLU,
-    cos_sin: tuple[torch.Tensor, torch.Tensor] | None,
-    hidden_states: torch.Tensor,
-    eps: float,
-    fused_ops: bool = False,
-) -> torch.Tensor:
-    """The post-norm attention block of HRM and TRM, `x = rms_norm(x + attn(x)); x = rms_norm(x + mlp(x))`.
-
-    One definition for every model that has this block. With `fused_ops`, calls that
-    `fused_block_supported` accepts (no-grad, 16-bit, CUDA) go through `fused_post_norm_block`;
-    every other call, and every call without `fused_ops`, runs the models/layers.py path.
-    """
-    if fused_ops and fused_block_supported(hidden_states):
-        return fused_post_norm_block(attn, mlp, cos_sin, hidden_states, eps)
-    hidden_states = rms_norm(hidden_states + attn(cos_sin=cos_sin, hidden_states=hidden_states), eps)
-    return rms_norm(hidden_states + mlp(hidden_states), eps)

@@ -14,9 +14,16 @@ Design choices:
   sequences (S <= 128, the Sudoku shapes) on a GPU with Triton take one experimental kernel instead
   (models/short_attention.py: RoPE on load, output in o_proj's layout; not yet faster).
 - RMSNorm has no learnable weight (as in the reference model).
+- `PostNormBlock` is the one block of HRM and TRM (`x = rms_norm(x + mix(x)); x = rms_norm(x + mlp(x))`),
+  each model's block class a subclass that maps its config onto it. Token mixing is attention, or (TRM's
+  `mlp_t`) a SwiGLU over the positions: the state is transposed to [B, D, L] (L = seq_len + prefix rows), the
+  SwiGLU of width L, the residual and the RMSNorm all act in that layout, so that norm runs over positions.
+  On a GPU the no-grad calls run the same sub-layer in the [B, L, D] layout (the weights multiply from the
+  left: no transposes, aligned matmul rows); calls with gradient, the CPU, and `HRM_KERNELS=portable` run
+  TRM's transposed op sequence bit for bit. With `fused_ops`, no-grad attention-block calls that
+  `models.fused_ops.fused_block_supported` accepts take the fused SwiGLU kernel (no effect on the MLP variant).
 - `ReasoningModule` (input injection, then a stack of blocks) is shared by HRM's two levels and TRM's
-  single network; the post-norm attention block itself is `models.fused_ops.post_norm_block`, which
-  also dispatches to the fused no-grad kernels.
+  single network.
 """
 
 import os
@@ -26,7 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.common import trunc_normal_init_
+from models.fused_ops import fused_block_supported, fused_gate_up_swiglu
 from models.short_attention import short_attention, short_attention_supported
+from models.triton_common import DEFAULT_KERNELS
 
 _BACKEND_CHOICES = ("fa3", "fa2", "sdpa")
 
@@ -211,6 +220,82 @@ class SwiGLU(nn.Module):
         weight = F.pad(weight, (0, -width % 8))[:, :width]  # [2m, L], row stride a multiple of 8
         gate, up = torch.matmul(weight, x).chunk(2, dim=1)  # [B, m, D] each
         return torch.matmul(self.down_proj.weight.to(x.dtype), F.silu(gate) * up)  # [L, m] @ [B, m, D]
+
+
+def _token_mix_in_place(hidden_states: torch.Tensor) -> bool:
+    """Whether the token-MLP sub-layer runs in the [B, L, D] layout: for no-grad calls on a GPU, unless
+    `HRM_KERNELS=portable`. Measured on an H200 (TRM's Sudoku recipe): 1.12x faster evaluation with it, but train
+    steps 4% slower when the calls with gradient took it too (its weight gradient is reduced from a per-row
+    [B, 2m, L] buffer), so those keep TRM's layout. Grad mode only: compile-friendly."""
+    return hidden_states.is_cuda and DEFAULT_KERNELS and not torch.is_grad_enabled()
+
+
+class PostNormBlock(nn.Module):
+    """Post-norm block: token mixing, then a channel SwiGLU, each as `x = rms_norm(x + f(x))`.
+
+    Token mixing is bidirectional self-attention (`self_attn`, heads of hidden_size / num_heads), or with
+    `token_mix_width` = L a SwiGLU over the L positions (`mlp_t`, TRM's MLP variant). `fused_ops` routes
+    no-grad attention-block calls on the GPU through the fused SwiGLU kernel (models/fused_ops.py).
+    The mixer is created before the MLP, as in the references, so one seed gives their weights.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        expansion: float,
+        norm_eps: float,
+        fused_ops: bool = False,
+        token_mix_width: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.token_mix_width = token_mix_width
+        if token_mix_width is None:
+            self.self_attn = Attention(
+                hidden_size=hidden_size,
+                head_dim=hidden_size // num_heads,
+                num_heads=num_heads,
+                num_key_value_heads=num_heads,
+                causal=False,
+            )
+        else:
+            self.mlp_t = SwiGLU(hidden_size=token_mix_width, expansion=expansion)
+        self.mlp = SwiGLU(hidden_size=hidden_size, expansion=expansion)
+        self.norm_eps = norm_eps
+        self.fused_ops = fused_ops and token_mix_width is None
+
+    def forward(self, cos_sin, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.token_mix_width is not None:
+            hidden_states = self._mix_positions(hidden_states)
+            return rms_norm(hidden_states + self.mlp(hidden_states), self.norm_eps)
+        # With fused_ops, no-grad passes on the GPU (40 of the 48 block calls of an HRM train step, all of
+        # evaluation) fuse the SwiGLU gating into its projection's matmul.
+        if self.fused_ops and fused_block_supported(hidden_states):
+            return self.forward_fused(cos_sin, hidden_states)
+        attn_out = self.self_attn(cos_sin=cos_sin, hidden_states=hidden_states)
+        hidden_states = rms_norm(hidden_states + attn_out, self.norm_eps)
+        return rms_norm(hidden_states + self.mlp(hidden_states), self.norm_eps)
+
+    def forward_fused(self, cos_sin, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The attention block through the fused kernel, for no-grad calls only (`forward` takes it when
+        `fused_block_supported` allows). Only the SwiGLU projection is fused: the attention half and the down
+        projection's residual + RMSNorm run as in `forward`, where torch.compile's kernels next to cuBLAS match or
+        beat the fused ones (models/fused_ops.py)."""
+        attn_out = self.self_attn(cos_sin=cos_sin, hidden_states=hidden_states)
+        hidden_states = rms_norm(hidden_states + attn_out, self.norm_eps)
+        h = fused_gate_up_swiglu(hidden_states, self.mlp.gate_up_proj.weight)
+        return rms_norm(hidden_states + self.mlp.down_proj(h), self.norm_eps)
+
+    def _mix_positions(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The token-MLP sub-layer with its residual and its RMSNorm over the L positions of each channel."""
+        if _token_mix_in_place(hidden_states):
+            # The same sub-layer in the [B, L, D] layout (no transposes; see SwiGLU.forward_over_dim1).
+            token_mix = self.mlp_t.forward_over_dim1(hidden_states)
+            return rms_norm(hidden_states + token_mix, self.norm_eps, dim=1)  # over the L positions
+        # TRM's own op sequence, bit for bit
+        hidden_states = hidden_states.transpose(1, 2)  # [B, D, L]: mix positions, one row per channel
+        hidden_states = rms_norm(hidden_states + self.mlp_t(hidden_states), self.norm_eps)
+        return hidden_states.transpose(1, 2)  # [B, L, D]
 
 
 class ReasoningModule(nn.Module):

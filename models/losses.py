@@ -10,6 +10,9 @@ Design choices:
 - Metrics are sums over sequences that halted in this ACT step and have at least one label, so
   the launcher can reduce them across ranks and divide by `count`.
 - The head is the only place that reads labels, so the model forward never syncs with the host.
+- A head declares what it reports: `metric_names(training)` lists the keys of its metrics in a mode (they
+  depend on the model: `q_continue_loss` only where the model trains a continue target), so the launchers
+  check `keep_best` before any work without running the head.
 - The head adds `preds` (the argmax tokens, int64, detached) to the model's outputs, as TRM's head does,
   so `return_keys` can ask for them (TRM's evaluators read `preds`). Both losses take TRM's optional
   `valid_mask` argument.
@@ -80,6 +83,10 @@ LOSS_FUNCTIONS = {
 }
 
 
+# The metrics of `halted_sequence_metrics`: `count` (halted rows with labels) is the divisor of the others.
+HALTED_SEQUENCE_METRICS = ("count", "accuracy", "exact_accuracy", "q_halt_accuracy", "steps")
+
+
 @torch.no_grad()
 def halted_sequence_metrics(labels: torch.Tensor, outputs: dict[str, torch.Tensor], carry):
     """Batch sums of the reported metrics over halted rows that have labels; also returns the per-row
@@ -115,6 +122,12 @@ class ACTLossHead(nn.Module):
 
     def initial_carry(self, *args, **kwargs):
         return self.model.initial_carry(*args, **kwargs)
+
+    def metric_names(self, training: bool | None = None) -> tuple[str, ...]:
+        """The keys of the metrics `forward` returns in training or eval mode (default: the head's own mode)."""
+        training = self.training if training is None else training
+        continue_loss = ("q_continue_loss",) if self.model.makes_continue_target(training) else ()
+        return HALTED_SEQUENCE_METRICS + ("lm_loss", "q_halt_loss") + continue_loss
 
     def forward(self, return_keys: Sequence[str], **model_kwargs):
         new_carry, outputs = self.model(**model_kwargs)

@@ -26,11 +26,11 @@ if __package__ in (None, ""):  # run as `python scripts/quickstart_report.py`: m
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dataset.generate_sudoku import BOX_SHAPES  # noqa: E402
+from models.losses import IGNORE_LABEL_ID  # noqa: E402  (labels of cells that are not scored)
 from utils.cli import bad_input_exits  # noqa: E402
 from utils.saved_outputs import concatenate_saved_outputs  # noqa: E402
 
 PAD, BLANK = 0, 1  # Sudoku tokens: PAD 0, blank 1, digit d as d + 1
-IGNORE = -100  # label of cells that are not scored (padding rows of the last batch)
 KEYS = ("inputs", "labels", "preds")  # preds: the argmax of the saved logits
 USAGE = "usage: python scripts/quickstart_report.py CHECKPOINT_DIR/step_N_all_preds.0 [more rank files]"
 
@@ -79,11 +79,11 @@ def main(paths: list[str]) -> int:
     out = load_outputs(paths)
     source = ", ".join(paths)
     inputs, labels, preds = out["inputs"], out["labels"], out["preds"]
-    valid = labels != IGNORE
+    valid = labels != IGNORE_LABEL_ID
     rows = valid.any(-1)  # drop padding rows of the last batch
     inputs, labels, preds, valid = inputs[rows], labels[rows], preds[rows], valid[rows]
     if inputs.shape[0] == 0:
-        raise ValueError(f"{source}: no scored puzzle (every label is {IGNORE})")
+        raise ValueError(f"{source}: no scored puzzle (every label is {IGNORE_LABEL_ID})")
     side = grid_side(inputs.shape[1], source)
     digits = (labels >= BLANK + 1) & (labels <= side + 1)
     if not bool((digits | ~valid).all()) or not bool(((inputs >= BLANK) & (inputs <= side + 1)).all()):

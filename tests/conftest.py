@@ -6,12 +6,13 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-# HRM_RAW_DATA points elsewhere, e.g. from a git worktree whose parent folder has no shared/
-SHARED_RAW_DATA = Path(os.environ.get("HRM_RAW_DATA", REPO_ROOT.parent / "shared" / "data" / "raw-data"))
+from tests.helpers import REPO
 
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+# HRM_RAW_DATA points elsewhere, e.g. from a git worktree whose parent folder has no shared/
+SHARED_RAW_DATA = Path(os.environ.get("HRM_RAW_DATA", REPO.parent / "shared" / "data" / "raw-data"))
+
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("OMP_NUM_THREADS", "2")

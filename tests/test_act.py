@@ -4,6 +4,7 @@ no_ACT_continue=false). What differs between the models — the recursion, TRM's
 their own files."""
 
 import math
+from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 import pytest
@@ -14,14 +15,16 @@ from models.recursive_reasoning.trm import (
     TinyRecursiveReasoningModel_ACTV1Carry,
     TinyRecursiveReasoningModel_ACTV1InnerCarry,
 )
-from tests import test_hrm_act_v1 as hrm
-from tests import test_trm as trm
-from tests.test_hrm_act_v1 import run_steps
-from tests.test_trm import randomise, set_q_head
+from tests import helpers
+from tests.helpers import randomise, run_steps
+from tests.helpers import set_q_bias as set_q_head
+
+hrm = SimpleNamespace(tiny_config=helpers.hrm_tiny_config, make_batch=helpers.hrm_make_batch, build=helpers.hrm_build)
+trm = SimpleNamespace(tiny_config=helpers.trm_tiny_config, make_batch=helpers.trm_make_batch, build=helpers.trm_build)
 
 
 class Kind(NamedTuple):
-    tests: Any  # the model's test module: tiny_config, make_batch, build
+    tests: Any  # the model's tiny helpers (tests/helpers.py): tiny_config, make_batch, build
     overrides: dict  # config keys of this variant
     carry: type
     inner_carry: type

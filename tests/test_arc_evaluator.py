@@ -82,6 +82,7 @@ def rank_worker(rank, init_file, data, files, out):
         dist.destroy_process_group()
 
 
+@pytest.mark.multiprocess
 def test_two_gloo_ranks_gather_to_rank_0(dataset, tmp_path):
     data, files = dataset
     mp.spawn(rank_worker, args=(str(tmp_path / "init"), data, files, str(tmp_path)), nprocs=2, join=True)

@@ -30,7 +30,7 @@ import torch
 import yaml
 
 import pretrain
-from tests.test_pretrain_helpers import REPO, TINY_ARCH, make_tiny_dataset, tiny_config
+from tests.helpers import REPO, TINY_ARCH, make_tiny_dataset, tiny_config
 
 pytestmark = pytest.mark.slow
 

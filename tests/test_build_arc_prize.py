@@ -24,8 +24,8 @@ import pytest
 from dataset.build_arc_dataset import ArcBuildConfig, main
 from dataset.cli import run_cli
 from dataset.common import dihedral_transform
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 FIELDS = ("inputs", "labels", "puzzle_identifiers", "puzzle_indices", "group_indices")
 SUBSETS = ("training", "evaluation", "concept", "training2", "evaluation2")
 

@@ -15,8 +15,7 @@ from dataset.build_sudoku_dataset import SudokuBuildConfig, main
 from dataset.cli import run_cli
 from dataset.generate_sudoku import make_sudoku
 from dataset.generation import puzzle_rng
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.helpers import REPO
 
 
 @pytest.fixture(scope="module")

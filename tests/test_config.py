@@ -4,7 +4,6 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -17,8 +16,8 @@ from pretrain import (
     cosine_schedule_with_warmup_lr_lambda,
     derive_names,
 )
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 CONFIG_DIR = str(REPO / "config")
 
 

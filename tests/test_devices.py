@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import pretrain
-from tests.test_pretrain_helpers import REPO, make_tiny_dataset, tiny_config
+from tests.helpers import REPO, make_tiny_dataset, tiny_config
 from utils import build, distributed
 from utils.cli import describe_error
 from utils.distributed import DistInfo

@@ -1,52 +1,12 @@
 """A 2-process gloo run through torchrun on the tiny config: every rank ends with the same weights."""
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
-from tests.test_pretrain_helpers import REPO, TINY_ARCH, make_tiny_dataset, metric_records
-
-# Each rank runs the real command-line entry point; `train` is wrapped only to dump that rank's final weights.
-DRIVER = textwrap.dedent(
-    """
-    import sys, torch
-    sys.path.insert(0, {repo!r})
-    import pretrain
-
-    original_train = pretrain.train
-
-    def train_and_dump(config, info, logger=None):
-        state = original_train(config, info, logger)
-        torch.save(state.model.state_dict(), f"{out}/rank{{info.rank}}.pt")
-        torch.save({{"step": state.step, "config": config.model_dump()}}, f"{out}/meta{{info.rank}}.pt")
-        return state
-
-    pretrain.train = train_and_dump
-    pretrain.main()
-    """
-)
+from tests.helpers import TINY_ARCH, make_tiny_dataset, metric_records, run_two_rank_training
 
 
-def run_two_rank_training(tmp_path, overrides: list[str]) -> tuple[dict, dict, dict, dict]:
-    """`pretrain.py OVERRIDES` under torchrun with 2 gloo ranks; returns (rank0, rank1) final state dicts and
-    (meta0, meta1) = each rank's final step and config."""
-    out = tmp_path / "out"
-    out.mkdir()
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER.format(repo=str(REPO), out=str(out)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(driver)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run(cmd + overrides, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rank0, rank1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    meta0, meta1 = (torch.load(out / f"meta{r}.pt", weights_only=False) for r in (0, 1))
-    return rank0, rank1, meta0, meta1
-
-
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_two_rank_gloo_run_keeps_ranks_identical(tmp_path):
     data = make_tiny_dataset(tmp_path / "data", num_groups=8)
@@ -80,6 +40,7 @@ def test_two_rank_gloo_run_keeps_ranks_identical(tmp_path):
     assert (tmp_path / "ckpt" / "metrics.jsonl").read_text().count("all/accuracy") == 2
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_two_rank_async_metrics_run_equals_waited_run(tmp_path):
     """`async_metrics` (the GPU default: each step's metric sums are reduced to rank 0 and read one step late)

@@ -15,7 +15,7 @@ import torch
 
 import evaluate
 import pretrain
-from tests.test_pretrain_helpers import REPO, TINY_ARCH, make_tiny_dataset, tiny_config
+from tests.helpers import REPO, TINY_ARCH, make_tiny_dataset, tiny_config
 from utils import evaluation
 from utils.config import compose_config
 from utils.distributed import DistInfo
@@ -130,6 +130,7 @@ def test_arc_checkpoint_scored_as_the_arc_prize_does(raw_data_dir, tmp_path):
         assert all(set(a) == {"attempt_1", "attempt_2"} for a in attempts)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_torchrun_two_ranks_match_single_process(trained, tmp_path):
     _, ckpt, logged = trained
@@ -168,8 +169,9 @@ ARCHS = {
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_probe_finds_what_an_evaluation_saves_and_reports(trained, tmp_path, arch):
-    """The names `probe_eval_call` finds before any work are exactly the outputs a real evaluation can save and the
-    metrics it reports, for each model; the probe leaves the RNG state and the head's mode as they were."""
+    """The outputs `probe_eval_outputs` finds before any work are exactly those a real evaluation can save, and the
+    head's eval-mode `metric_names` (less the divisor `count`) exactly the metrics it reports, for each model; the
+    probe leaves the RNG state and the head's mode as they were."""
     from utils.build import create_dataloader, create_model
     from utils.train_state import TrainState
 
@@ -180,7 +182,8 @@ def test_probe_finds_what_an_evaluation_saves_and_reports(trained, tmp_path, arc
     eval_dataset, eval_loader = create_dataloader(config, "test", CPU, test_set_mode=True, epochs=1)
     head, _ = create_model(config, train_dataset.metadata, CPU)
     rng = torch.get_rng_state()
-    metrics, outputs = evaluation.probe_eval_call(head, eval_dataset.metadata, CPU.device)
+    outputs = evaluation.probe_eval_outputs(head, eval_dataset.metadata, CPU.device)
+    metrics = set(head.metric_names(training=False)) - {"count"}
     assert head.training and torch.equal(rng, torch.get_rng_state())
     assert {"inputs", "labels", "puzzle_identifiers", "logits", "q_halt_logits"} <= outputs
     head.eval()

@@ -17,7 +17,7 @@ import torch
 
 import evaluate
 import pretrain
-from tests.test_pretrain_helpers import REPO, make_tiny_dataset, tiny_config
+from tests.helpers import REPO, make_tiny_dataset, tiny_config
 from utils.distributed import DistInfo
 from utils.evaluation import flatten_eval_metrics, identifier_feed
 

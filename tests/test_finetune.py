@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import pretrain
-from tests.test_pretrain_helpers import make_tiny_dataset, tiny_config
+from tests.helpers import make_tiny_dataset, tiny_config
 from utils.build import PUZZLE_TABLE_KEY, create_dataloader
 from utils.distributed import DistInfo
 from utils.evaluation import evaluate

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from models.fused_ops import HAS_TRITON
-from models.layers import Attention, RotaryEmbedding, SwiGLU, apply_rotary_pos_emb, rms_norm
+from models.layers import PostNormBlock, RotaryEmbedding, SwiGLU, apply_rotary_pos_emb, rms_norm
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 ON_CUDA = torch.cuda.is_available()
@@ -30,7 +30,6 @@ if HAS_TRITON:
         fused_block_supported,
         fused_gate_up_swiglu,
         fused_linear_residual_rmsnorm,
-        fused_post_norm_block,
         fused_qkv_rope,
     )
 
@@ -167,33 +166,32 @@ def test_qkv_rope_without_tables_and_with_fewer_kv_heads():
             _check_close(out, ref, f"qkv_rope {name} rope={tables[0] is not None}")
 
 
-def _reference_block(attn: Attention, mlp: SwiGLU, cos_sin, x: torch.Tensor) -> torch.Tensor:
-    """The post-norm HRM block of models/hrm/hrm_act_v1.py, composed from models/layers.py."""
-    x = rms_norm(x + attn(cos_sin=cos_sin, hidden_states=x), EPS)
-    return rms_norm(x + mlp(x), EPS)
+def _reference_block(block: PostNormBlock, cos_sin, x: torch.Tensor) -> torch.Tensor:
+    """The post-norm HRM block, composed here from the block's models/layers.py sub-layers."""
+    x = rms_norm(x + block.self_attn(cos_sin=cos_sin, hidden_states=x), EPS)
+    return rms_norm(x + block.mlp(x), EPS)
 
 
-def _fused_block(attn: Attention, mlp: SwiGLU, cos_sin, x: torch.Tensor) -> torch.Tensor:
-    return fused_post_norm_block(attn, mlp, cos_sin, x, EPS)
+def _fused_block(block: PostNormBlock, cos_sin, x: torch.Tensor) -> torch.Tensor:
+    return block.forward_fused(cos_sin, x)
 
 
 def _block_setup(batch_size, seq_len, hidden, num_heads, dtype):
-    attn = Attention(hidden, hidden // num_heads, num_heads, num_heads).to(DEVICE)
-    mlp = SwiGLU(hidden, expansion=4.0).to(DEVICE)
+    block = PostNormBlock(hidden, num_heads, expansion=4.0, norm_eps=EPS, fused_ops=True).to(DEVICE)
     cos_sin = RotaryEmbedding(hidden // num_heads, seq_len, base=10000.0, device=DEVICE)()
     x = _randn(batch_size, seq_len, hidden, dtype=dtype)
-    return attn, mlp, cos_sin, x
+    return block, cos_sin, x
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rope", [True, False])
 def test_fused_block_matches_reference_block(dtype, rope):
     torch.manual_seed(5)
-    attn, mlp, cos_sin, x = _block_setup(2, 11, 64, 2, dtype)
+    block, cos_sin, x = _block_setup(2, 11, 64, 2, dtype)
     cos_sin = cos_sin if rope else None  # learned position encodings: the block runs without RoPE
     with torch.no_grad():
-        ref = _reference_block(attn, mlp, cos_sin, x)
-        out = _fused_block(attn, mlp, cos_sin, x)
+        ref = _reference_block(block, cos_sin, x)
+        out = _fused_block(block, cos_sin, x)
     # Error compounds through four matmuls and two norms; the tolerance stays at bf16 scale.
     rel = (out.float() - ref.float()).abs().max().item() / ref.float().abs().max().item()
     assert rel <= 3 * REL_TOL[dtype], f"block: max relative error {rel:.2e}"
@@ -231,22 +229,22 @@ def test_fused_block_supported_dispatch():
 def test_custom_ops_trace_without_graph_break():
     """fullgraph=True fails on any graph break; aot_eager traces the custom ops without Inductor."""
     torch.manual_seed(6)
-    attn, mlp, cos_sin, x = _block_setup(2, 7, 64, 2, torch.bfloat16)
+    block, cos_sin, x = _block_setup(2, 7, 64, 2, torch.bfloat16)
     with torch.no_grad():
-        eager = _fused_block(attn, mlp, cos_sin, x)
-        compiled = torch.compile(_fused_block, fullgraph=True, backend="aot_eager")(attn, mlp, cos_sin, x)
+        eager = _fused_block(block, cos_sin, x)
+        compiled = torch.compile(_fused_block, fullgraph=True, backend="aot_eager")(block, cos_sin, x)
     assert torch.equal(compiled, eager)
 
 
 @pytest.mark.skipif(not ON_CUDA or INTERPRET, reason="Inductor compiles the user Triton kernels on CUDA only")
 def test_inductor_compiled_block_matches_eager_fused_block():
     torch.manual_seed(7)
-    attn, mlp, cos_sin, x = _block_setup(16, 82, 512, 8, torch.bfloat16)  # the Sudoku block, small batch
+    block, cos_sin, x = _block_setup(16, 82, 512, 8, torch.bfloat16)  # the Sudoku block, small batch
     with torch.no_grad():
-        ref = _reference_block(attn, mlp, cos_sin, x)
-        eager = _fused_block(attn, mlp, cos_sin, x)
-        compiled = torch.compile(_fused_block, fullgraph=True)(attn, mlp, cos_sin, x)
-        compiled_ref = torch.compile(_reference_block, fullgraph=True)(attn, mlp, cos_sin, x)
+        ref = _reference_block(block, cos_sin, x)
+        eager = _fused_block(block, cos_sin, x)
+        compiled = torch.compile(_fused_block, fullgraph=True)(block, cos_sin, x)
+        compiled_ref = torch.compile(_reference_block, fullgraph=True)(block, cos_sin, x)
     # Not bit-equal: Inductor compiles the attention half and the norms around the custom op without the
     # eager path's intermediate bf16 roundings. Compiling must move the fused block no further than it
     # moves the reference block (plus one bf16 ulp of the output scale for the luck of the draw).

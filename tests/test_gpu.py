@@ -184,10 +184,9 @@ def test_cuda_graph_compile_mode_trains_like_default_compile():
 def _portable(monkeypatch) -> None:
     """Route every call through the PyTorch op sequence of models/layers.py (as HRM_KERNELS=portable does)."""
     import models.layers
-    import models.recursive_reasoning.trm
 
     monkeypatch.setattr(models.layers, "short_attention_supported", lambda *args: False)
-    monkeypatch.setattr(models.recursive_reasoning.trm, "_token_mix_in_place", lambda x: False)
+    monkeypatch.setattr(models.layers, "_token_mix_in_place", lambda x: False)
 
 
 def _all_kernels(monkeypatch) -> None:

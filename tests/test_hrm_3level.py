@@ -25,9 +25,8 @@ from models.hrm.hrm_3level import (
     top_p_filter,
 )
 from models.layers import rms_norm
+from tests.helpers import REPO
 from utils.functions import load_model_class
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def tiny_config(**overrides) -> dict:
@@ -317,6 +316,9 @@ def test_loss_head_hierarchical_objective_and_metrics():
     carry = head.initial_carry(batch)
     new_carry, loss, metrics, outputs, all_halted = head(["logits", "plan"], carry=carry, batch=batch)
     assert bool(all_halted) and set(outputs) == {"logits", "plan"}
+    assert set(head.metric_names(training=True)) == set(metrics)  # what the head declares is what it reports
+    head.eval()
+    assert set(head(["logits"], carry=head.initial_carry(batch), batch=batch)[2]) == set(head.metric_names())
 
     labels = batch["labels"]
     with torch.no_grad():
@@ -373,7 +375,7 @@ def test_config_errors_and_extra_keys():
 
 
 def test_arch_yaml_builds_through_the_launcher_identifiers():
-    arch = OmegaConf.to_container(OmegaConf.load(REPO_ROOT / "config/arch/hrm_3level.yaml"), resolve=True)
+    arch = OmegaConf.to_container(OmegaConf.load(REPO / "config/arch/hrm_3level.yaml"), resolve=True)
     model_cls = load_model_class(arch.pop("name"), prefix="models.")
     loss_cfg = arch.pop("loss")
     loss_cls = load_model_class(loss_cfg.pop("name"), prefix="models.")
@@ -543,7 +545,7 @@ def test_pretrain_trains_and_evaluates_arch_hrm_3level(tmp_path):
         "eval_save_outputs=[inputs,labels,puzzle_identifiers,logits,q_halt_logits]",
     ]  # fmt: skip
     env = {**os.environ, "DISABLE_COMPILE": "1", "WANDB_MODE": "disabled"}
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     # 2 epochs x 16 examples / batch 8 = 4 steps; the weights load into a freshly built loss head.
@@ -567,7 +569,7 @@ def test_pretrain_trains_and_evaluates_arch_hrm_3level(tmp_path):
     # evaluate.py on the checkpoint reports the loss the loaded head computes on the 8 test examples.
     proc = subprocess.run(
         [sys.executable, "evaluate.py", f"checkpoint={ckpt / 'step_4'}"],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     reported = float(re.search(r"all/lm_loss\W+([-+0-9.eE]+)", proc.stdout + proc.stderr).group(1))

@@ -8,66 +8,17 @@ import torch
 
 from models.hrm.hrm_act_v1 import HierarchicalReasoningModel_ACTV1
 from models.losses import ACTLossHead
+from tests.helpers import arch_config, run_steps
+from tests.helpers import hrm_build as build
+from tests.helpers import hrm_make_batch as make_batch
+from tests.helpers import hrm_tiny_config as tiny_config
 from utils.functions import get_model_source_path, load_model_class
 
 # The default architecture (config/arch/hrm_v1.yaml) on the Sudoku shape, plus keys the launcher passes along.
-SUDOKU_DEFAULT = dict(
-    name="hrm.hrm_act_v1@HierarchicalReasoningModel_ACTV1",
-    batch_size=2,
-    seq_len=81,
-    vocab_size=11,
-    num_puzzle_identifiers=1,
-    puzzle_emb_ndim=512,
-    H_cycles=2,
-    L_cycles=2,
-    H_layers=4,
-    L_layers=4,
-    hidden_size=512,
-    num_heads=8,
-    expansion=4,
-    pos_encodings="rope",
-    halt_max_steps=16,
-    halt_exploration_prob=0.1,
-    causal=False,
-)
-
-
-def tiny_config(**overrides) -> dict:
-    cfg = dict(
-        batch_size=4,
-        seq_len=6,
-        vocab_size=7,
-        num_puzzle_identifiers=5,
-        puzzle_emb_ndim=16,
-        H_cycles=2,
-        L_cycles=2,
-        H_layers=1,
-        L_layers=1,
-        hidden_size=16,
-        num_heads=2,
-        expansion=2,
-        pos_encodings="rope",
-        halt_max_steps=4,
-        halt_exploration_prob=0.0,
-        forward_dtype="float32",
-    )
-    cfg.update(overrides)
-    return cfg
-
-
-def make_batch(cfg: dict, seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    b, s = cfg["batch_size"], cfg["seq_len"]
-    return dict(
-        inputs=torch.randint(0, cfg["vocab_size"], (b, s), generator=g, dtype=torch.int32),
-        labels=torch.randint(0, cfg["vocab_size"], (b, s), generator=g, dtype=torch.int32),
-        puzzle_identifiers=torch.randint(0, cfg["num_puzzle_identifiers"], (b,), generator=g, dtype=torch.int32),
-    )
-
-
-def build(cfg: dict, seed: int = 0) -> HierarchicalReasoningModel_ACTV1:
-    torch.manual_seed(seed)
-    return HierarchicalReasoningModel_ACTV1(cfg)
+SUDOKU_DEFAULT = {
+    "name": "hrm.hrm_act_v1@HierarchicalReasoningModel_ACTV1",
+    **arch_config("hrm_v1", batch_size=2, seq_len=81, vocab_size=11, num_puzzle_identifiers=1, causal=False),
+}
 
 
 def set_q_head(model, weight_std: float, bias: tuple[float, float]) -> None:
@@ -349,15 +300,6 @@ def test_one_step_gradient_values_and_grads():
 
 
 # ---------------------------------------------------------------- ACT rules
-
-
-def run_steps(model, batch, n):
-    carry = model.initial_carry(batch)
-    history = []
-    for _ in range(n):
-        carry, out = model(carry, batch)
-        history.append((carry, out))
-    return history
 
 
 def test_training_halts_on_q_without_exploration():

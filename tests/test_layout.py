@@ -10,7 +10,8 @@ import itertools
 import re
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.helpers import REPO
+
 TOP_LEVEL = ("models", "dataset", "utils", "evaluators", "tools", "puzzle_dataset", "pretrain", "evaluate")
 FREE = ("tests", "benchmarks", "scripts", ".venv", "build")
 

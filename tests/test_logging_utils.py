@@ -8,7 +8,7 @@ import time
 import pytest
 
 import pretrain
-from tests.test_pretrain_helpers import REPO, TINY_ARCH, make_tiny_dataset, metric_records, tiny_config
+from tests.helpers import REPO, TINY_ARCH, make_tiny_dataset, metric_records, tiny_config
 from utils.logging_utils import WALL_TIME_KEY, JsonlLogger, TensorBoardLogger
 
 

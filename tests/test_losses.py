@@ -222,3 +222,42 @@ def test_head_on_real_model_train_and_eval():
         assert bool(all_halted) == (step == 2)
         assert metrics["count"].item() == (2 if step == 2 else 0)  # row 1 has no labels
         assert set(out) == {"logits", "q_halt_logits"}
+
+
+@pytest.mark.parametrize(
+    "model_name, overrides",
+    [
+        ("hrm", {}),
+        ("hrm", {"halt_max_steps": 1}),  # one step: no continue target, so no q_continue_loss
+        ("trm", {"no_ACT_continue": True}),
+        ("trm", {"no_ACT_continue": False}),
+    ],
+)
+def test_metric_names_are_the_metrics_the_head_returns(model_name, overrides):
+    """`metric_names(training)` lists exactly the keys of the metrics the head returns in that mode, for HRM and
+    TRM and their halting options (q_continue_loss only where the model trains a continue target)."""
+    from models.recursive_reasoning.trm import TinyRecursiveReasoningModel_ACTV1
+
+    cfg = dict(
+        batch_size=3, seq_len=5, vocab_size=6, num_puzzle_identifiers=2, puzzle_emb_ndim=8, H_cycles=1, L_cycles=1,
+        H_layers=1, L_layers=1, hidden_size=16, num_heads=2, expansion=2, pos_encodings="rope",
+        halt_max_steps=2, halt_exploration_prob=0.1, forward_dtype="float32",
+    ) | overrides  # fmt: skip
+    model_cls = HierarchicalReasoningModel_ACTV1 if model_name == "hrm" else TinyRecursiveReasoningModel_ACTV1
+    torch.manual_seed(0)
+    head = ACTLossHead(model_cls(cfg), "stablemax_cross_entropy")
+    batch = dict(
+        inputs=torch.randint(0, 6, (3, 5), dtype=torch.int32),
+        labels=torch.randint(0, 6, (3, 5), dtype=torch.int32),
+        puzzle_identifiers=torch.tensor([0, 1, 1], dtype=torch.int32),
+    )
+    reported = {}
+    for training in (True, False):
+        head.train(training)
+        _, _, metrics, _, _ = head(return_keys=[], carry=head.initial_carry(batch), batch=batch)
+        assert list(head.metric_names()) == list(head.metric_names(training=training))
+        assert set(head.metric_names(training=training)) == set(metrics)
+        reported[training] = set(metrics)
+    trains_continue = overrides.get("halt_max_steps", 2) > 1 and not overrides.get("no_ACT_continue", False)
+    assert ("q_continue_loss" in reported[True]) == trains_continue
+    assert "q_continue_loss" not in reported[False]

@@ -37,7 +37,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_pretrain_helpers import REPO, TINY_ARCH, free_port, make_tiny_dataset, metric_records
+from tests.helpers import REPO, TINY_ARCH, free_port, make_tiny_dataset, metric_records
 from utils.checkpointing import find_latest_train_state, train_state_path
 from utils.distributed import restarts_share_agent_store
 from utils.train_state import read_train_state
@@ -284,7 +284,7 @@ LOADER = textwrap.dedent(
     """
     import os, sys, time
     sys.path.insert(0, {repo!r})
-    from tests.test_pretrain_helpers import tiny_config
+    from tests.helpers import tiny_config
     from utils.build import create_dataloader
     from utils.distributed import setup_distributed
 
@@ -348,6 +348,7 @@ def reference(tmp_path_factory):
     return data, tmp / "reference"
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_two_agents_train_like_one_agent_with_two_workers(reference, tmp_path):
     data, ref_dir = reference
@@ -363,6 +364,7 @@ def test_two_agents_train_like_one_agent_with_two_workers(reference, tmp_path):
     assert_same_run(tmp_path / "run", ref_dir)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_killed_worker_ends_the_other_agent_and_both_resume_bit_exactly(reference, tmp_path):
     data, ref_dir = reference
@@ -419,6 +421,7 @@ def test_killed_worker_ends_the_other_agent_and_both_resume_bit_exactly(referenc
     assert_same_run(run_dir, ref_dir)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_elastic_restart_after_a_killed_worker_resumes_bit_exactly(reference, tmp_path):
     data, ref_dir = reference
@@ -454,6 +457,7 @@ def test_elastic_restart_after_a_killed_worker_resumes_bit_exactly(reference, tm
     assert_same_run(run_dir, ref_dir)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 @pytest.mark.parametrize("resume", ["auto", "path"])
 def test_a_checkpoint_folder_that_not_every_node_sees_is_refused(reference, tmp_path, resume):

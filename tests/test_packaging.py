@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from evaluate import EvalConfig
-from tests.test_pretrain_helpers import REPO
+from tests.helpers import REPO
 from utils.config import CONFIG_DIR, PretrainConfig, compose_config
 
 BUILDERS = {  # console command -> (module, config class)

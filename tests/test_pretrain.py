@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import pretrain
-from tests.test_pretrain_helpers import make_tiny_dataset, metric_records, tiny_config
+from tests.helpers import make_tiny_dataset, metric_records, tiny_config
 from utils import build, logging_utils, train_state, train_step
 from utils import checkpointing as ckpt
 from utils.distributed import DistInfo

@@ -7,13 +7,13 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.helpers import REPO
+
 BOXES = {4: (2, 2), 6: (2, 3)}
 
 

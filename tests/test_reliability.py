@@ -21,7 +21,7 @@ import torch
 
 import pretrain
 from models.losses import ACTLossHead
-from tests.test_pretrain_helpers import REPO, TINY_ARCH, free_port, make_tiny_dataset, metric_records, tiny_config
+from tests.helpers import REPO, TINY_ARCH, free_port, make_tiny_dataset, metric_records, tiny_config
 from utils import checkpointing as ckpt
 from utils import train_state, train_step
 
@@ -521,6 +521,7 @@ AGREE_DRIVER = textwrap.dedent(
 )
 
 
+@pytest.mark.multiprocess
 def test_all_ranks_reach_the_same_skip_decision(tmp_path):
     driver = tmp_path / "agree.py"
     driver.write_text(AGREE_DRIVER.format(repo=str(REPO)))

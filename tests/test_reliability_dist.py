@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 
-from tests.test_pretrain_helpers import REPO, TINY_ARCH, free_port, make_tiny_dataset
+from tests.helpers import REPO, TINY_ARCH, free_port, make_tiny_dataset
 
 TIMEOUT_S = 3
 
@@ -39,6 +39,7 @@ DRIVER = textwrap.dedent(
 )
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("mode", ["die", "hang"])
 def test_surviving_rank_exits_with_a_clear_message(tmp_path, mode):
     data = make_tiny_dataset(tmp_path / "data", num_groups=8)

@@ -18,7 +18,7 @@ import time
 import pytest
 import torch
 
-from tests.test_pretrain_helpers import REPO, TINY_ARCH, make_tiny_dataset
+from tests.helpers import REPO, TINY_ARCH, make_tiny_dataset
 from utils.checkpointing import TRAIN_STATE_TEMP_PATTERN, find_latest_train_state
 from utils.train_state import read_train_state
 

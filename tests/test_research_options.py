@@ -13,8 +13,7 @@ import evaluate as evaluate_cli
 import pretrain
 from models.losses import IGNORE_LABEL_ID, ACTLossHead
 from puzzle_dataset import PuzzleDataset, PuzzleDatasetConfig
-from tests.test_distributed import run_two_rank_training
-from tests.test_pretrain_helpers import TINY_ARCH, make_tiny_dataset, tiny_config
+from tests.helpers import TINY_ARCH, make_tiny_dataset, run_two_rank_training, tiny_config
 from utils import build, train_state, train_step, training_options
 from utils.distributed import DistInfo
 from utils.ema import ModelEMA
@@ -481,6 +480,7 @@ def test_grad_accum_training_run(data, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_all_options_on_two_gloo_ranks(tmp_path):
     """Every option on at once over 2 ranks: the collectives (early-stop decision, keep-best check, SignSGD

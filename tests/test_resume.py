@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pretrain import run
-from tests.test_pretrain_helpers import make_tiny_dataset, metric_records, tiny_config
+from tests.helpers import make_tiny_dataset, metric_records, tiny_config
 from utils.checkpointing import find_latest_train_state
 from utils.train_state import read_train_state
 

@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 from models.hrm.hrm_act_v1 import HierarchicalReasoningModel_ACTV1
 from models.losses import ACTLossHead
 from models.sparse_embedding import CastedSparseEmbedding, CastedSparseEmbeddingSignSGD_Distributed
-from tests.test_pretrain_helpers import free_port
+from tests.helpers import free_port
 
 
 def make_embedding(num=6, dim=2, batch=4, cast_to=torch.float32) -> CastedSparseEmbedding:
@@ -152,6 +152,7 @@ def _distributed_worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.multiprocess
 def test_two_process_gloo_equals_single_process_on_concatenated_batch(tmp_path):
     mp.spawn(_distributed_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     single = _train_one_step(RANK_IDS[0] + RANK_IDS[1], RANK_GRADS[0] + RANK_GRADS[1], world_size=1)

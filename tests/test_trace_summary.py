@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.test_pretrain_helpers import REPO
+from tests.helpers import REPO
 
 
 def test_busy_idle_and_categories_of_a_synthetic_trace(tmp_path):

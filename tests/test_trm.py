@@ -3,14 +3,12 @@ float64 re-derivation of TRM's equations (values and gradients over ACT steps), 
 the loss head, two optimizer steps, config errors. The ACT wrapper it shares with HRM: tests/test_act.py."""
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import models.fused_ops as fused_ops
 from models.common import trunc_normal_init_
 from models.hrm.hrm_act_v1 import HierarchicalReasoningModel_ACTV1Block, HierarchicalReasoningModel_ACTV1Config
 from models.losses import IGNORE_LABEL_ID, ACTLossHead
@@ -22,93 +20,19 @@ from models.recursive_reasoning.trm import (
     TinyRecursiveReasoningModel_ACTV1ReasoningModule,
 )
 from models.sparse_embedding import CastedSparseEmbeddingSignSGD_Distributed
-from tests.test_hrm_act_v1 import run_steps
+from tests.helpers import REPO, arch_config, randomise, run_steps
+from tests.helpers import set_q_bias as set_q_head
+from tests.helpers import trm_build as build
+from tests.helpers import trm_make_batch as make_batch
+from tests.helpers import trm_tiny_config as tiny_config
 from utils.functions import get_model_source_path, load_model_class
 from utils.optimizers import AdamATan2
 
 TRM_ID = "recursive_reasoning.trm@TinyRecursiveReasoningModel_ACTV1"
 
 # config/arch/trm.yaml on the Sudoku shape (vocab 11, 81 cells), plus the key the launcher passes along.
-SUDOKU = dict(
-    batch_size=2,
-    seq_len=81,
-    vocab_size=11,
-    num_puzzle_identifiers=3,
-    puzzle_emb_ndim=512,
-    H_cycles=3,
-    L_cycles=6,
-    H_layers=0,
-    L_layers=2,
-    hidden_size=512,
-    num_heads=8,
-    expansion=4,
-    pos_encodings="rope",
-    halt_max_steps=16,
-    halt_exploration_prob=0.1,
-    mlp_t=False,
-    puzzle_emb_len=16,
-    no_ACT_continue=True,
-    causal=False,
-)
+SUDOKU = arch_config("trm", batch_size=2, seq_len=81, vocab_size=11, num_puzzle_identifiers=3, causal=False)
 SUDOKU_MLP_T = {**SUDOKU, "mlp_t": True, "pos_encodings": "none"}  # TRM's README Sudoku command
-
-
-def tiny_config(**overrides) -> dict:
-    cfg = dict(
-        batch_size=4,
-        seq_len=6,
-        vocab_size=7,
-        num_puzzle_identifiers=5,
-        puzzle_emb_ndim=16,
-        H_cycles=2,
-        L_cycles=2,
-        H_layers=0,
-        L_layers=2,
-        hidden_size=16,
-        num_heads=2,
-        expansion=2,
-        pos_encodings="rope",
-        halt_max_steps=4,
-        halt_exploration_prob=0.0,
-        forward_dtype="float32",
-        puzzle_emb_len=2,
-    )
-    cfg.update(overrides)
-    return cfg
-
-
-def make_batch(cfg: dict, seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    b, s = cfg["batch_size"], cfg["seq_len"]
-    labels = torch.randint(0, cfg["vocab_size"], (b, s), generator=g, dtype=torch.int32)
-    labels[0, :2] = IGNORE_LABEL_ID
-    return dict(
-        inputs=torch.randint(0, cfg["vocab_size"], (b, s), generator=g, dtype=torch.int32),
-        labels=labels,
-        puzzle_identifiers=torch.randint(0, cfg["num_puzzle_identifiers"], (b,), generator=g, dtype=torch.int32),
-    )
-
-
-def build(cfg: dict, seed: int = 0) -> TinyRecursiveReasoningModel_ACTV1:
-    torch.manual_seed(seed)
-    return TinyRecursiveReasoningModel_ACTV1(cfg)
-
-
-def randomise(model, seed: int = 1) -> None:
-    """Non-trivial Q head and puzzle table (their init is zero), so Q, halting and the prefix matter."""
-    g = torch.Generator().manual_seed(seed)
-    inner = model.inner
-    with torch.no_grad():
-        inner.q_head.weight.copy_(torch.randn(inner.q_head.weight.shape, generator=g) * 0.5)
-        inner.q_head.bias.copy_(torch.tensor([0.1, -0.2]))
-        if hasattr(inner, "puzzle_emb"):
-            inner.puzzle_emb.weights.copy_(torch.randn(inner.puzzle_emb.weights.shape, generator=g))
-
-
-def set_q_head(model, bias: tuple[float, float]) -> None:
-    with torch.no_grad():
-        model.inner.q_head.weight.zero_()
-        model.inner.q_head.bias.copy_(torch.tensor(bias))
 
 
 def swiglu_width(hidden: int, expansion: float) -> int:
@@ -120,7 +44,7 @@ def swiglu_width(hidden: int, expansion: float) -> int:
 
 def compose_arch(*overrides: str) -> dict:
     """The `arch` section as the launcher composes it (Hydra, config/cfg_pretrain.yaml)."""
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parent.parent / "config"), version_base=None):
+    with initialize_config_dir(config_dir=str(REPO / "config"), version_base=None):
         cfg = compose(config_name="cfg_pretrain", overrides=list(overrides))
     return OmegaConf.to_container(cfg.arch, resolve=True)
 
@@ -501,12 +425,12 @@ def test_mlp_t_in_place_layout_matches_trms_transposed_layout(monkeypatch):
     """The GPU's [B, L, D] form of the mlp_t sub-layer (weights multiplied from the left, gate/up weight read
     through a row-padded view, RMSNorm over dim 1) computes TRM's transposed form: float32 outputs and
     gradients within 1e-6 relative over whole ACT steps, on the CPU where both can run."""
-    import models.recursive_reasoning.trm as trm
+    import models.layers
 
     cfg = tiny_config(mlp_t=True, pos_encodings="none", H_cycles=2, L_cycles=2, seq_len=7)  # 7 + 2 rows: unaligned
     results = {}
     for in_place in (False, True):
-        monkeypatch.setattr(trm, "_token_mix_in_place", lambda x, flag=in_place: flag)
+        monkeypatch.setattr(models.layers, "_token_mix_in_place", lambda x, flag=in_place: flag)
         model = build(cfg).train()
         batch = make_batch(cfg, 3)
         carry = model.initial_carry(batch)
@@ -537,23 +461,29 @@ def test_swiglu_over_dim1_is_the_transposed_swiglu():
 
 @pytest.mark.parametrize("mlp_t", [False, True])
 def test_fused_ops_dispatch(monkeypatch, mlp_t):
-    """fused_ops routes no-grad attention-block calls to the fused block (CUDA-only, so simulated here)."""
+    """fused_ops routes no-grad attention-block calls' SwiGLU to the fused kernel (CUDA-only, so simulated here
+    by the same math in PyTorch: the outputs stay those of the unfused model)."""
+    import models.layers
+
     calls = []
 
-    def fake_fused(attn, mlp, cos_sin, hidden_states, eps):
+    def fake_fused(x, w_gate_up):
         calls.append(torch.is_grad_enabled())
-        return hidden_states * 0
+        gate, up = torch.nn.functional.linear(x, w_gate_up.to(x.dtype)).chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate) * up
 
-    monkeypatch.setattr(fused_ops, "fused_block_supported", lambda x: not torch.is_grad_enabled())
-    monkeypatch.setattr(fused_ops, "fused_post_norm_block", fake_fused)
+    monkeypatch.setattr(models.layers, "fused_block_supported", lambda x: not torch.is_grad_enabled())
+    monkeypatch.setattr(models.layers, "fused_gate_up_swiglu", fake_fused)
+    logits = []
     for flag in (False, True):
         cfg = tiny_config(fused_ops=flag, mlp_t=mlp_t, H_cycles=3, L_cycles=2)
         model = build(cfg).train()
         batch = make_batch(cfg, 3)
         calls.clear()
-        model(model.initial_carry(batch), batch)
+        logits.append(model(model.initial_carry(batch), batch)[1]["logits"])
         expected = 0 if (not flag or mlp_t) else 2 * (2 + 1) * 2  # no-grad cycles x updates x layers
         assert len(calls) == expected and not any(calls)
+    assert torch.equal(logits[0], logits[1])
 
 
 # ---------------------------------------------------------------- an independent float64 TRM

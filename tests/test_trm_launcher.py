@@ -24,7 +24,7 @@ from hydra import compose, initialize_config_dir
 
 import pretrain
 from puzzle_dataset import PuzzleDataset, PuzzleDatasetConfig
-from tests.test_pretrain_helpers import REPO, make_tiny_dataset
+from tests.helpers import REPO, make_tiny_dataset
 from utils.build import identifier_offsets
 from utils.config import compose_config, config_from_hydra
 from utils.distributed import DistInfo
@@ -125,7 +125,10 @@ def tiny_run_command(command: str, global_batch_size: int) -> str:
 
 @pytest.mark.slow
 @pytest.mark.full_size
-@pytest.mark.parametrize("name", sorted(TRM_README))
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=pytest.mark.multiprocess) if "torchrun" in TRM_README[n] else n for n in sorted(TRM_README)],
+)
 def test_trm_readme_command_runs_on_tiny_data(tmp_path, name):
     """The full-size TRM (d=512, bf16) for one step and one evaluation: 1 example per rank, 1 test example."""
     ranks = 4 if "torchrun" in TRM_README[name] else 1

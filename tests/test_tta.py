@@ -27,7 +27,7 @@ from dataset.common import load_metadata
 from dataset.generate_maze import make_maze
 from dataset.generate_sudoku import make_sudoku
 from dataset.generation import puzzle_rng
-from tests.test_pretrain_helpers import REPO, make_tiny_dataset, tiny_config
+from tests.helpers import REPO, make_tiny_dataset, tiny_config
 from utils.build import create_dataloader
 from utils.distributed import DistInfo
 from utils.train_state import TrainState
@@ -143,6 +143,7 @@ def test_identity_views_count_as_the_loss_head_does(tmp_path):
     assert voted["tta_exact_accuracy"] == pytest.approx(plain["exact_accuracy"], abs=1e-6)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_evaluate_votes_sudoku_views_from_the_command_line(sudoku6, tmp_path):
     run = tmp_path / "run"

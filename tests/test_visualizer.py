@@ -17,9 +17,8 @@ import pytest
 import torch
 
 from tests.browser import synthetic
+from tests.helpers import REPO
 from tools import visualize as viz
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_detect_kind():
@@ -290,7 +289,7 @@ def test_module_entry_point(arc_with_preds, tmp_path):
             "--out",
             str(out),
         ],
-        cwd=REPO_ROOT,
+        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=120,
@@ -351,7 +350,7 @@ def test_act_step_accuracy_real_hrm_matches_head_metrics():
 def test_export_of_a_real_training_run_matches_its_eval_metrics(tmp_path):
     """pretrain.py's own saved outputs (tiny run): exported accuracies equal the accuracies its evaluation logged."""
     from pretrain import run
-    from tests.test_pretrain_helpers import make_tiny_dataset, tiny_config
+    from tests.helpers import make_tiny_dataset, tiny_config
 
     data = make_tiny_dataset(tmp_path / "data")
     keys = "[inputs,labels,puzzle_identifiers,logits,q_halt_logits,q_continue_logits]"
@@ -367,7 +366,7 @@ def test_export_of_a_real_training_run_matches_its_eval_metrics(tmp_path):
 
 def test_page_is_self_contained():
     """No CDN or other external resource: no src/href attributes, no <link>, no CSS url(), no @import."""
-    html = (REPO_ROOT / "puzzle_visualizer.html").read_text()
+    html = (REPO / "puzzle_visualizer.html").read_text()
     for needle in ("src=", "href=", "<link", "url(", "@import", "//cdn", "https://"):
         assert needle not in html, needle
 

@@ -11,16 +11,15 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.browser import synthetic
 from tests.browser.chromium import http_server, start_driver
+from tests.helpers import REPO
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-PAGE = REPO_ROOT / "puzzle_visualizer.html"
+PAGE = REPO / "puzzle_visualizer.html"
 ARC_RGB = [
     "rgb(0, 0, 0)",
     "rgb(0, 116, 217)",
@@ -334,7 +333,7 @@ def test_builder_output_maze(driver, site, tmp_path):
     out = root / "built_maze"
     res = subprocess.run(
         [sys.executable, "dataset/build_maze_dataset.py", "--source-repo", str(src), "--output-dir", str(out), "--aug"],
-        cwd=REPO_ROOT,
+        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=120,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import pretrain
-from tests.test_pretrain_helpers import REPO, TINY_ARCH, make_tiny_dataset, metric_records, tiny_config
+from tests.helpers import REPO, TINY_ARCH, make_tiny_dataset, metric_records, tiny_config
 from tools import plot_metrics
 from utils.evaluation import eval_summary
 

@@ -13,9 +13,11 @@ Design choices:
   requested outputs are concatenated and saved per rank as `step_{N}_all_preds.{rank}`
   (utils/saved_outputs.py), after the metrics are known (and handed to `report`), so a failed write
   never loses them.
-- What an evaluation can save and report is found before any work by running the loss head once on a
-  blank example (`probe_eval_call`): a misspelled output name or `keep_best` metric is one error line
-  listing the valid ones, before the first step rather than after the first evaluation.
+- What an evaluation can save and report is known before any work: the metrics from the loss head's
+  `metric_names` (and the evaluators' `result_names`), the outputs by running the loss head once on a blank
+  example (`probe_eval_outputs`: the model's outputs are what it returns, declared nowhere else). A misspelled
+  output name or `keep_best` metric is one error line listing the valid ones, before the first step rather
+  than after the first evaluation.
 - Evaluators (TRM's protocol: `required_outputs`, `begin_eval()`, `update_batch(batch, outputs)`,
   `result(save_path, rank, world_size, group)`) see the batches of their own test dataset, with its
   puzzle identifiers as its identifiers.json numbers them; their results are reported as the set
@@ -161,10 +163,10 @@ def identifier_feed(mode: str, metadata: Any, seed: int):
     return lambda ids: table.to(ids.device)[ids.long()].to(ids.dtype)
 
 
-def probe_eval_call(head: nn.Module, metadata: Any, device: torch.device) -> tuple[set[str], set[str]]:
-    """(metric names, output names) of one evaluation call of the loss head, for the configured model: the head run
-    once in eval mode on one blank example, the RNG states and the head's mode kept, so nothing is hard-coded and
-    nothing the run computes changes. Outputs: the batch's keys, the model's and what the head adds (`preds`)."""
+def probe_eval_outputs(head: nn.Module, metadata: Any, device: torch.device) -> set[str]:
+    """The output names of one evaluation call of the loss head, for the configured model: the head run once in
+    eval mode on one blank example, the RNG states and the head's mode kept, so nothing is hard-coded and nothing
+    the run computes changes. Outputs: the batch's keys, the model's and what the head adds (`preds`)."""
     shape = (1, metadata.seq_len)
     batch = {  # the loader's keys and dtypes (puzzle_dataset.py)
         "inputs": torch.full(shape, metadata.pad_id, dtype=torch.int32, device=device),
@@ -181,11 +183,11 @@ def probe_eval_call(head: nn.Module, metadata: Any, device: torch.device) -> tup
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.inference_mode():
             head.eval()
-            _, _, metrics, _, _ = head(return_keys=[], carry=head.initial_carry(batch), batch=batch)
+            head(return_keys=[], carry=head.initial_carry(batch), batch=batch)
     finally:
         hook.remove()
         head.train(was_training)
-    return set(metrics) - {"count"}, set(batch) | set(seen["outputs"])
+    return set(batch) | set(seen["outputs"])
 
 
 def evaluator_metric(key: str, index: int) -> tuple[str, str]:
@@ -204,25 +206,31 @@ def check_eval_requests(
     save_key: str = "eval_save_outputs",
 ) -> None:
     """Before any work: each output `config.eval_save_outputs` names (`save_key` on the command line) is one the
-    evaluation has, and `keep_best` names a metric it reports (the loss head's per test set, and the evaluators'
-    declared `result_names()`); otherwise one ValueError line listing the valid names. A metric of an evaluator
-    that declares none is checked after the first evaluation instead."""
-    if not config.eval_save_outputs and config.keep_best is None:
-        return
-    metric_names, output_names = probe_eval_call(head, metadata, device)
-    unknown = [k for k in config.eval_save_outputs if k not in output_names]
-    if unknown:
-        raise ValueError(
-            f"config key '{save_key}': {unknown[0]!r} is not an output of this evaluation "
-            f"(have {', '.join(sorted(output_names))})"
-        )
+    evaluation has, and `keep_best` names a metric it reports (the loss head's eval-mode `metric_names()` per test
+    set, and the evaluators' declared `result_names()`); otherwise one ValueError line listing the valid names. A
+    metric of a head or an evaluator that declares none is checked after the first evaluation instead."""
+    if config.eval_save_outputs:
+        output_names = probe_eval_outputs(head, metadata, device)
+        unknown = [k for k in config.eval_save_outputs if k not in output_names]
+        if unknown:
+            raise ValueError(
+                f"config key '{save_key}': {unknown[0]!r} is not an output of this evaluation "
+                f"(have {', '.join(sorted(output_names))})"
+            )
     if config.keep_best is None:
         return
-    known = {f"{s}/{m}" for s in metadata.sets for m in metric_names}
-    declared = all(callable(getattr(ev, "result_names", None)) for _, ev in evaluators)
+    head_names = getattr(head, "metric_names", None)
+    head_declared = callable(head_names)
+    known = (
+        {f"{s}/{m}" for s in metadata.sets for m in head_names(training=False) if m != "count"}
+        if head_declared
+        else set()
+    )
+    declared = head_declared and all(callable(getattr(ev, "result_names", None)) for _, ev in evaluators)
     for index, evaluator in evaluators if declared else ():
         known.update("/".join(evaluator_metric(key, index)) for key in evaluator.result_names())
-    if config.keep_best not in known and (declared or config.keep_best.split("/")[0] in metadata.sets):
+    in_sets = config.keep_best.split("/")[0] in metadata.sets
+    if config.keep_best not in known and (declared or (in_sets and head_declared)):
         raise ValueError(
             f"config key 'keep_best': {config.keep_best!r} is not an eval metric (have {', '.join(sorted(known))})"
         )

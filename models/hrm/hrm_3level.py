@@ -61,9 +61,9 @@ import torch.nn.functional as F
 from pydantic import model_validator
 from torch import nn
 
-from models.common import ModelConfig, build_model_config, trunc_normal_init_
+from models.common import ModelConfig, build_model_config, puzzle_prefix_len, trunc_normal_init_
 from models.layers import CastedLinear, RotaryEmbedding, SwiGLU, apply_rotary_pos_emb, attention, rms_norm
-from models.losses import IGNORE_LABEL_ID, LOSS_FUNCTIONS, halted_sequence_metrics
+from models.losses import HALTED_SEQUENCE_METRICS, IGNORE_LABEL_ID, LOSS_FUNCTIONS, halted_sequence_metrics
 from models.sparse_embedding import CastedSparseEmbedding
 
 FLOAT8_E4M3_MAX = 448.0
@@ -475,7 +475,7 @@ class HierarchicalReasoningModel_3Level(nn.Module):
         self.forward_dtype = getattr(torch, config.forward_dtype)
         d = config.hidden_size
 
-        self.puzzle_emb_len = -(config.puzzle_emb_ndim // -d)  # ceil division
+        self.puzzle_emb_len = puzzle_prefix_len(config.puzzle_emb_ndim, d)
         self.num_positions = config.seq_len + self.puzzle_emb_len
         storage = getattr(torch, config.token_storage_dtype)
         if storage == torch.float8_e4m3fn and not float8_supported(torch.empty(0).device):
@@ -688,6 +688,10 @@ class HierarchicalLossHead(nn.Module):
 
     def initial_carry(self, *args, **kwargs):
         return self.model.initial_carry(*args, **kwargs)
+
+    def metric_names(self, training: bool | None = None) -> tuple[str, ...]:
+        """The keys of the metrics `forward` returns, the same in training and eval mode (models/losses.py)."""
+        return HALTED_SEQUENCE_METRICS + tuple(self.weights)
 
     def forward(self, return_keys: Sequence[str], **model_kwargs):
         new_carry, outputs = self.model(**model_kwargs)

@@ -23,12 +23,9 @@ from dataclasses import dataclass
 
 import torch
 from pydantic import field_validator, model_validator
-from torch import nn
 
-from models.act import ACTModel, RecursiveInner
-from models.common import ModelConfig
-from models.fused_ops import post_norm_block
-from models.layers import Attention, ReasoningModule, SwiGLU
+from models.act import ACTModel, RecursiveInner, RecursiveModelConfig
+from models.layers import PostNormBlock, ReasoningModule
 
 
 @dataclass
@@ -45,38 +42,8 @@ class HierarchicalReasoningModel_ACTV1Carry:
     current_data: dict[str, torch.Tensor]
 
 
-class HierarchicalReasoningModel_ACTV1Config(ModelConfig):
-    batch_size: int
-    seq_len: int
-    puzzle_emb_ndim: int = 0
-    num_puzzle_identifiers: int
-    vocab_size: int
-
-    H_cycles: int
-    L_cycles: int
-
-    H_layers: int
-    L_layers: int
-
-    # Transformer config
-    hidden_size: int
-    expansion: float
-    num_heads: int
-    pos_encodings: str
-
-    rms_norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-
-    # Halting Q-learning config
-    halt_max_steps: int
-    halt_exploration_prob: float
-
-    forward_dtype: str = "bfloat16"
-    # Beyond the reference, opt-in: run no-grad block calls through the fused Triton SwiGLU kernel of
-    # models/fused_ops.py (CUDA, bf16/fp16; persistent TMA kernel on Hopper). Same math, the eager
-    # path's bf16 roundings; on an H100 ~3% faster train steps and ~6% faster evaluation than
-    # torch.compile + cuBLAS (benchmarks/RESULTS.md). Off by default: the default stays the reference's path.
-    fused_ops: bool = False
+class HierarchicalReasoningModel_ACTV1Config(RecursiveModelConfig):
+    """HRM's keys are the shared ones (models/act.py); positions are `rope` or `learned`, and H has >= 1 layer."""
 
     @field_validator("pos_encodings")
     @classmethod
@@ -85,12 +52,9 @@ class HierarchicalReasoningModel_ACTV1Config(ModelConfig):
             raise ValueError(f"expected 'rope' or 'learned', got {v!r}")
         return v
 
-    @field_validator(
-        "batch_size", "seq_len", "vocab_size", "num_puzzle_identifiers", "H_cycles", "L_cycles", "H_layers",
-        "L_layers", "hidden_size", "num_heads", "halt_max_steps",
-    )  # fmt: skip
+    @field_validator("H_layers")
     @classmethod
-    def _check_positive(cls, v: int) -> int:
+    def _check_h_layers(cls, v: int) -> int:
         if v < 1:
             raise ValueError(f"must be >= 1, got {v}")
         return v
@@ -106,26 +70,17 @@ class HierarchicalReasoningModel_ACTV1Config(ModelConfig):
         return self
 
 
-class HierarchicalReasoningModel_ACTV1Block(nn.Module):
-    """Post-norm transformer block: x = norm(x + attn(x)); x = norm(x + mlp(x))."""
+class HierarchicalReasoningModel_ACTV1Block(PostNormBlock):
+    """Post-norm transformer block (models/layers.py): x = norm(x + attn(x)); x = norm(x + mlp(x))."""
 
     def __init__(self, config: HierarchicalReasoningModel_ACTV1Config) -> None:
-        super().__init__()
-        self.self_attn = Attention(
+        super().__init__(
             hidden_size=config.hidden_size,
-            head_dim=config.hidden_size // config.num_heads,
             num_heads=config.num_heads,
-            num_key_value_heads=config.num_heads,
-            causal=False,
+            expansion=config.expansion,
+            norm_eps=config.rms_norm_eps,
+            fused_ops=config.fused_ops,
         )
-        self.mlp = SwiGLU(hidden_size=config.hidden_size, expansion=config.expansion)
-        self.norm_eps = config.rms_norm_eps
-        self.fused_ops = config.fused_ops
-
-    def forward(self, cos_sin, hidden_states: torch.Tensor) -> torch.Tensor:
-        # With fused_ops, no-grad passes on the GPU (40 of the 48 block calls of a train step, all of
-        # evaluation) fuse the SwiGLU gating into its projection's matmul (models/fused_ops.py).
-        return post_norm_block(self.self_attn, self.mlp, cos_sin, hidden_states, self.norm_eps, self.fused_ops)
 
 
 class HierarchicalReasoningModel_ACTV1ReasoningModule(ReasoningModule):
@@ -136,9 +91,6 @@ class HierarchicalReasoningModel_ACTV1_Inner(RecursiveInner):
     """HRM's recursion between the shared input/output layers (models/act.py): a high level H and a low level L."""
 
     carry_cls = HierarchicalReasoningModel_ACTV1InnerCarry
-
-    def __init__(self, config: HierarchicalReasoningModel_ACTV1Config) -> None:
-        super().__init__(config, puzzle_emb_len=-(config.puzzle_emb_ndim // -config.hidden_size))  # ceil division
 
     def build_levels(self) -> None:
         self.H_level = HierarchicalReasoningModel_ACTV1ReasoningModule(

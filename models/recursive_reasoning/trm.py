@@ -10,13 +10,10 @@ Design choices (TRM's):
 - Per ACT step, `H_cycles - 1` full cycles run without gradient, then one full cycle with gradient: the
   gradient flows back through all `L_cycles + 1` updates of the last cycle (HRM differentiates only
   its last L and H update). Both states are detached before they are carried to the next ACT step.
-- Block: HRM's post-norm attention block (`models.fused_ops.post_norm_block`, with HRM's opt-in fused
+- Block: HRM's post-norm attention block (`models.layers.PostNormBlock`, with HRM's opt-in fused
   no-grad path `fused_ops`), or with `mlp_t` an MLP-Mixer-like block whose attention is replaced by a
-  SwiGLU over the token axis: the state is transposed to [B, D, L] (L = seq_len + puzzle_emb_len), the
-  SwiGLU of width L, the residual and the RMSNorm all act in that layout, so the norm runs over
-  positions. `fused_ops` has no effect on the `mlp_t` block. On a GPU the no-grad calls run the same
-  sub-layer in the [B, L, D] layout (the weights multiply from the left: no transposes, aligned matmul rows);
-  calls with gradient, the CPU, and `HRM_KERNELS=portable` run TRM's transposed op sequence bit for bit.
+  SwiGLU over the token axis (L = seq_len + puzzle_emb_len positions; the same class, see its file for
+  the layouts). `fused_ops` has no effect on the `mlp_t` block.
 - Puzzle prefix: `puzzle_emb_len` rows (default 16; 0 means HRM's ceil(puzzle_emb_ndim / hidden_size)):
   the puzzle embedding is zero-padded to `puzzle_emb_len * hidden_size` and viewed as that many rows.
   The logits drop the prefix; Q (halt, continue) is read from the answer state's first row, in fp32.
@@ -46,13 +43,9 @@ from dataclasses import dataclass
 
 import torch
 from pydantic import field_validator, model_validator
-from torch import nn
 
-from models.act import ACTModel, RecursiveInner
-from models.common import ModelConfig
-from models.fused_ops import post_norm_block
-from models.layers import Attention, ReasoningModule, SwiGLU, rms_norm
-from models.triton_common import DEFAULT_KERNELS
+from models.act import ACTModel, RecursiveInner, RecursiveModelConfig
+from models.layers import PostNormBlock, ReasoningModule
 
 
 @dataclass
@@ -69,58 +62,15 @@ class TinyRecursiveReasoningModel_ACTV1Carry:
     current_data: dict[str, torch.Tensor]
 
 
-def _puzzle_prefix_len(puzzle_emb_len: int, puzzle_emb_ndim: int, hidden_size: int) -> int:
-    """Rows of the puzzle prefix: `puzzle_emb_len`, or 0 for HRM's ceil(puzzle_emb_ndim / hidden_size)."""
-    return puzzle_emb_len if puzzle_emb_len > 0 else -(puzzle_emb_ndim // -hidden_size)
-
-
-class TinyRecursiveReasoningModel_ACTV1Config(ModelConfig):
-    # Misspelled keys fail loudly; the launcher's own keys (`causal`, ...) pass (models/common.py).
-
-    batch_size: int
-    seq_len: int
-    puzzle_emb_ndim: int = 0
-    num_puzzle_identifiers: int
-    vocab_size: int
-
-    H_cycles: int
-    L_cycles: int
-
-    H_layers: int  # TRM's configs carry it (trm.yaml: 0); there is no H level, so it is not used
-    L_layers: int
-
-    # Transformer config
-    hidden_size: int
-    expansion: float
-    num_heads: int
-    pos_encodings: str  # rope, learned, or anything else for none
-
-    rms_norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-
-    # Halting Q-learning config
-    halt_max_steps: int
-    halt_exploration_prob: float
-
-    forward_dtype: str = "bfloat16"
+class TinyRecursiveReasoningModel_ACTV1Config(RecursiveModelConfig):
+    # The shared keys (models/act.py) and TRM's own; misspelled keys fail loudly, the launcher's own keys
+    # (`causal`, ...) pass (models/common.py). `H_layers`: TRM's configs carry it (trm.yaml: 0); there is no H
+    # level, so it is not used. `pos_encodings`: rope, learned, or anything else for none. `fused_ops`: beyond
+    # TRM, for the attention block only; off by default, so the default stays TRM's path.
 
     mlp_t: bool = False  # token-mixing SwiGLU instead of attention
     puzzle_emb_len: int = 16  # rows of the puzzle prefix; 0: ceil(puzzle_emb_ndim / hidden_size)
     no_ACT_continue: bool = True  # halt on q_halt > 0 alone; no continue target, no second inner pass
-
-    # Beyond TRM, opt-in: HRM's fused Triton SwiGLU for no-grad calls of the attention block (HRM's
-    # `fused_ops`, models/fused_ops.py). Off by default: the default stays TRM's path.
-    fused_ops: bool = False
-
-    @field_validator(
-        "batch_size", "seq_len", "vocab_size", "num_puzzle_identifiers", "H_cycles", "L_cycles", "L_layers",
-        "hidden_size", "num_heads", "halt_max_steps",
-    )  # fmt: skip
-    @classmethod
-    def _check_positive(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError(f"must be >= 1, got {v}")
-        return v
 
     @field_validator("H_layers", "puzzle_emb_ndim", "puzzle_emb_len")
     @classmethod
@@ -136,58 +86,32 @@ class TinyRecursiveReasoningModel_ACTV1Config(ModelConfig):
             raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
         if self.pos_encodings == "rope" and (self.hidden_size // self.num_heads) % 2 != 0:
             raise ValueError(f"hidden_size/num_heads = {self.hidden_size // self.num_heads} must be even for rope")
-        prefix = _puzzle_prefix_len(self.puzzle_emb_len, self.puzzle_emb_ndim, self.hidden_size)
-        if self.puzzle_emb_ndim > prefix * self.hidden_size:
+        if self.puzzle_emb_ndim > self.puzzle_prefix_len * self.hidden_size:
             raise ValueError(
                 f"puzzle_emb_ndim ({self.puzzle_emb_ndim}) does not fit in puzzle_emb_len ({self.puzzle_emb_len}) "
                 f"rows of hidden_size ({self.hidden_size})"
             )
         return self
 
-
-def _token_mix_in_place(hidden_states: torch.Tensor) -> bool:
-    """Whether the mlp_t sub-layer runs in the [B, L, D] layout: for no-grad calls on a GPU, unless
-    `HRM_KERNELS=portable`. Measured on an H200 (TRM's Sudoku recipe): 1.12x faster evaluation with it, but train
-    steps 4% slower when the calls with gradient took it too (its weight gradient is reduced from a per-row
-    [B, 2m, L] buffer), so those keep TRM's layout. Grad mode only: compile-friendly."""
-    return hidden_states.is_cuda and DEFAULT_KERNELS and not torch.is_grad_enabled()
+    @property
+    def puzzle_prefix_len(self) -> int:
+        """`puzzle_emb_len` rows, or with 0 HRM's ceil(puzzle_emb_ndim / hidden_size)."""
+        return self.puzzle_emb_len if self.puzzle_emb_len > 0 else super().puzzle_prefix_len
 
 
-class TinyRecursiveReasoningModel_ACTV1Block(nn.Module):
-    """Post-norm block: token mixing (attention, or with `mlp_t` a SwiGLU over positions), then a channel SwiGLU."""
+class TinyRecursiveReasoningModel_ACTV1Block(PostNormBlock):
+    """Post-norm block (models/layers.py): token mixing (attention, or with `mlp_t` a SwiGLU over positions),
+    then a channel SwiGLU."""
 
     def __init__(self, config: TinyRecursiveReasoningModel_ACTV1Config) -> None:
-        super().__init__()
-        self.config = config
-        if config.mlp_t:
-            self.puzzle_emb_len = _puzzle_prefix_len(config.puzzle_emb_len, config.puzzle_emb_ndim, config.hidden_size)
-            self.mlp_t = SwiGLU(hidden_size=config.seq_len + self.puzzle_emb_len, expansion=config.expansion)
-        else:
-            self.self_attn = Attention(
-                hidden_size=config.hidden_size,
-                head_dim=config.hidden_size // config.num_heads,
-                num_heads=config.num_heads,
-                num_key_value_heads=config.num_heads,
-                causal=False,
-            )
-        self.mlp = SwiGLU(hidden_size=config.hidden_size, expansion=config.expansion)
-        self.norm_eps = config.rms_norm_eps
-
-    def forward(self, cos_sin, hidden_states: torch.Tensor) -> torch.Tensor:
-        if not self.config.mlp_t:
-            return post_norm_block(
-                self.self_attn, self.mlp, cos_sin, hidden_states, self.norm_eps, self.config.fused_ops
-            )
-        if _token_mix_in_place(hidden_states):
-            # The same sub-layer in the [B, L, D] layout (no transposes; see SwiGLU.forward_over_dim1).
-            token_mix = self.mlp_t.forward_over_dim1(hidden_states)
-            hidden_states = rms_norm(hidden_states + token_mix, self.norm_eps, dim=1)  # over the L positions
-        else:  # TRM's own op sequence, bit for bit
-            hidden_states = hidden_states.transpose(1, 2)  # [B, D, L]: mix positions, one row per channel
-            # Residual and norm in the transposed layout: the RMSNorm runs over the L positions of each channel.
-            hidden_states = rms_norm(hidden_states + self.mlp_t(hidden_states), self.norm_eps)
-            hidden_states = hidden_states.transpose(1, 2)  # [B, L, D]
-        return rms_norm(hidden_states + self.mlp(hidden_states), self.norm_eps)
+        super().__init__(
+            hidden_size=config.hidden_size,
+            num_heads=config.num_heads,
+            expansion=config.expansion,
+            norm_eps=config.rms_norm_eps,
+            fused_ops=config.fused_ops,
+            token_mix_width=config.seq_len + config.puzzle_prefix_len if config.mlp_t else None,
+        )
 
 
 class TinyRecursiveReasoningModel_ACTV1ReasoningModule(ReasoningModule):
@@ -198,9 +122,6 @@ class TinyRecursiveReasoningModel_ACTV1_Inner(RecursiveInner):
     """TRM's recursion between the shared input/output layers (models/act.py): one network updates z, then y."""
 
     carry_cls = TinyRecursiveReasoningModel_ACTV1InnerCarry
-
-    def __init__(self, config: TinyRecursiveReasoningModel_ACTV1Config) -> None:
-        super().__init__(config, _puzzle_prefix_len(config.puzzle_emb_len, config.puzzle_emb_ndim, config.hidden_size))
 
     def build_levels(self) -> None:
         self.L_level = TinyRecursiveReasoningModel_ACTV1ReasoningModule(
