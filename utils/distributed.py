@@ -131,11 +131,11 @@ def restarts_share_agent_store() -> bool:
     return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and restarts.isdigit() and int(restarts) > 0
 
 
-def exit_with_parent(parent_pid: int, _worker_id: int = 0) -> None:
+def exit_with_parent(parent_pid: int, exiting: Any = None, _worker_id: int = 0) -> None:
     """DataLoader `worker_init_fn`: leave SIGINT / SIGTERM to the training process, and on Linux have the kernel
     SIGKILL this loader worker when the process that forked it dies (see module docstring); elsewhere the loader's
-    own watchdog still ends it."""
-    ignore_in_loader_worker()
+    own watchdog still ends it. `exiting`: `utils.interrupt.loader_exit_event()` of the training process."""
+    ignore_in_loader_worker(exiting)
     if not sys.platform.startswith("linux"):
         return
     pr_set_pdeathsig = 1  # <linux/prctl.h>

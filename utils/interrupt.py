@@ -13,17 +13,22 @@ Design choices:
 - A stop requested during an evaluation takes effect when it ends: the loop saved a train state before
   the evaluation (with the evaluation marked pending), so a second Ctrl-C loses no training either.
 - DataLoader worker processes ignore both signals (`ignore_in_loader_worker`): the training process
-  decides when to stop, and its workers die with it, so they never print a KeyboardInterrupt traceback.
+  decides when to stop and still needs their batches until then (a signal to the whole process group, as
+  Ctrl-C in a terminal or a scheduler sends, reaches them too), and they never print a KeyboardInterrupt
+  traceback. Once the training process exits, a SIGTERM ends them (multiprocessing's exit handler sends
+  one to each), and they die with it in any case (utils/distributed.py `exit_with_parent`).
 - The handlers are installed for the run only and the previous ones restored after, so a run started
   from Python (a notebook, the tests) leaves the interpreter's Ctrl-C as it was. Outside the main thread
   Python cannot install handlers: the run then keeps the default behaviour.
 """
 
+import atexit
+import multiprocessing
 import os
 import signal
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -85,10 +90,30 @@ def stop_on_signals() -> Iterator[None]:
         _requested.clear()
 
 
-def ignore_in_loader_worker() -> None:
-    """In a DataLoader worker: leave both signals to the training process (module docstring)."""
-    for s in SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
+_exiting: Any = None  # set when this (training) process exits: its loader workers may then end on SIGTERM
+
+
+def loader_exit_event() -> Any:
+    """An event the loader workers inherit, set when this process exits (`atexit`, which runs before
+    multiprocessing's own exit handler terminates and joins them)."""
+    global _exiting
+    if _exiting is None:
+        _exiting = multiprocessing.Event()
+        atexit.register(_exiting.set)
+    return _exiting
+
+
+def ignore_in_loader_worker(exiting: Any = None) -> None:
+    """In a DataLoader worker: leave both signals to the training process (module docstring). SIGTERM still ends
+    the worker once its training process is exiting (`exiting` set): that is how multiprocessing stops the
+    workers of a loader not shut down before the interpreter's exit."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def on_sigterm(_signum: int, _frame) -> None:
+        if exiting is not None and exiting.is_set():
+            os._exit(0)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def agreed_on_every_rank(device, world_size: int) -> bool:
