@@ -6,7 +6,8 @@ train loop that reads top to bottom, and the Hydra entry `launch`. The pieces it
 named for what they hold (README "Layout"): `utils/config.py` (the typed config), `utils/build.py`
 (loaders and model, shared with evaluate.py), `utils/train_state.py` (TrainState, save / restore /
 resume), `utils/train_step.py` (one optimisation step and its options), `utils/evaluation.py`
-(evaluation, shared with evaluate.py), `utils/training_options.py` (early stopping, keep-best) and
+(evaluation, shared with evaluate.py), `utils/training_options.py` (early stopping, keep-best),
+`utils/run_folder.py` (the run folder's owner and lock), `utils/interrupt.py` (SIGINT / SIGTERM) and
 `utils/cli.py` (one-line errors for every command).
 
 Design choices:
@@ -15,8 +16,9 @@ Design choices:
   scaled by 1/global batch, gradients summed over ranks, an ACT carry that persists across batches,
   `eval_interval` epochs per loader iteration followed by evaluation and a checkpoint.
 - Additions over the reference: CPU/GPU device choice, gloo for CPU multi-process runs, W&B optional
-  and never prompting, metrics as JSON lines, and a resumable train state written after every
-  evaluation (and on request), so a stopped or killed run continues bit-exactly.
+  and never prompting, metrics as JSON lines, and a resumable train state written around every
+  evaluation (and on request, and on SIGINT / SIGTERM), so a stopped or killed run continues bit-exactly;
+  one run owns its folder, one process at a time.
 """
 
 import os

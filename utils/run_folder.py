@@ -135,7 +135,9 @@ def check_owner(config: Any, resume_path: str | None, state_run_id: str | None) 
     ways = "continue it with resume=auto, start over with overwrite=true (deletes its files), or choose another checkpoint_path"
     if config.overwrite:
         if config.resume == "auto":
-            raise ValueError("config key 'overwrite': overwrite=true starts the run over, resume=auto continues it: give one")
+            raise ValueError(
+                "config key 'overwrite': overwrite=true starts the run over, resume=auto continues it: give one"
+            )
         if resume_path is not None and os.path.realpath(os.path.dirname(resume_path)) == os.path.realpath(folder):
             raise ValueError(
                 f"config key 'overwrite': overwrite=true would delete {resume_path}, the train state resume= names"

@@ -7,7 +7,11 @@ Design choices:
   (iterations completed, batches consumed in the current one), the ACT carry and the EMA.
 - A train state file (`train_state_step_{N:06d}.pt`, written atomically by rank 0) adds what is
   per rank: every rank's ACT carry and RNG states, gathered to rank 0, plus world size and config.
-  Only the newest is kept; resuming needs the same world size, and lists changed config keys.
+  Only the newest is kept. It also records the run id (utils/run_folder.py), the training dataset's sizes
+  (`dataset_fingerprint`) and, when saved just before an evaluation, that evaluation (`pending_eval`).
+- A resume is checked before anything is written: the fields it needs (`check_resume_fields`; with
+  `resume=auto` a damaged newest state falls back to an older one), then what the state can continue
+  (`check_resume_compatible`: world size, global batch, model, dataset); other changed keys are listed.
 - Every rank looks for the train state itself (`resume=auto` on every node), and the ranks compare what
   they found before anyone loads it: a checkpoint folder that not every node sees would otherwise let
   rank 0 resume while the others start fresh, training different weights until a collective mismatches.
