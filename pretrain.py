@@ -6,7 +6,8 @@ train loop that reads top to bottom, and the Hydra entry `launch`. The pieces it
 named for what they hold (README "Layout"): `utils/config.py` (the typed config), `utils/build.py`
 (loaders and model, shared with evaluate.py), `utils/train_state.py` (TrainState, save / restore /
 resume), `utils/train_step.py` (one optimisation step and its options), `utils/evaluation.py`
-(evaluation, shared with evaluate.py), `utils/training_options.py` (early stopping, keep-best) and
+(evaluation, shared with evaluate.py), `utils/training_options.py` (early stopping, keep-best),
+`utils/run_folder.py` (the run folder's owner and lock), `utils/interrupt.py` (SIGINT / SIGTERM) and
 `utils/cli.py` (one-line errors for every command).
 
 Design choices:
@@ -15,15 +16,17 @@ Design choices:
   scaled by 1/global batch, gradients summed over ranks, an ACT carry that persists across batches,
   `eval_interval` epochs per loader iteration followed by evaluation and a checkpoint.
 - Additions over the reference: CPU/GPU device choice, gloo for CPU multi-process runs, W&B optional
-  and never prompting, metrics as JSON lines, and a resumable train state written after every
-  evaluation (and on request), so a stopped or killed run continues bit-exactly.
+  and never prompting, metrics as JSON lines, and a resumable train state written around every
+  evaluation (and on request, and on SIGINT / SIGTERM), so a stopped or killed run continues bit-exactly;
+  one run owns its folder, one process at a time.
 """
 
 import os
+import signal
 import sys
 from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import hydra
 import torch
@@ -32,6 +35,7 @@ from torch import nn
 from tqdm import tqdm
 
 from utils import checkpointing as ckpt
+from utils import interrupt, run_folder
 from utils.build import (
     create_dataloader,
     create_evaluators,
@@ -57,8 +61,10 @@ from utils.evaluation import check_eval_requests, eval_summary, evaluate, flatte
 from utils.logging_utils import MetricLogger, create_logger
 from utils.train_state import (
     TrainState,
+    check_resume_compatible,
+    dataset_fingerprint,
+    load_resume_state_on_every_rank,
     names_from_resume,
-    read_train_state,
     resolve_resume_path_on_every_rank,
     restore_train_state,
     save_train_state,
@@ -239,32 +245,105 @@ def stop_on_nonfinite(config: PretrainConfig, state: TrainState, info: DistInfo)
     )
 
 
-def train(config: PretrainConfig, info: DistInfo, logger: MetricLogger | None = None) -> TrainState:
-    """The whole run; `config` must already carry its names (see `prepare_config`)."""
-    assert config.checkpoint_path is not None
-    torch.manual_seed(config.seed + info.rank)
-    print_backends(info)
+def stop_on_request(config: PretrainConfig, state: TrainState, info: DistInfo, saved: bool = False) -> NoReturn:
+    """Collective: a rank asked to stop (SIGINT / SIGTERM) and every rank knows it at this point: save the train
+    state (unless just `saved`), then leave with RunInterrupted (status 130 / 143, one line from rank 0)."""
+    if not saved:
+        save_train_state(config, state, info)
+    signum = interrupt.requested()
+    why = interrupt.signal_name(signum) if signum else "a stop requested on another rank"
+    pending = " (its evaluation runs first on resume)" if state.pending_eval is not None else ""
+    stop = interrupt.RunInterrupted(
+        f"{why}: stopped at step {state.step}, train state saved in {config.checkpoint_path}{pending}; "
+        "resume=auto continues the run",
+        signum or signal.SIGTERM,
+    )
+    stop.quiet = not info.is_main
+    raise stop
 
-    # Data: `eval_interval` epochs per loader iteration, each followed by an evaluation.
-    train_epochs = epochs_per_iter(config)
-    total_iters = config.epochs // train_epochs
-    train_dataset, train_loader = create_dataloader(config, "train", info, test_set_mode=False, epochs=train_epochs)
-    eval_dataset, eval_loader = create_dataloader(config, "test", info, test_set_mode=True, epochs=1)
-    check_batches_per_iteration(config, train_dataset)
-    check_test_identifiers(train_dataset.metadata, eval_dataset.metadata)
-    evaluators = create_evaluators(config, eval_dataset.metadata, info)
 
-    # Model and optimizers, or the saved train state of this run (found alike by every rank).
+def start_or_resume(
+    config: PretrainConfig, info: DistInfo, train_dataset: Any, eval_dataset: Any, evaluators: list
+) -> tuple[TrainState, list[str], Optional[str]]:
+    """The train state to start from: a fresh model, or the saved state of this run (found alike by every rank).
+
+    Everything that can refuse the run does so before the run folder is written: the train state read and
+    checked (a damaged newest one falls back to an older one with `resume=auto`), its compatibility with this
+    config, the folder's owner (utils/run_folder.py), the weights' keys and shapes. Then rank 0 claims the
+    folder (`run_id.txt`; with `overwrite=true` the previous run's files go first). Returns (state, the
+    model's source files, the train state resumed from or None)."""
+    dataset = dataset_fingerprint(train_dataset.metadata)
     resume_path = resolve_resume_path_on_every_rank(config, info)
+    payload = None
+    if resume_path is not None:
+        payload, resume_path = load_resume_state_on_every_rank(config, resume_path, info)
+        check_resume_compatible(payload, resume_path, config, info, dataset)
+    owner: Any = None
+    if info.is_main:
+        try:
+            owner = run_folder.check_owner(config, resume_path, payload.get("run_id") if payload else None)
+        except ValueError as e:
+            owner = e
+    run_id, clear = run_folder.same_outcome_on_every_rank(owner, info)
+
     state, sources = init_train_state(config, train_dataset.metadata, info)
     check_eval_requests(config, state.model, eval_dataset.metadata, evaluators, info.device)
-    if resume_path is not None:
-        restore_train_state(read_train_state(resume_path), resume_path, config, state, info)
-        if info.is_main:
+    if payload is not None:
+        restore_train_state(payload, resume_path, config, state, info)
+        del payload
+    state.run_id, state.dataset = run_id, dataset
+
+    if info.is_main:  # nothing was written before this point
+        removed = run_folder.claim(config.checkpoint_path, run_id, clear)
+        if removed:
+            print(f"overwrite=true: removed {len(removed)} files of the previous run from {config.checkpoint_path}")
+        if resume_path is not None:
             print(f"resumed from {resume_path} at step {state.step}", file=sys.stderr)
-    elif config.resume == "auto" and info.is_main:
-        print(f"resume=auto: no train state in {config.checkpoint_path}, starting fresh", file=sys.stderr)
+        elif config.resume == "auto":
+            print(f"resume=auto: no train state in {config.checkpoint_path}, starting fresh", file=sys.stderr)
     train_dataset.set_position(state.data_iters, state.data_batches)
+    return state, sources, resume_path
+
+
+def train(config: PretrainConfig, info: DistInfo, logger: MetricLogger | None = None) -> TrainState:
+    """The whole run; `config` must already carry its names (see `prepare_config`).
+
+    SIGINT / SIGTERM stop it at a step boundary with a train state saved (utils/interrupt.py); rank 0 holds
+    the run folder's lock from the first check of the folder to the end (utils/run_folder.py)."""
+    assert config.checkpoint_path is not None
+    with interrupt.stop_on_signals():
+        torch.manual_seed(config.seed + info.rank)
+        print_backends(info)
+
+        # Data: `eval_interval` epochs per loader iteration, each followed by an evaluation.
+        train_epochs = epochs_per_iter(config)
+        train_dataset, train_loader = create_dataloader(config, "train", info, test_set_mode=False, epochs=train_epochs)
+        eval_dataset, eval_loader = create_dataloader(config, "test", info, test_set_mode=True, epochs=1)
+        check_batches_per_iteration(config, train_dataset)
+        check_test_identifiers(train_dataset.metadata, eval_dataset.metadata)
+        evaluators = create_evaluators(config, eval_dataset.metadata, info)
+
+        with run_folder.locked(config.checkpoint_path, info):
+            state, sources, resume_path = start_or_resume(config, info, train_dataset, eval_dataset, evaluators)
+            loaders = (train_loader, eval_loader, eval_dataset.metadata)
+            return train_loop(config, info, state, sources, loaders, evaluators, resume_path, logger)
+
+
+def train_loop(
+    config: PretrainConfig,
+    info: DistInfo,
+    state: TrainState,
+    sources: list[str],
+    loaders: tuple[Any, Any, Any],
+    evaluators: list,
+    resume_path: Optional[str],
+    logger: MetricLogger | None = None,
+) -> TrainState:
+    """Train from `state` to the end: each iteration, then its evaluation and checkpoints."""
+    assert config.checkpoint_path is not None
+    train_loader, eval_loader, eval_metadata = loaders
+    train_epochs = epochs_per_iter(config)
+    total_iters = config.epochs // train_epochs
 
     # Run folder and logging (rank 0).
     num_params = sum(p.numel() for p in state.model.parameters())
@@ -272,6 +351,9 @@ def train(config: PretrainConfig, info: DistInfo, logger: MetricLogger | None = 
         ckpt.save_code_and_config(config.checkpoint_path, config.model_dump(), sources)
         print(f"{config.run_name}: {num_params:,} parameters, {state.total_steps} steps", file=sys.stderr)
     if logger is None:
+        # A resumed run drops the records logged after its train state; one started afresh by resume=auto in its
+        # folder (no train state yet) drops them all.
+        resume_step = state.step if resume_path is not None else (-1 if config.resume == "auto" else None)
         logger = create_logger(
             is_main=info.is_main,
             use_wandb=config.use_wandb,
@@ -279,7 +361,7 @@ def train(config: PretrainConfig, info: DistInfo, logger: MetricLogger | None = 
             run_name=config.run_name or "",
             config=config.model_dump(),
             jsonl_path=os.path.join(config.checkpoint_path, "metrics.jsonl"),
-            resume_step=state.step if resume_path is not None else None,
+            resume_step=resume_step,
             tensorboard_dir=config.checkpoint_path if config.use_tensorboard else None,
         )
     if state.step == 0:
@@ -308,7 +390,41 @@ def train(config: PretrainConfig, info: DistInfo, logger: MetricLogger | None = 
             progress.update(done.step - progress.n)
         return metrics
 
+    def evaluate_and_save(iter_id: int, stopped_early: bool) -> None:
+        """The evaluation after iteration `iter_id`, its weights files, then a train state. A train state was
+        saved just before it, marked with the pending evaluation: a failure or a stop during the evaluation
+        loses no training, and a resume from that state runs the evaluation first."""
+        state.model.eval()
+        with averaged_weights(state):  # with `ema`, evaluation and the step_N / best files use the average
+            results = evaluate(config, state, eval_loader, eval_metadata, info, evaluators)
+            if results is not None:
+                logger.log(flatten_eval_metrics(results), step=state.step)
+                tqdm.write(eval_summary(results, state.step))  # stdout, as evaluate.py's metrics
+            if info.is_main and (config.checkpoint_every_eval or iter_id == total_iters - 1 or stopped_early):
+                ckpt.save_weights(state.model, config.checkpoint_path, state.step)
+            if best is not None:
+                best.update(results, state, info)
+        state.pending_eval = None
+        save_train_state(config, state, info)  # always: a later kill resumes from here at worst
+
+    def report_early_stop() -> None:
+        if info.is_main:
+            print(
+                f"early stop at step {state.step}: mean train/exact_accuracy of the last "
+                f"{config.early_stop_window} steps >= {config.early_stop_train_accuracy}; evaluated and "
+                f"saved {ckpt.weights_path(config.checkpoint_path, state.step)} and the train state",
+                file=sys.stderr,
+            )
+
     try:
+        if state.pending_eval is not None:  # resumed from the train state saved just before an evaluation
+            early = bool(state.pending_eval.get("early_stop"))
+            evaluate_and_save(int(state.pending_eval["iter_id"]), early)
+            if early:
+                report_early_stop()
+                return state
+            if interrupt.agreed_on_every_rank(info.device, info.world_size):
+                stop_on_request(config, state, info, saved=True)
         for iter_id in range(state.data_iters, total_iters):
             # ---- train one iteration
             if info.is_main:
@@ -322,7 +438,7 @@ def train(config: PretrainConfig, info: DistInfo, logger: MetricLogger | None = 
                 pending = launched
                 at_stop = config.stop_at_step is not None and state.step >= config.stop_at_step
                 save_now = should_save_periodic(config, state)
-                if not async_metrics or at_stop or save_now:
+                if not async_metrics or at_stop or save_now or state.stop_agreed:
                     metrics = finish_pending()
                 if state.nonfinite_stop:
                     stop_on_nonfinite(config, state, info)
@@ -333,6 +449,9 @@ def train(config: PretrainConfig, info: DistInfo, logger: MetricLogger | None = 
                     if info.is_main:
                         print(f"stopped at step {state.step} (stop_at_step)", file=sys.stderr)
                     return state
+                if state.stop_agreed:  # every rank learnt it from the same step's results
+                    finish_pending()
+                    stop_on_request(config, state, info, saved=save_now)
                 if early_stop is not None and early_stop.update(metrics, info):
                     stopped_early = True  # the data position stays mid-iteration, so a resume continues exactly
                     break
@@ -343,26 +462,18 @@ def train(config: PretrainConfig, info: DistInfo, logger: MetricLogger | None = 
 
             # ---- evaluate, checkpoint (TRM's min_eval_interval: not before that iteration)
             if iter_id >= (config.min_eval_interval or 0) or stopped_early:
-                state.model.eval()
-                with averaged_weights(state):  # with `ema`, evaluation and the step_N / best files use the average
-                    results = evaluate(config, state, eval_loader, eval_dataset.metadata, info, evaluators)
-                    if results is not None:
-                        logger.log(flatten_eval_metrics(results), step=state.step)
-                        tqdm.write(eval_summary(results, state.step))  # stdout, as evaluate.py's metrics
-                    if info.is_main and (config.checkpoint_every_eval or iter_id == total_iters - 1 or stopped_early):
-                        ckpt.save_weights(state.model, config.checkpoint_path, state.step)
-                    if best is not None:
-                        best.update(results, state, info)
-            save_train_state(config, state, info)  # always: a later kill resumes from here at worst
+                state.pending_eval = {"iter_id": iter_id, "early_stop": stopped_early}
+                save_train_state(config, state, info)
+                if interrupt.agreed_on_every_rank(info.device, info.world_size):
+                    stop_on_request(config, state, info, saved=True)
+                evaluate_and_save(iter_id, stopped_early)
+            else:
+                save_train_state(config, state, info)
             if stopped_early:
-                if info.is_main:
-                    print(
-                        f"early stop at step {state.step}: mean train/exact_accuracy of the last "
-                        f"{config.early_stop_window} steps >= {config.early_stop_train_accuracy}; evaluated and "
-                        f"saved {ckpt.weights_path(config.checkpoint_path, state.step)} and the train state",
-                        file=sys.stderr,
-                    )
+                report_early_stop()
                 return state
+            if interrupt.agreed_on_every_rank(info.device, info.world_size):
+                stop_on_request(config, state, info, saved=True)
     finally:
         progress.close()
         logger.close()

@@ -8,7 +8,9 @@ inconsistent `dataset.json`, missing, unreadable or mismatched arrays, token ids
 CSV sources, bad output folders, unknown or ill-typed overrides and flags, out-of-range optimizer keys,
 requests only an evaluation would have met (output names, keep_best metrics, evaluator options, a test split
 encoded otherwise than the train split: all before the first step), unreadable checkpoints and checkpoints of
-another architecture (evaluate.py and resume), ARC scoring of predictions that match nothing. Some rows also check what must not have
+another architecture (evaluate.py and resume), resumes the saved state cannot continue (another batch size or
+dataset, a damaged state, a state of another run: the run folder left as it was), a fresh start in a folder
+holding another run, ARC scoring of predictions that match nothing. Some rows also check what must not have
 happened (no training step, no partial output). The subprocesses of all rows run a few at a time in one
 module fixture.
 """
@@ -185,6 +187,40 @@ def resume_corrupt(content: bytes):
         return pretrain_cmd(world.good_data, root, "resume=auto")
 
     return make
+
+
+def used_folder(*extra: str, edit: Callable[[Path], None] | None = None):
+    """pretrain.py in a copy of the finished run's folder (`edit` changes the copy first); the copy as it was is kept
+    beside it, for `folder_untouched`."""
+
+    def make(root, world):
+        shutil.copytree(world.run_dir, root / "ckpt")
+        if edit is not None:
+            edit(root / "ckpt")
+        shutil.copytree(root / "ckpt", root / "before")
+        return pretrain_cmd(world.good_data, root, *extra)
+
+    return make
+
+
+def folder_untouched(root):
+    """Refused before anything was written: the run folder holds the same files with the same bytes (the lock file
+    aside, which holds the pid of the process that last took it)."""
+
+    def files(folder):
+        return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and p.name != ".lock"}
+
+    assert files(root / "ckpt") == files(root / "before")
+
+
+def edit_train_state(change: Callable[[dict], None]):
+    def edit(folder):
+        path = folder / "train_state_step_000003.pt"
+        payload = torch.load(path, weights_only=False)
+        change(payload)
+        torch.save(payload, path)
+
+    return edit
 
 
 def eval_copy(
@@ -450,6 +486,22 @@ CASES = [
          ("train_state_step_000009.pt", "not a readable train state")),
     Case("resume_empty_state", resume_corrupt(b""), ("train_state_step_000009.pt", "not a readable train state")),
     Case("resume_missing_state", with_overrides("resume=/no/such/state.pt"), ("config key 'resume'", "/no/such/state.pt")),
+    Case("resume_other_global_batch_size", used_folder("resume=auto", "global_batch_size=2"),
+         ("train_state_step_000003.pt", "global_batch_size=4", "resumed with 2"), after=folder_untouched),
+    Case("resume_state_without_ranks", used_folder("resume=auto", edit=edit_train_state(lambda p: p.pop("ranks"))),
+         ("train_state_step_000003.pt", "field 'ranks' missing", "no good train state"), after=folder_untouched),
+    Case("resume_state_of_another_run",
+         used_folder("resume=auto", edit=lambda f: (f / "run_id.txt").write_text("0123456789ab\n")),
+         ("train_state_step_000003.pt", "is a train state of run", "holds run 0123456789ab"), after=folder_untouched),
+    Case("resume_other_dataset",
+         used_folder("resume=auto", edit=edit_train_state(lambda p: p["dataset"].update(total_groups=7))),
+         ("train_state_step_000003.pt", "other training data", "total_groups=7 then, 6 now"), after=folder_untouched),
+    # run folder
+    Case("fresh_start_in_used_folder", used_folder(),
+         ("checkpoint_path=", "holds another run", "train_state_step_000003.pt", "resume=auto", "overwrite=true"),
+         after=folder_untouched),
+    Case("overwrite_with_resume_auto", used_folder("resume=auto", "overwrite=true"),
+         ("config key 'overwrite'", "resume=auto"), after=folder_untouched),
     # checkpoints: evaluate.py
     Case("eval_other_width", eval_copy(arch_change("hidden_size", 64)), ("run/step_3", "has shape", "[64]")),
     Case("eval_other_depth", eval_copy(arch_change("H_layers", 2)), ("run/step_3", "H_level.layers.1", "missing")),

@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader
 from utils import checkpointing as ckpt
 from utils.config import PretrainConfig, test_data_paths, train_data_paths
 from utils.distributed import DistInfo, broadcast_module_state, exit_with_parent
+from utils.interrupt import loader_exit_event
 
 if TYPE_CHECKING:
     from evaluators.protocol import Evaluator
@@ -149,7 +150,7 @@ def create_dataloader(config: PretrainConfig, split: str, info: DistInfo, *, tes
         pin_memory=info.device.type == "cuda",
         persistent_workers=True,
         generator=torch.Generator(),
-        worker_init_fn=functools.partial(exit_with_parent, os.getpid()),
+        worker_init_fn=functools.partial(exit_with_parent, os.getpid(), loader_exit_event()),
     )
     return dataset, loader
 

@@ -141,12 +141,16 @@ def weights_path(checkpoint_path: str, step: int) -> str:
 
 def find_latest_train_state(checkpoint_path: str) -> str | None:
     """The train-state file with the highest step in `checkpoint_path`, or None."""
+    found = train_states_newest_first(checkpoint_path)
+    return found[0] if found else None
+
+
+def train_states_newest_first(checkpoint_path: str) -> list[str]:
+    """The train-state files of `checkpoint_path`, highest step first (none when the folder does not exist)."""
     if not os.path.isdir(checkpoint_path):
-        return None
+        return []
     found = [(int(m.group(1)), name) for name in os.listdir(checkpoint_path) if (m := TRAIN_STATE_PATTERN.match(name))]
-    if not found:
-        return None
-    return os.path.join(checkpoint_path, max(found)[1])
+    return [os.path.join(checkpoint_path, name) for _, name in sorted(found, reverse=True)]
 
 
 def remove_stale_temp_files(checkpoint_path: str) -> list[str]:

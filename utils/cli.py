@@ -5,9 +5,11 @@ Design choices:
 - Bad input (config keys, files, flags) becomes `error: <one line>` on stderr and exit status 2, with no
   traceback: `ValueError` and `FileNotFoundError` raised anywhere in library code carry a message that
   names the key, file or line, and this module only prints it.
-- A run that cannot go on leaves the same way with its own status: any exception class with an
-  `exit_code` attribute (3 non-finite loss with `nonfinite: stop`, 4 checkpoint not writable, 5 another
-  rank died or timed out; README "Reliability"). This module imports nothing of the project, so every
+- A run that cannot go on leaves the same way with its own status: any exception with an `exit_code`
+  attribute (3 non-finite loss with `nonfinite: stop`, 4 checkpoint not writable, 5 another rank died or
+  timed out, 6 the run folder is in use by another run, 130 / 143 stopped by SIGINT / SIGTERM after saving;
+  README "Reliability"). Its class may name another prefix than `error` (`line_prefix`: a stop on a signal
+  is no error), and a `quiet` one is not printed (the ranks other than 0 of such a stop). This module imports nothing of the project, so every
   layer can raise such errors without importing the launchers.
 - An operator that torch does not implement on Apple GPUs stops a `device=mps` run with one line naming
   it (status 2). The CPU fallback, `PYTORCH_ENABLE_MPS_FALLBACK=1`, is left to the user to set: silently
@@ -118,7 +120,7 @@ def describe_error(e: BaseException, flag_command: bool = False) -> tuple[str, i
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    status = getattr(type(e), "exit_code", None)
+    status = getattr(e, "exit_code", None)
     if flag_command and isinstance(e, (ValueError, OSError, ModuleNotFoundError)):
         return os_error_line(e), BAD_INPUT_STATUS
     if isinstance(status, int):
@@ -146,7 +148,8 @@ def report_error(e: BaseException, flag_command: bool = False, shown: dict[str, 
     message, status = described
     for path, name in (shown or {}).items():
         message = message.replace(path, name)
-    print(f"error: {message}", file=sys.stderr)
+    if not getattr(e, "quiet", False):  # e.g. a stop on a signal: said once, by rank 0
+        print(f"{getattr(type(e), 'line_prefix', 'error')}: {message}", file=sys.stderr)
     return status
 
 

@@ -90,6 +90,7 @@ class PretrainConfig(BaseModel):
     compile_mode: Optional[Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]] = None
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
     resume: Optional[str] = None
+    overwrite: bool = False  # start over in a checkpoint_path holding another run (README "Resuming a run")
     checkpoint_interval_steps: Optional[int] = None
     stop_at_step: Optional[int] = None
     nonfinite: Literal["skip", "stop"] = "skip"  # README "Reliability"

@@ -11,7 +11,9 @@ Design choices:
 - Gradients are summed with one all-reduce over a flat concatenated buffer: one collective per
   step instead of one per parameter. The same buffer carries one extra element that is NaN on a
   rank whose loss (or other local tensors) is not finite, so after the sum every rank holds the
-  same buffer and reaches the same skip/step decision with no extra collective.
+  same buffer and reaches the same skip/step decision with no extra collective. A rank asking to stop
+  (SIGINT / SIGTERM, utils/interrupt.py) sets its finite marker to 1 instead of 0, so the summed marker
+  also counts the stop requests: every rank stops at the same step, the gradients summed as before.
 - Every collective has a bound: the process group gets `timeout_s` (config `dist_timeout_s`,
   default 600 s, honoured by gloo and by NCCL's watchdog). When a peer dies, gloo fails at once
   ("connection reset"); when it hangs, the collective fails after the timeout. Either way the
@@ -22,7 +24,8 @@ Design choices:
   sockets. When only the training process is killed (a crash, the OOM killer, `kill -9 PID`), the
   loader worker would keep those sockets open until its watchdog notices the missing parent (up to
   5 s), and the peers would not see the connection drop until then. `exit_with_parent` (the loaders'
-  `worker_init_fn`) makes the kernel kill the loader worker with its parent (Linux prctl).
+  `worker_init_fn`) makes the kernel kill the loader worker with its parent (Linux prctl); the worker
+  also ignores SIGINT and SIGTERM, which are the training process's to act on (utils/interrupt.py).
 - `torchrun --max-restarts N` restarts a failed group, but by default (torch >= 2.5) its workers share
   the agent's TCP store, which outlives the group with the old group's connection keys in it: the new
   workers can read a dead worker's address and fail to connect (seen with torch 2.13 and gloo; see
@@ -44,6 +47,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from utils.interrupt import ignore_in_loader_worker
 
 DEFAULT_TIMEOUT_S = 600.0
 
@@ -126,9 +131,11 @@ def restarts_share_agent_store() -> bool:
     return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and restarts.isdigit() and int(restarts) > 0
 
 
-def exit_with_parent(parent_pid: int, _worker_id: int = 0) -> None:
-    """DataLoader `worker_init_fn`: on Linux, have the kernel SIGKILL this loader worker when the process that
-    forked it dies (see module docstring); elsewhere a no-op (the loader's own watchdog still ends it)."""
+def exit_with_parent(parent_pid: int, exiting: Any = None, _worker_id: int = 0) -> None:
+    """DataLoader `worker_init_fn`: leave SIGINT / SIGTERM to the training process, and on Linux have the kernel
+    SIGKILL this loader worker when the process that forked it dies (see module docstring); elsewhere the loader's
+    own watchdog still ends it. `exiting`: `utils.interrupt.loader_exit_event()` of the training process."""
+    ignore_in_loader_worker(exiting)
     if not sys.platform.startswith("linux"):
         return
     pr_set_pdeathsig = 1  # <linux/prctl.h>
@@ -207,12 +214,23 @@ def all_reduce_sum_flat_and_check_finite_(
     that is True on every rank iff every summed value is finite and every `local_checks` tensor was
     finite on every rank. Nothing is read back to the host here.
     """
+    return all_reduce_sum_flat_with_votes_(tensors, local_checks)[0]
+
+
+@torch.no_grad()
+def all_reduce_sum_flat_with_votes_(
+    tensors: Sequence[torch.Tensor], local_checks: Sequence[torch.Tensor] = (), vote: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`all_reduce_sum_flat_and_check_finite_`, and each rank's `vote` (a stop request) counted in the same
+    all-reduce: (all finite, 0-dim float tensor on device: number of ranks voting, NaN when not all finite).
+    The vote is the value of the marker element, so the summed gradients are the same with or without it.
+    """
     devices = [t.device for t in (*tensors, *local_checks)]
     if not devices:
-        return torch.ones((), dtype=torch.bool)
-    # One element per rank: 0 when its local checks pass, NaN otherwise; NaN survives the sum.
+        return torch.ones((), dtype=torch.bool), torch.tensor(float(vote))
+    # One element per rank: 0 (1 with a vote) when its local checks pass, NaN otherwise; NaN survives the sum.
     local_ok = torch.stack([torch.isfinite(t).all() for t in local_checks]).all() if local_checks else True
-    marker = torch.where(torch.as_tensor(local_ok, device=devices[0]), 0.0, math.nan).reshape(1)
+    marker = torch.where(torch.as_tensor(local_ok, device=devices[0]), float(vote), math.nan).reshape(1)
     dtype = tensors[0].dtype if tensors else marker.dtype
     flat = torch.cat([t.reshape(-1) for t in tensors] + [marker.to(dtype)])  # [sum of numels + 1]
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -221,4 +239,4 @@ def all_reduce_sum_flat_and_check_finite_(
         for t in tensors:
             t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
-    return torch.isfinite(flat).all()
+    return torch.isfinite(flat).all(), flat[-1].float()

@@ -7,7 +7,11 @@ Design choices:
   (iterations completed, batches consumed in the current one), the ACT carry and the EMA.
 - A train state file (`train_state_step_{N:06d}.pt`, written atomically by rank 0) adds what is
   per rank: every rank's ACT carry and RNG states, gathered to rank 0, plus world size and config.
-  Only the newest is kept; resuming needs the same world size, and lists changed config keys.
+  Only the newest is kept. It also records the run id (utils/run_folder.py), the training dataset's sizes
+  (`dataset_fingerprint`) and, when saved just before an evaluation, that evaluation (`pending_eval`).
+- A resume is checked before anything is written: the fields it needs (`check_resume_fields`; with
+  `resume=auto` a damaged newest state falls back to an older one), then what the state can continue
+  (`check_resume_compatible`: world size, global batch, model, dataset); other changed keys are listed.
 - Every rank looks for the train state itself (`resume=auto` on every node), and the ranks compare what
   they found before anyone loads it: a checkpoint folder that not every node sees would otherwise let
   rank 0 resume while the others start fresh, training different weights until a collective mismatches.
@@ -51,6 +55,10 @@ class TrainState:
     skipped_steps: int = 0  # updates dropped for a non-finite loss or gradient (in this process)
     nonfinite_stop: bool = False  # `nonfinite: stop` was hit: the loop saves a train state and exits
     cuda_graphs: bool = False  # the compiled forward replays CUDA graphs (compile_mode reduce-overhead/max-autotune)
+    run_id: Optional[str] = None  # the run's id (utils/run_folder.py), saved in every train state
+    dataset: Optional[dict[str, Any]] = None  # what the data position refers to (`dataset_fingerprint`)
+    pending_eval: Optional[dict[str, Any]] = None  # saved just before an evaluation: {"iter_id", "early_stop"}
+    stop_agreed: bool = False  # every rank knows a rank asked to stop (SIGINT / SIGTERM): save and leave
 
     def state_dict(self) -> dict[str, Any]:
         """Everything shared by all ranks (the rank-local carry and RNG are added by `save_train_state`)."""
@@ -61,6 +69,7 @@ class TrainState:
             "total_steps": self.total_steps,
             "data_iters": self.data_iters,
             "data_batches": self.data_batches,
+            "pending_eval": self.pending_eval,
         }
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
@@ -77,6 +86,7 @@ class TrainState:
         self.step = int(state["step"])
         self.data_iters = int(state["data_iters"])
         self.data_batches = int(state["data_batches"])
+        self.pending_eval = state.get("pending_eval")
         if self.ema is not None:
             if "ema" in state:
                 self.ema.load_state_dict(state["ema"], source)
@@ -135,6 +145,8 @@ def save_train_state(config: PretrainConfig, state: TrainState, info: DistInfo) 
         "world_size": info.world_size,
         "ranks": rank_states,
         "config": config.model_dump(),
+        "run_id": state.run_id,
+        "dataset": state.dataset,
     }
     ckpt.atomic_torch_save(payload, path)
     # Keep only the newest train state (each holds optimizer moments: 3x the weights); weights
@@ -199,6 +211,90 @@ def read_train_state(path: str) -> dict[str, Any]:
     return payload
 
 
+# What a train state needs to be resumed from, and the type of each.
+RESUME_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "model": dict,
+    "optimizers": list,
+    "step": int,
+    "total_steps": int,
+    "data_iters": int,
+    "data_batches": int,
+    "world_size": int,
+    "ranks": list,
+    "config": dict,
+}
+
+
+def check_resume_fields(payload: dict[str, Any], path: str) -> None:
+    """One line naming the first field a train state lacks (or holds in another shape) to be resumed from."""
+    for key, kind in RESUME_FIELDS.items():
+        if key not in payload:
+            raise ValueError(f"{path}: damaged train state: field '{key}' missing")
+        if not isinstance(payload[key], kind) or isinstance(payload[key], bool):
+            raise ValueError(f"{path}: damaged train state: field '{key}' holds {type(payload[key]).__name__}")
+    ranks = payload["ranks"]
+    if len(ranks) != payload["world_size"]:
+        raise ValueError(
+            f"{path}: damaged train state: field 'ranks' has {len(ranks)} entries for world_size {payload['world_size']}"
+        )
+    for rank, local in enumerate(ranks):
+        if not isinstance(local, dict) or "carry" not in local or not isinstance(local.get("rng"), dict):
+            raise ValueError(f"{path}: damaged train state: field 'ranks' entry {rank} lacks its carry or RNG state")
+        if not isinstance(local["rng"].get("torch_cpu"), torch.Tensor):
+            raise ValueError(f"{path}: damaged train state: rank {rank}'s RNG state lacks 'torch_cpu'")
+
+
+def load_resume_state(config: PretrainConfig, path: str, quiet: bool = False) -> tuple[dict[str, Any], str]:
+    """(payload, path) of the train state to resume from: `path`, checked; with `resume=auto`, a damaged or
+    unreadable newest state falls back to the next older one in the folder (a warning line each), and
+    when none is good the newest one's problem is the one error line."""
+    candidates = [path]
+    if config.resume == "auto":
+        candidates += [p for p in ckpt.train_states_newest_first(os.path.dirname(path)) if p != path]
+    problems: list[str] = []
+    for candidate in candidates:
+        try:
+            payload = read_train_state(candidate)
+            check_resume_fields(payload, candidate)
+        except ValueError as e:
+            if config.resume != "auto":
+                raise
+            problems.append(str(e))
+            continue
+        if problems and not quiet:
+            for problem in problems:
+                print(f"warning: {problem}; resuming from the previous train state {candidate}", file=sys.stderr)
+        return payload, candidate
+    more = f" (and {len(problems) - 1} older ones)" if len(problems) > 1 else ""
+    raise ValueError(f"{problems[0]}{more}; no good train state to fall back to in {os.path.dirname(path)}")
+
+
+def load_resume_state_on_every_rank(config: PretrainConfig, path: str, info: DistInfo) -> tuple[dict[str, Any], str]:
+    """Collective: `load_resume_state` on every rank (warnings on rank 0), the same file everywhere or one error
+    on all (a folder whose files differ between nodes would otherwise mix two states)."""
+    try:
+        payload, chosen = load_resume_state(config, path, quiet=not info.is_main)
+        found, error = chosen, None
+    except ValueError as e:
+        found, error = None, e
+    if info.world_size == 1:
+        if error is not None:
+            raise error
+        return payload, chosen
+    answers: list[Any] = [None] * info.world_size
+    dist.all_gather_object(answers, (found, None if error is None else str(error)))
+    for rank, (_, message) in enumerate(answers):
+        if message is not None:
+            raise ValueError(f"{message} (on rank {rank} of {info.world_size})")
+    for rank, (chosen_there, _) in enumerate(answers):
+        if chosen_there != answers[0][0]:
+            raise ValueError(
+                f"config key 'resume': rank 0 resumes from {answers[0][0]}, rank {rank} from {chosen_there}: "
+                "checkpoint_path must be a folder every node sees"
+            )
+    return payload, chosen
+
+
 def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], int, Optional[dict[str, Any]]]:
     """(weights, step, saved config or None) from a `step_N` weights file or a train-state file.
 
@@ -228,17 +324,63 @@ RESUME_FREE_KEYS = {
     "keep_best",
     "nonfinite",
     "dist_timeout_s",
+    "overwrite",
 }
 
 
-def restore_train_state(payload: dict[str, Any], path: str, config: PretrainConfig, state: TrainState, info: DistInfo):
+# Dataset metadata a train state's data position and ACT carry depend on.
+DATASET_FIELDS = ("seq_len", "vocab_size", "num_puzzle_identifiers", "total_groups", "mean_puzzle_examples", "sets")
+
+
+def dataset_fingerprint(metadata: Any) -> dict[str, Any]:
+    """What a train state records of its training data: the dataset may move (another data_path), not change."""
+    return {k: getattr(metadata, k) for k in DATASET_FIELDS}
+
+
+def check_resume_compatible(
+    payload: dict[str, Any], path: str, config: PretrainConfig, info: DistInfo, dataset: dict[str, Any]
+) -> None:
+    """Refuse, in one line and before anything is written, a resume the saved state cannot continue: another
+    world size, global batch, model or training data (the data position, the ACT carry and the weights would not
+    fit); warn about the other changed keys (those of `RESUME_FREE_KEYS` aside)."""
+    saved = payload["config"]
     if payload["world_size"] != info.world_size:
-        raise ValueError(f"{path}: saved with {payload['world_size']} ranks, resumed with {info.world_size}")
-    changed = sorted(
-        k for k, v in config.model_dump().items() if k not in RESUME_FREE_KEYS and payload["config"].get(k) != v
-    )
+        raise ValueError(
+            f"{path}: saved with {payload['world_size']} ranks, resumed with {info.world_size} "
+            "(a resumed run keeps its number of processes)"
+        )
+    if saved.get("global_batch_size") != config.global_batch_size:
+        raise ValueError(
+            f"{path}: saved with global_batch_size={saved.get('global_batch_size')}, resumed with "
+            f"{config.global_batch_size} (a resumed run keeps its batch size: its data position and ACT carry are "
+            "counted in batches)"
+        )
+    saved_arch = saved.get("arch") or {}
+    names = {
+        "arch.name": (saved_arch.get("name"), config.arch.name),
+        "arch.loss.name": ((saved_arch.get("loss") or {}).get("name"), config.arch.loss.name),
+    }
+    for key, (then, now) in names.items():
+        if then != now:
+            raise ValueError(f"{path}: saved with {key}={then}, resumed with {now} (another model)")
+    recorded = payload.get("dataset")  # absent from train states of earlier versions
+    if recorded is not None:
+        changed = [k for k in DATASET_FIELDS if recorded.get(k) != dataset.get(k)]
+        if changed:
+            k = changed[0]
+            raise ValueError(
+                f"{path}: saved with other training data ({k}={recorded.get(k)} then, {dataset.get(k)} now): a "
+                "resumed run trains on the same dataset"
+            )
+    changed = sorted(k for k, v in config.model_dump().items() if k not in RESUME_FREE_KEYS and saved.get(k) != v)
     if changed and info.is_main:
         print(f"warning: resuming with changed config keys: {', '.join(changed)}", file=sys.stderr)
+
+
+def restore_train_state(payload: dict[str, Any], path: str, config: PretrainConfig, state: TrainState, info: DistInfo):
+    """Load a checked payload (`load_resume_state`, `check_resume_compatible`) into `state` on this rank."""
+    if payload["world_size"] != info.world_size:
+        raise ValueError(f"{path}: saved with {payload['world_size']} ranks, resumed with {info.world_size}")
     state.load_state_dict(payload, path)
     local = payload["ranks"][info.rank]
     state.carry = None
@@ -253,6 +395,6 @@ def names_from_resume(config: PretrainConfig) -> PretrainConfig:
     path = resolve_resume_path(config)
     if path is None:
         return config
-    saved = read_train_state(path)["config"]
+    saved = load_resume_state(config, path, quiet=True)[0]["config"]
     update = {k: saved.get(k) for k in ("project_name", "run_name", "checkpoint_path") if getattr(config, k) is None}
     return config.model_copy(update=update)

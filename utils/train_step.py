@@ -5,7 +5,8 @@ Design choices:
   is scaled by 1/global batch, gradients are summed over ranks, each optimizer gets the warmup +
   cosine lr of this step, steps, and zeroes its gradients.
 - No host synchronisation inside a step. The gradient all-reduce also carries a flag that is true iff
-  the loss and every gradient are finite on every rank; the optimizers take it (`step(skip_if=...)`)
+  the loss and every gradient are finite on every rank (and counts the ranks asking to stop after a
+  SIGINT / SIGTERM, utils/interrupt.py); the optimizers take it (`step(skip_if=...)`)
   and drop a non-finite update on the device, and the carry's rows are marked halted on the device.
   The metric sums and the flag are copied to pinned host memory; `launch_train_step` returns a
   `PendingStep` and `finish_train_step` reads it, one step later when `async_metrics` is on.
@@ -29,7 +30,8 @@ from tqdm import tqdm
 
 from utils import checkpointing as ckpt
 from utils.config import PretrainConfig
-from utils.distributed import DistInfo, all_reduce_sum_flat_and_check_finite_
+from utils.distributed import DistInfo, all_reduce_sum_flat_with_votes_
+from utils.interrupt import requested as stop_requested
 from utils.train_state import TrainState, map_carry
 
 
@@ -146,14 +148,17 @@ def forward_backward(
 # ---------------------------------------------------------------------------------------- optimizers
 
 
-def sync_gradients(model: nn.Module, local_checks: list[torch.Tensor] | tuple = ()) -> torch.Tensor:
+def sync_gradients(
+    model: nn.Module, local_checks: list[torch.Tensor] | tuple = ()
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum parameter gradients over ranks (the loss is already divided by the global batch).
 
-    Returns a 0-dim bool tensor on the device, equal on every rank: every summed gradient is finite and
-    so was every tensor of `local_checks` (the loss, the sparse embedding's gradient) on every rank.
+    Returns two 0-dim tensors on the device, equal on every rank: a bool, every summed gradient is finite
+    and so was every tensor of `local_checks` (the loss, the sparse embedding's gradient) on every rank;
+    and the number of ranks asking to stop (a SIGINT / SIGTERM received, utils/interrupt.py).
     """
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return all_reduce_sum_flat_and_check_finite_(grads, local_checks)
+    return all_reduce_sum_flat_with_votes_(grads, local_checks, vote=bool(stop_requested()))
 
 
 def sparse_gradients(state: TrainState) -> list[torch.Tensor]:
@@ -210,20 +215,20 @@ def apply_lr_and_step(config: PretrainConfig, state: TrainState, skip_if: torch.
 
 @dataclass
 class PendingStep:
-    """A launched train step whose metric sums and non-finite flag are on their way to the host."""
+    """A launched train step whose metric sums, non-finite flag and stop votes are on their way to the host."""
 
     step: int
     lr: float
     global_batch_size: int
     keys: list[str]  # metric names in `values` order; empty on ranks other than 0
-    values: torch.Tensor  # host tensor [len(keys) + 1]: the metric sums over ranks, then 1.0 iff all finite
+    values: torch.Tensor  # host [len(keys) + 2]: the metric sums over ranks, 1.0 iff all finite, the stop votes
     ready: Optional[torch.cuda.Event]  # recorded after the device-to-host copy; None if the copy was synchronous
 
     @classmethod
-    def launch(cls, step, lr, global_batch_size, metrics, all_finite, info: DistInfo) -> "PendingStep":
-        """Sum the metrics onto rank 0 and start copying them (and the flag) to the host, without waiting."""
+    def launch(cls, step, lr, global_batch_size, metrics, all_finite, votes, info: DistInfo) -> "PendingStep":
+        """Sum the metrics onto rank 0 and start copying them (and the flags) to the host, without waiting."""
         keys = sorted(metrics)
-        flag = all_finite.to(torch.float32).reshape(1)
+        flag = torch.stack([all_finite.to(torch.float32), votes.to(all_finite.device, torch.float32)])
         if keys:
             values = torch.stack([metrics[k].detach().to(torch.float32) for k in keys])  # [num_metrics]
             if info.world_size > 1:
@@ -310,25 +315,30 @@ def launch_train_step(
         return None
     batch = {k: v.to(info.device, non_blocking=True) for k, v in batch.items()}
     loss, metrics = forward_backward(state, batch, global_batch_size, info.device, config.grad_accum_steps)
-    all_finite = sync_gradients(state.model, [loss, *sparse_gradients(state)])
+    all_finite, votes = sync_gradients(state.model, [loss, *sparse_gradients(state)])
     skip = ~all_finite
     lr = apply_lr_and_step(config, state, skip_if=skip)
     if state.ema is not None:
         state.ema.update(state.model)
     mark_carry_halted(state.carry, skip)
-    return PendingStep.launch(state.step, lr, global_batch_size, metrics, all_finite, info)
+    return PendingStep.launch(state.step, lr, global_batch_size, metrics, all_finite, votes, info)
 
 
 def finish_train_step(
     config: PretrainConfig, state: TrainState, pending: PendingStep, info: DistInfo
 ) -> dict[str, float] | None:
-    """Wait for a launched step's results; returns its logged metrics on rank 0 (None elsewhere)."""
+    """Wait for a launched step's results; returns its logged metrics on rank 0 (None elsewhere).
+
+    When a rank asked to stop in that step (SIGINT / SIGTERM), every rank learns it here, at the same step,
+    and sets `state.stop_agreed`."""
     values = pending.wait()
-    if values[-1] == 0.0:
+    if values[-2] == 0.0:
         record_skipped_step(config, state, info, pending.step)
+    if values[-1] > 0:  # NaN (a non-finite step) compares False: the next step carries the request
+        state.stop_agreed = True
     if not pending.keys:
         return None
-    return train_metrics(dict(zip(pending.keys, values[:-1])), pending.global_batch_size, pending.lr)
+    return train_metrics(dict(zip(pending.keys, values[:-2])), pending.global_batch_size, pending.lr)
 
 
 def train_batch(
