@@ -20,7 +20,7 @@ Design choices:
 - `puzzle_identifiers=blank|shuffled` feeds the model every test example with the blank identifier, or
   with another puzzle's (a fixed random permutation of the identifiers), to measure how much the model
   leans on its puzzle embedding; scoring still uses the true identifiers.
-- Evaluation itself is utils/evaluation.py's, the same as training's; outputs are saved per
+- Evaluation itself is training/evaluation.py's, the same as training's; outputs are saved per
   rank as `step_{N}_all_preds.{rank}` in the output folder. The run's evaluators run too (by default
   the ARC evaluator, left out with a notice where the dataset is not ARC): ARC/pass@K by the ARC
   Prize's rule and a submission.json in `evaluator_ARC_step_{N}/`.
@@ -34,7 +34,7 @@ Design choices:
   folder for a local checkpoint, where the reference's workflow (its ARC notebook, `tools.visualize`,
   `evaluators.arc_scoring`) looks for `step_N_all_preds.*`, and `evaluations/<owner>--<name>[...]` under the
   current folder for a hub checkpoint, whose folder is the hub cache and never written to.
-- `tta=sudoku|maze tta_views=N` adds test-time augmentation (utils/tta.py): N symmetric views of each test
+- `tta=sudoku|maze tta_views=N` adds test-time augmentation (training/tta.py): N symmetric views of each test
   puzzle, answers mapped back and voted, reported as `tta_exact_accuracy` and `tta_accuracy` per set.
 - Nothing is lost to a bad request or an unwritable folder: `save_outputs` names are checked against the
   model's outputs, and the output folder is checked writable (exit 4), before the model runs; the metrics
@@ -56,8 +56,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from utils import checkpointing as ckpt
-from utils.build import (
+from training.build import (
     PUZZLE_TABLE_KEY,
     create_dataloader,
     create_evaluators,
@@ -65,8 +64,7 @@ from utils.build import (
     print_backends,
     use_compile,
 )
-from utils.cli import bad_input_exits, field_entries, format_help, run_hydra_entry
-from utils.config import (
+from training.config import (
     CONFIG_DIR,
     EvaluatorConfig,
     PretrainConfig,
@@ -75,12 +73,14 @@ from utils.config import (
     test_data_paths,
     train_data_paths,
 )
+from training.evaluation import check_eval_requests, evaluate, flatten_eval_metrics, probe_eval_outputs
+from training.train_state import EvalState, read_checkpoint
+from training.training_options import read_best_record
+from training.tta import make_views, tta_accuracy
+from utils import checkpointing as ckpt
+from utils.cli import bad_input_exits, field_entries, format_help, run_hydra_entry
 from utils.distributed import DistInfo, distributed_context
-from utils.evaluation import check_eval_requests, evaluate, flatten_eval_metrics, probe_eval_outputs
 from utils.hub import parse_hub_checkpoint, resolve_hub_checkpoint
-from utils.train_state import TrainState, read_checkpoint
-from utils.training_options import read_best_record
-from utils.tta import make_views, tta_accuracy
 
 DEFAULT_SAVE_OUTPUTS = ["inputs", "labels", "puzzle_identifiers", "logits", "q_halt_logits", "q_continue_logits"]
 HUB_OUTPUT_ROOT = "evaluations"  # hub checkpoints' default output folders, under the current folder
@@ -201,7 +201,7 @@ def build_config(eval_cfg: EvalConfig, saved: Optional[dict[str, Any]]) -> Pretr
     return config.model_copy(update=update)
 
 
-def step_accuracy(state: TrainState, loader, info: DistInfo) -> dict[str, Any]:
+def step_accuracy(state: EvalState, loader, info: DistInfo) -> dict[str, Any]:
     """Token and exact accuracy after each ACT step over the test split, summed over ranks."""
     from tools.visualize import act_step_accuracy
 
@@ -310,7 +310,7 @@ def evaluate_checkpoint(eval_cfg: EvalConfig, info: DistInfo) -> Optional[dict[s
     else:
         check_eval_requests(config, head, eval_dataset.metadata, evaluators, info.device, save_key="save_outputs")
     forward = torch.compile(head, dynamic=False) if use_compile(config, info.device) else head
-    state = TrainState(model=head, forward=forward, optimizers=[], optimizer_lrs=[], total_steps=0, step=step)
+    state = EvalState(model=head, forward=forward, step=step)
     head.eval()
 
     if info.is_main:

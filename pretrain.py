@@ -3,11 +3,11 @@
 
 The reference's training script, in its shape: configuration, building loaders / model / optimizers, a
 train loop that reads top to bottom, and the Hydra entry `launch`. The pieces it calls live in modules
-named for what they hold (README "Layout"): `utils/config.py` (the typed config), `utils/build.py`
-(loaders and model, shared with evaluate.py), `utils/train_state.py` (TrainState, save / restore /
-resume), `utils/train_step.py` (one optimisation step and its options), `utils/evaluation.py`
-(evaluation, shared with evaluate.py), `utils/training_options.py` (early stopping, keep-best),
-`utils/run_folder.py` (the run folder's owner and lock), `utils/interrupt.py` (SIGINT / SIGTERM) and
+named for what they hold (README "Layout"): `training/config.py` (the typed config), `training/build.py`
+(loaders and model, shared with evaluate.py), `training/train_state.py` (TrainState, save / restore /
+resume), `training/train_step.py` (one optimisation step and its options), `training/evaluation.py`
+(evaluation, shared with evaluate.py), `training/training_options.py` (early stopping, keep-best),
+`training/run_folder.py` (the run folder's owner and lock), `utils/interrupt.py` (SIGINT / SIGTERM) and
 `utils/cli.py` (one-line errors for every command).
 
 Design choices:
@@ -34,9 +34,8 @@ from omegaconf import DictConfig
 from torch import nn
 from tqdm import tqdm
 
-from utils import checkpointing as ckpt
-from utils import interrupt, run_folder
-from utils.build import (
+from training import run_folder
+from training.build import (
     create_dataloader,
     create_evaluators,
     create_model,
@@ -44,8 +43,7 @@ from utils.build import (
     print_backends,
     use_compile,
 )
-from utils.cli import bad_input_exits, run_hydra_entry
-from utils.config import (
+from training.config import (
     CONFIG_DIR,
     PretrainConfig,
     config_from_dict,
@@ -55,11 +53,9 @@ from utils.config import (
     pretrain_help,
     train_data_paths,
 )
-from utils.distributed import DistInfo, broadcast_object, distributed_context
-from utils.ema import ModelEMA
-from utils.evaluation import check_eval_requests, eval_summary, evaluate, flatten_eval_metrics
-from utils.logging_utils import MetricLogger, create_logger
-from utils.train_state import (
+from training.ema import ModelEMA
+from training.evaluation import check_eval_requests, eval_summary, evaluate, flatten_eval_metrics
+from training.train_state import (
     TrainState,
     check_resume_compatible,
     dataset_fingerprint,
@@ -69,7 +65,7 @@ from utils.train_state import (
     restore_train_state,
     save_train_state,
 )
-from utils.train_step import (
+from training.train_step import (
     NonFiniteError,
     PendingStep,
     SparseEmbeddingGradAccumulator,
@@ -80,7 +76,12 @@ from utils.train_step import (
     train_batch,
     use_async_metrics,
 )
-from utils.training_options import BestCheckpoint, EarlyStopping
+from training.training_options import BestCheckpoint, EarlyStopping
+from utils import checkpointing as ckpt
+from utils import interrupt
+from utils.cli import bad_input_exits, run_hydra_entry
+from utils.distributed import DistInfo, broadcast_object, distributed_context
+from utils.logging_utils import MetricLogger, create_logger
 
 __all__ = [  # the reference's names, and what tests and benchmarks use from here
     "PretrainConfig",
@@ -269,7 +270,7 @@ def start_or_resume(
 
     Everything that can refuse the run does so before the run folder is written: the train state read and
     checked (a damaged newest one falls back to an older one with `resume=auto`), its compatibility with this
-    config, the folder's owner (utils/run_folder.py), the weights' keys and shapes. Then rank 0 claims the
+    config, the folder's owner (training/run_folder.py), the weights' keys and shapes. Then rank 0 claims the
     folder (`run_id.txt`; with `overwrite=true` the previous run's files go first). Returns (state, the
     model's source files, the train state resumed from or None)."""
     dataset = dataset_fingerprint(train_dataset.metadata)
@@ -309,7 +310,7 @@ def train(config: PretrainConfig, info: DistInfo, logger: MetricLogger | None = 
     """The whole run; `config` must already carry its names (see `prepare_config`).
 
     SIGINT / SIGTERM stop it at a step boundary with a train state saved (utils/interrupt.py); rank 0 holds
-    the run folder's lock from the first check of the folder to the end (utils/run_folder.py)."""
+    the run folder's lock from the first check of the folder to the end (training/run_folder.py)."""
     assert config.checkpoint_path is not None
     with interrupt.stop_on_signals():
         torch.manual_seed(config.seed + info.rank)

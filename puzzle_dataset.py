@@ -24,7 +24,7 @@ Design choices:
   in it, each with its own Philox stream, as TRM does. They must agree on vocabulary, sequence length,
   pad / ignore / blank ids and set names; groups, puzzles and identifiers add up, and the mean puzzle
   size is weighted by puzzles. `identifier_offsets` (one per dataset; the launcher chooses them, see
-  utils/build.py) are added to each dataset's non-blank identifiers, so datasets each numbered from 1
+  training/build.py) are added to each dataset's non-blank identifiers, so datasets each numbered from 1
   keep apart in the puzzle-embedding table.
 """
 

@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import pretrain  # noqa: E402
 from dataset.common import PuzzleDatasetMetadata  # noqa: E402
-from utils import build, evaluation, train_step  # noqa: E402
+from training import build, evaluation, train_step  # noqa: E402
 from utils.distributed import distributed_context  # noqa: E402
 
 
@@ -71,7 +71,7 @@ SHAPES = {
 
 
 def compose_config(shape: Shape, global_batch_size: int, extra: list[str]) -> pretrain.PretrainConfig:
-    from utils.config import compose_config as compose
+    from training.config import compose_config as compose
 
     overrides = [
         f"arch={shape.arch}",

@@ -44,7 +44,7 @@ def trunc_normal_init_(tensor: torch.Tensor, std: float = 1.0, lower: float = -2
 
 # ---------------------------------------------------------------------------------- model configs
 
-# Keys a model config may receive besides its own fields: what the launcher adds (utils/build.py) and the
+# Keys a model config may receive besides its own fields: what the launcher adds (training/build.py) and the
 # `arch` section's own `name` and `loss` (dropped by the launcher, but kept by callers passing the whole section).
 LAUNCHER_KEYS = frozenset({"causal", "name", "loss"})
 

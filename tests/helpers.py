@@ -18,7 +18,7 @@ from dataset.common import PuzzleDatasetMetadata, write_identifiers, write_split
 from models.hrm.hrm_act_v1 import HierarchicalReasoningModel_ACTV1
 from models.losses import IGNORE_LABEL_ID
 from models.recursive_reasoning.trm import TinyRecursiveReasoningModel_ACTV1
-from utils.config import PretrainConfig, compose_config
+from training.config import PretrainConfig, compose_config
 from utils.logging_utils import WALL_TIME_KEY
 
 REPO = Path(__file__).resolve().parent.parent

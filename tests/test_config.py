@@ -228,7 +228,7 @@ def test_model_config_takes_launcher_values_over_arch_keys():
     """An arch yaml may carry keys the launcher sets itself (e.g. `causal`): the launcher's value wins."""
     from types import SimpleNamespace
 
-    from utils.build import model_config_dict
+    from training.build import model_config_dict
 
     config = compose_cli("pretrain.py global_batch_size=8 +arch.causal=true +arch.seq_len=5")
     metadata = SimpleNamespace(vocab_size=11, seq_len=81, num_puzzle_identifiers=3)

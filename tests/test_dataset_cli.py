@@ -14,9 +14,10 @@ from pydantic import BaseModel
 
 from dataset.build_sudoku_dataset import SudokuBuildConfig
 from dataset.build_sudoku_dataset import main as build_sudoku
-from dataset.cli import _host_tag, run_cli
+from dataset.cli import run_cli
 from dataset.generate_sudoku import make_sudoku
 from dataset.generation import puzzle_rng
+from utils.files import _host_tag
 
 
 class Config(BaseModel):

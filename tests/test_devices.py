@@ -13,7 +13,8 @@ import torch
 
 import pretrain
 from tests.helpers import REPO, make_tiny_dataset, tiny_config
-from utils import build, distributed
+from training import build
+from utils import distributed
 from utils.cli import describe_error
 from utils.distributed import DistInfo
 
@@ -125,7 +126,7 @@ def test_mps_runs_one_process(monkeypatch):
 
 
 def test_mps_defaults_no_compile_no_pinned_memory_no_async_metrics(tmp_path):
-    from utils.train_step import use_async_metrics
+    from training.train_step import use_async_metrics
 
     config = tiny_config(make_tiny_dataset(tmp_path / "data"), tmp_path / "run")
     assert build.use_compile(config, torch.device("mps")) is False

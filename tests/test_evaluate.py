@@ -16,8 +16,8 @@ import torch
 import evaluate
 import pretrain
 from tests.helpers import REPO, TINY_ARCH, make_tiny_dataset, tiny_config
-from utils import evaluation
-from utils.config import compose_config
+from training import evaluation
+from training.config import compose_config
 from utils.distributed import DistInfo
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -172,8 +172,8 @@ def test_probe_finds_what_an_evaluation_saves_and_reports(trained, tmp_path, arc
     """The outputs `probe_eval_outputs` finds before any work are exactly those a real evaluation can save, and the
     head's eval-mode `metric_names` (less the divisor `count`) exactly the metrics it reports, for each model; the
     probe leaves the RNG state and the head's mode as they were."""
-    from utils.build import create_dataloader, create_model
-    from utils.train_state import TrainState
+    from training.build import create_dataloader, create_model
+    from training.train_state import EvalState
 
     data, _, _ = trained
     config = compose_config([*ARCHS[arch], f"data_path={data}", f"checkpoint_path={tmp_path}", "global_batch_size=4",
@@ -187,7 +187,7 @@ def test_probe_finds_what_an_evaluation_saves_and_reports(trained, tmp_path, arc
     assert head.training and torch.equal(rng, torch.get_rng_state())
     assert {"inputs", "labels", "puzzle_identifiers", "logits", "q_halt_logits"} <= outputs
     head.eval()
-    state = TrainState(model=head, forward=head, optimizers=[], optimizer_lrs=[], total_steps=0)
+    state = EvalState(model=head, forward=head)
     config = config.model_copy(update={"eval_save_outputs": sorted(outputs)})
     results = evaluation.evaluate(config, state, eval_loader, eval_dataset.metadata, CPU)
     assert set(results["all"]) == metrics

@@ -24,7 +24,7 @@ import yaml
 import evaluate
 import pretrain
 from tests.helpers import REPO, TINY_ARCH, make_tiny_dataset, tiny_config
-from utils.build import PUZZLE_TABLE_KEY
+from training.build import PUZZLE_TABLE_KEY
 from utils.distributed import DistInfo
 from utils.hub import HubCheckpoint, parse_hub_checkpoint, weights_file
 

@@ -18,8 +18,8 @@ import torch
 import evaluate
 import pretrain
 from tests.helpers import REPO, make_tiny_dataset, tiny_config
+from training.evaluation import flatten_eval_metrics, identifier_feed
 from utils.distributed import DistInfo
-from utils.evaluation import flatten_eval_metrics, identifier_feed
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 ARCHS = {

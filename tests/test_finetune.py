@@ -13,9 +13,9 @@ import torch
 
 import pretrain
 from tests.helpers import make_tiny_dataset, tiny_config
-from utils.build import PUZZLE_TABLE_KEY, create_dataloader
+from training.build import PUZZLE_TABLE_KEY, create_dataloader
+from training.evaluation import evaluate
 from utils.distributed import DistInfo
-from utils.evaluation import evaluate
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 

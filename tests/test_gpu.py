@@ -145,7 +145,7 @@ def test_compiled_train_step_runs_and_matches_eager_loss(kind):
 def _tiny_train_state(compile_mode: str | None):
     import pretrain
     from dataset.common import PuzzleDatasetMetadata
-    from utils.config import compose_config
+    from training.config import compose_config
     from utils.distributed import DistInfo
 
     overrides = ["arch=hrm_tiny", "++arch.forward_dtype=bfloat16", "global_batch_size=16", "use_wandb=false"]

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from tests.helpers import REPO, TINY_ARCH, free_port, make_tiny_dataset, metric_records
+from training.train_state import read_train_state
 from utils.checkpointing import find_latest_train_state
-from utils.train_state import read_train_state
 
 TOTAL_STEPS = 96  # epochs=64 x 6 groups / global batch 4
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}

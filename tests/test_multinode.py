@@ -38,9 +38,9 @@ import pytest
 import torch
 
 from tests.helpers import REPO, TINY_ARCH, free_port, make_tiny_dataset, metric_records
+from training.train_state import read_train_state
 from utils.checkpointing import find_latest_train_state, train_state_path
 from utils.distributed import restarts_share_agent_store
-from utils.train_state import read_train_state
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads sockets and processes in /proc")
 
@@ -285,7 +285,7 @@ LOADER = textwrap.dedent(
     import os, sys, time
     sys.path.insert(0, {repo!r})
     from tests.helpers import tiny_config
-    from utils.build import create_dataloader
+    from training.build import create_dataloader
     from utils.distributed import setup_distributed
 
     config = tiny_config({data!r}, {ckpt!r})

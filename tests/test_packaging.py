@@ -16,7 +16,7 @@ import pytest
 
 from evaluate import EvalConfig
 from tests.helpers import REPO
-from utils.config import CONFIG_DIR, PretrainConfig, compose_config
+from training.config import CONFIG_DIR, PretrainConfig, compose_config
 
 BUILDERS = {  # console command -> (module, config class)
     "hrm-build-sudoku": ("dataset.build_sudoku_dataset", "SudokuBuildConfig"),
@@ -108,7 +108,17 @@ def test_builder_help_shows_each_flag_with_description_and_default(command, caps
 # ------------------------------------------------------------------------------- a wheel in a fresh venv
 
 TORCH_SPEC = os.environ.get("TORCH_SPEC", "torch==2.13.0")  # as scripts/test.sh installs it
-PROJECT_TOP = ("pretrain.py", "evaluate.py", "puzzle_dataset.py", "models", "dataset", "utils", "evaluators", "tools")
+PROJECT_TOP = (
+    "pretrain.py",
+    "evaluate.py",
+    "puzzle_dataset.py",
+    "models",
+    "dataset",
+    "utils",
+    "training",
+    "evaluators",
+    "tools",
+)
 
 
 def run_in(cwd: Path, *command, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -175,7 +185,10 @@ def test_installed_commands_build_train_and_evaluate_from_another_folder(install
     _, bin_dir, work = installed
     where = checked(
         run_in(
-            work, bin_dir / "python", "-c", "import pretrain, utils.config as c; print(pretrain.__file__, c.CONFIG_DIR)"
+            work,
+            bin_dir / "python",
+            "-c",
+            "import pretrain, training.config as c; print(pretrain.__file__, c.CONFIG_DIR)",
         )
     )
     module, config_dir = where.stdout.split()

@@ -10,8 +10,10 @@ from torch import nn
 
 import pretrain
 from tests.helpers import make_tiny_dataset, metric_records, tiny_config
-from utils import build, logging_utils, train_state, train_step
+from training import build, train_state, train_step
+from training import carry as carry_tree
 from utils import checkpointing as ckpt
+from utils import logging_utils
 from utils.distributed import DistInfo
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -236,20 +238,20 @@ class Carry:
 
 def test_carry_round_trip():
     carry = Carry(Inner(torch.randn(2, 3), torch.randn(2, 3)), torch.tensor([1, 2]), {"inputs": torch.arange(6)})
-    state = ckpt.carry_to_state(carry)
+    state = carry_tree.to_state(carry)
     assert state["inner_carry"]["z_H"].data_ptr() != carry.inner_carry.z_H.data_ptr()  # a copy
     template = Carry(
         Inner(torch.empty(2, 3), torch.empty(2, 3)),
         torch.zeros(2, dtype=torch.int64),
         {"inputs": torch.empty(6, dtype=torch.int64)},
     )
-    restored = ckpt.carry_from_state(template, state)
+    restored = carry_tree.from_state(template, state)
     assert isinstance(restored, Carry) and isinstance(restored.inner_carry, Inner)
     assert torch.equal(restored.inner_carry.z_L, carry.inner_carry.z_L)
     assert torch.equal(restored.current_data["inputs"], carry.current_data["inputs"])
     bad = Carry(Inner(torch.empty(4, 3), torch.empty(2, 3)), template.steps, template.current_data)
     with pytest.raises(ValueError, match=r"carry\.inner_carry\.z_H has shape \(2, 3\), expected \(4, 3\)"):
-        ckpt.carry_from_state(bad, state)
+        carry_tree.from_state(bad, state)
 
 
 def test_state_dict_mismatch_message():

@@ -22,8 +22,8 @@ import torch
 import pretrain
 from models.losses import ACTLossHead
 from tests.helpers import REPO, TINY_ARCH, free_port, make_tiny_dataset, metric_records, tiny_config
+from training import train_state, train_step
 from utils import checkpointing as ckpt
-from utils import train_state, train_step
 
 BAD_STEP = 2  # tiny config: 6 steps, 3 per loader iteration; step 2 is mid-iteration
 

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from tests.helpers import REPO, TINY_ARCH, make_tiny_dataset
+from training.train_state import read_train_state
 from utils.checkpointing import TRAIN_STATE_TEMP_PATTERN, find_latest_train_state
-from utils.train_state import read_train_state
 
 TOTAL_STEPS = 48  # epochs=32 x 6 groups / global batch 4
 KILLS = 5

@@ -14,9 +14,9 @@ import pretrain
 from models.losses import IGNORE_LABEL_ID, ACTLossHead
 from puzzle_dataset import PuzzleDataset, PuzzleDatasetConfig
 from tests.helpers import TINY_ARCH, make_tiny_dataset, run_two_rank_training, tiny_config
-from utils import build, train_state, train_step, training_options
+from training import build, train_state, train_step, training_options
+from training.ema import ModelEMA
 from utils.distributed import DistInfo
-from utils.ema import ModelEMA
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 

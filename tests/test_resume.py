@@ -5,8 +5,8 @@ import torch
 
 from pretrain import run
 from tests.helpers import make_tiny_dataset, metric_records, tiny_config
+from training.train_state import read_train_state
 from utils.checkpointing import find_latest_train_state
-from utils.train_state import read_train_state
 
 # epochs=4, eval_interval=2, 6 groups, global batch 4 → 3 steps per iteration, 6 steps in all.
 TOTAL_STEPS = 6

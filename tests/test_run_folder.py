@@ -23,8 +23,8 @@ import torch
 
 from pretrain import run
 from tests.helpers import REPO, TINY_ARCH, make_tiny_dataset, metric_records, tiny_config
-from utils.run_folder import LOCK_FILE, RUN_ID_FILE
-from utils.train_state import read_train_state
+from training.run_folder import LOCK_FILE, RUN_ID_FILE
+from training.train_state import read_train_state
 
 TOTAL_STEPS = 6  # tiny_config: epochs=4, eval_interval=2, 6 groups, global batch 4
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}

@@ -25,8 +25,8 @@ from hydra import compose, initialize_config_dir
 import pretrain
 from puzzle_dataset import PuzzleDataset, PuzzleDatasetConfig
 from tests.helpers import REPO, make_tiny_dataset
-from utils.build import identifier_offsets
-from utils.config import compose_config, config_from_hydra
+from training.build import identifier_offsets
+from training.config import compose_config, config_from_hydra
 from utils.distributed import DistInfo
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))

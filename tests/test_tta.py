@@ -1,4 +1,4 @@
-"""Test-time augmentation for Sudoku and Maze (utils/tta.py, evaluate.py `tta=... tta_views=N`).
+"""Test-time augmentation for Sudoku and Maze (training/tta.py, evaluate.py `tta=... tta_views=N`).
 
 The views are checked against the builders' own output (a maze group holds the 8 dihedral transforms, in id
 order; a Sudoku view is `apply_augmentations` of the builder's draws, and keeps a solution a solution), undone
@@ -28,10 +28,10 @@ from dataset.generate_maze import make_maze
 from dataset.generate_sudoku import make_sudoku
 from dataset.generation import puzzle_rng
 from tests.helpers import REPO, make_tiny_dataset, tiny_config
-from utils.build import create_dataloader
+from training.build import create_dataloader
+from training.train_state import EvalState
+from training.tta import Views, make_views, tta_accuracy, vote
 from utils.distributed import DistInfo
-from utils.train_state import TrainState
-from utils.tta import Views, make_views, tta_accuracy, vote
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -135,7 +135,7 @@ def test_identity_views_count_as_the_loss_head_does(tmp_path):
     head = pretrain.create_model(config, dataset.metadata, CPU)[0]
     head.load_state_dict(torch.load(tmp_path / "ckpt" / "step_6", weights_only=True))
     head.eval()
-    state = TrainState(model=head, forward=head, optimizers=[], optimizer_lrs=[], total_steps=0)
+    state = EvalState(model=head, forward=head)
     identity = Views(torch.arange(8).repeat(3, 1), torch.arange(6).repeat(3, 1))
     voted = tta_accuracy(config, state, loader, dataset.metadata, CPU, identity)["all"]
     assert 0 < plain["accuracy"] < 1

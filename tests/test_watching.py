@@ -11,7 +11,7 @@ import pytest
 import pretrain
 from tests.helpers import REPO, TINY_ARCH, make_tiny_dataset, metric_records, tiny_config
 from tools import plot_metrics
-from utils.evaluation import eval_summary
+from training.evaluation import eval_summary
 
 
 @pytest.fixture(scope="module")

@@ -6,22 +6,13 @@ Design choices:
   evaluate.py; `all_config.yaml` and copies of the model and loss source files sit beside it.
   `train_state_step_{N:06d}.pt` holds everything needed to continue bit-exactly: weights, every
   optimizer, step, data-loader position, ACT carry and RNG states of every rank, config.
-- Every file is written atomically (temporary file in the same folder, fsync, rename, fsync of
-  the folder), so a crash mid-write leaves the previous checkpoint intact and never a truncated
-  one under the final name. The latest train state is found by its zero-padded step in the name;
-  temporary files (`.<name>.<random>.tmp`) never match that pattern, and the ones a killed writer
-  left behind are removed by the next train-state save.
-- A write that fails (read-only folder, disk full, quota) removes its temporary file and raises
-  `CheckpointWriteError`, one line naming the folder and the OS reason; the file it would have
-  replaced is untouched. `torch.save` does not let the OS error through: when the file's `write`
-  fails mid-archive its C++ writer raises a RuntimeError ("unexpected pos ...", "PytorchStreamWriter
-  failed writing file ..."), with the OSError only as its context. So any exception of the write is
-  searched (itself, its cause and context chain) for an OSError, whose reason is reported; a torch
-  writer RuntimeError without one is a write failure too. Anything else (a bug, an object that
-  cannot be pickled) propagates unchanged.
-- The ACT carry is a tree of dataclasses, dicts and tensors; it is stored as plain nested dicts of
-  CPU tensors and rebuilt into a template carry made by the model, so a checkpoint never pickles
-  model classes.
+- Every file is written atomically (utils/files.py: temporary sibling, fsync, rename), so a crash
+  mid-write leaves the previous checkpoint intact and a failed write is one `CheckpointWriteError`
+  line. The latest train state is found by its zero-padded step in the name; temporary files
+  (`.<name>.<random>.tmp`) never match that pattern, and the ones a killed writer left behind are
+  removed by the next train-state save.
+- The ACT carry is stored as plain nested dicts of CPU tensors and rebuilt into a template carry made
+  by the model (training/carry.py), so a checkpoint never pickles model classes.
 - Weights load with or without the `_orig_mod.` prefix that `torch.compile` adds; a key or shape
   mismatch is one ValueError line naming the first offending key. A file that is not a state dict
   of tensors (empty, truncated, random bytes, a folder, a pickle of something else, unreadable) is
@@ -30,101 +21,26 @@ Design choices:
   of an evaluation (`step_N_all_preds.{rank}`, a dict of tensors too: utils/saved_outputs.py).
 """
 
-import contextlib
-import dataclasses
 import os
 import re
 import shutil
-import tempfile
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
+from utils.files import (  # noqa: F401  (written atomically: utils/files.py; named here for the checkpoint code)
+    CheckpointWriteError,
+    _first_line,
+    _write_error,
+    atomic_write,
+    writable_folder,
+)
+
 TRAIN_STATE_PATTERN = re.compile(r"^train_state_step_(\d+)\.pt$")
 TRAIN_STATE_TEMP_PATTERN = re.compile(r"^\.train_state_step_\d+\.pt\..*\.tmp$")
 COMPILE_PREFIX = "_orig_mod."
-
-
-class CheckpointWriteError(OSError):
-    """A checkpoint file could not be written; the previous file of that name is intact."""
-
-    exit_code = 4
-
-
-TORCH_WRITER_FAILURE = re.compile(r"PytorchStreamWriter failed|unexpected pos|file write failed")
-
-
-def _first_line(error: BaseException, sentence: bool = False) -> str:
-    """The first line (or its first sentence) of `error`'s message, or its type name when it has none."""
-    line = next(iter(str(error).strip().splitlines()), "")
-    if sentence:  # torch's reader messages run on with advice after the first sentence
-        line = line.split(". ")[0].rstrip(".")
-    return line or type(error).__name__
-
-
-def _write_error(directory: str, error: OSError, what: str = "checkpoint") -> CheckpointWriteError:
-    reason = error.strerror or str(error) or type(error).__name__
-    failure = CheckpointWriteError(f"cannot write {what} to {directory}: {reason}")
-    failure.errno = error.errno  # set after construction: a two-argument OSError prefixes "[Errno N]" to the text
-    return failure
-
-
-def _write_failure(error: BaseException) -> OSError | None:
-    """The OS error behind a failed write (torch.save hides it in the context of a RuntimeError), or None."""
-    seen, cur = set(), error
-    while cur is not None and id(cur) not in seen:
-        if isinstance(cur, OSError) and not isinstance(cur, CheckpointWriteError):
-            return cur
-        seen.add(id(cur))
-        cur = cur.__cause__ or cur.__context__
-    if isinstance(error, RuntimeError) and TORCH_WRITER_FAILURE.search(str(error)):
-        return OSError(None, f"write failed ({_first_line(error)})")
-    return None
-
-
-def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write `path` via `write(file)` into a temporary sibling, fsync, then rename over `path`.
-
-    Raises `CheckpointWriteError` when the folder or the file cannot be written (nothing is left behind).
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    except OSError as e:
-        raise _write_error(directory, e) from e
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-        # Make the rename itself durable.
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_path)
-        failure = _write_failure(e) if isinstance(e, Exception) else None  # Ctrl-C stays Ctrl-C
-        if failure is not None:
-            raise _write_error(directory, failure) from e
-        raise
-
-
-def writable_folder(directory: str, what: str = "checkpoint") -> None:
-    """Create `directory` if needed and check that a file can be created in it (a nameless temporary one);
-    `CheckpointWriteError` otherwise, naming `what` would be written there, before any work that would be lost."""
-    try:
-        os.makedirs(directory, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
-            pass
-    except OSError as e:
-        raise _write_error(directory, e, what) from e
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
@@ -173,38 +89,6 @@ def step_from_filename(path: str) -> int:
     """`step_1234` → 1234 (the reference's weights name); anything else → 0."""
     m = re.match(r"^step_(\d+)$", os.path.basename(path))
     return int(m.group(1)) if m else 0
-
-
-# ---------------------------------------------------------------- ACT carry
-
-
-def carry_to_state(carry: Any) -> Any:
-    """Carry (dataclasses / dicts / tensors) → nested plain dicts of CPU tensors."""
-    if isinstance(carry, torch.Tensor):
-        return carry.detach().cpu().clone()
-    if dataclasses.is_dataclass(carry):
-        return {f.name: carry_to_state(getattr(carry, f.name)) for f in dataclasses.fields(carry)}
-    if isinstance(carry, Mapping):
-        return {k: carry_to_state(v) for k, v in carry.items()}
-    return carry
-
-
-def carry_from_state(template: Any, state: Any, where: str = "carry") -> Any:
-    """Fill `template` (a carry made by `initial_carry`) with the values of `state`, on the template's devices."""
-    if isinstance(template, torch.Tensor):
-        if not isinstance(state, torch.Tensor) or state.shape != template.shape:
-            got = tuple(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__
-            raise ValueError(f"train state: {where} has shape {got}, expected {tuple(template.shape)}")
-        return state.to(device=template.device, dtype=template.dtype)
-    if dataclasses.is_dataclass(template):
-        values = {
-            f.name: carry_from_state(getattr(template, f.name), state[f.name], f"{where}.{f.name}")
-            for f in dataclasses.fields(template)
-        }
-        return dataclasses.replace(template, **values)
-    if isinstance(template, Mapping):
-        return {k: carry_from_state(v, state[k], f"{where}.{k}") for k, v in template.items()}
-    return state
 
 
 # ---------------------------------------------------------------- RNG

@@ -35,16 +35,16 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from training.config import PretrainConfig
+from training.train_state import EvalState, TrainState
 from utils import checkpointing as ckpt
-from utils.config import PretrainConfig
 from utils.distributed import DistInfo
 from utils.saved_outputs import write_saved_outputs
-from utils.train_state import TrainState
 
 
 def eval_batch(
     config: PretrainConfig,
-    state: TrainState,
+    state: EvalState | TrainState,
     batch: dict[str, torch.Tensor],
     info: DistInfo,
     return_keys: Sequence[str] | None = None,
@@ -86,7 +86,7 @@ class ReplayModel(nn.Module):
 
 def eval_batch_learned_halting(
     config: PretrainConfig,
-    state: TrainState,
+    state: EvalState | TrainState,
     batch: dict[str, torch.Tensor],
     info: DistInfo,
     return_keys: Sequence[str] | None = None,
@@ -238,7 +238,7 @@ def check_eval_requests(
 
 def evaluate(
     config: PretrainConfig,
-    state: TrainState,
+    state: EvalState | TrainState,
     loader: DataLoader,
     metadata: Any,
     info: DistInfo,

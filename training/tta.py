@@ -32,10 +32,10 @@ from dataset.build_sudoku_dataset import move_cells, random_augmentations
 from dataset.common import dihedral_transform
 from dataset.generate_sudoku import BOX_SHAPES
 from evaluators.arc_scoring import halt_probabilities, rank_votes
-from utils.config import PretrainConfig
+from training.config import PretrainConfig
+from training.evaluation import eval_batch
+from training.train_state import EvalState, TrainState
 from utils.distributed import DistInfo
-from utils.evaluation import eval_batch
-from utils.train_state import TrainState
 
 KINDS = ("sudoku", "maze")
 MAZE_VIEWS = 8  # the dihedral group
@@ -105,7 +105,12 @@ def vote(answers: torch.Tensor, confidence: np.ndarray) -> torch.Tensor:
 
 
 def tta_accuracy(
-    config: PretrainConfig, state: TrainState, loader: DataLoader, metadata: Any, info: DistInfo, views: Views
+    config: PretrainConfig,
+    state: EvalState | TrainState,
+    loader: DataLoader,
+    metadata: Any,
+    info: DistInfo,
+    views: Views,
 ) -> dict[str, dict[str, float]] | None:
     """Voted-answer accuracy per set over the test split (every view of every batch); on rank 0, else None."""
     set_ids = {name: i for i, name in enumerate(metadata.sets)}

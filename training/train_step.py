@@ -15,24 +15,23 @@ Design choices:
   micro-batch are collected so SignSGD sees the full batch.
 """
 
-import dataclasses
 import functools
 import inspect
 import math
 import sys
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from utils import checkpointing as ckpt
-from utils.config import PretrainConfig
+from training import carry as carry_tree
+from training.config import PretrainConfig
+from training.train_state import TrainState
 from utils.distributed import DistInfo, all_reduce_sum_flat_with_votes_
 from utils.interrupt import requested as stop_requested
-from utils.train_state import TrainState, map_carry
 
 
 def cosine_schedule_with_warmup_lr_lambda(
@@ -52,19 +51,6 @@ class NonFiniteError(RuntimeError):
 
 
 # --------------------------------------------------------------------------------- forward/backward
-
-
-def ensure_carry(state: TrainState, batch: dict[str, torch.Tensor], device: torch.device) -> None:
-    """Build the ACT carry on first use (from the first batch), filling in a restored one if resuming."""
-    if state.carry is not None:
-        return
-    with torch.device(device):
-        template = state.model.initial_carry(batch)
-    if state.pending_carry is not None:
-        state.carry = ckpt.carry_from_state(template, state.pending_carry)
-        state.pending_carry = None
-    else:
-        state.carry = template
 
 
 class SparseEmbeddingGradAccumulator:
@@ -96,19 +82,6 @@ class SparseEmbeddingGradAccumulator:
         self.puzzle_emb.local_weights.grad = None  # the next micro-batch starts from zero
 
 
-def cat_carries(parts: list[Any]) -> Any:
-    """Concatenate carries of consecutive row slices along the batch dimension (inverse of slicing)."""
-    first = parts[0]
-    if isinstance(first, torch.Tensor):
-        return torch.cat(parts, dim=0)
-    if dataclasses.is_dataclass(first):
-        fields = {f.name: cat_carries([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(first)}
-        return dataclasses.replace(first, **fields)
-    if isinstance(first, dict):
-        return {k: cat_carries([p[k] for p in parts]) for k in first}
-    return first
-
-
 def forward_backward(
     state: TrainState,
     batch: dict[str, torch.Tensor],
@@ -122,7 +95,7 @@ def forward_backward(
     whole batch; each micro-batch runs on its rows of it (rows never interact in the model) with its loss
     scaled by 1/global batch like the full batch's, so the summed gradients are the full batch's.
     """
-    ensure_carry(state, batch, device)
+    state.ensure_carry(batch, device)
     if grad_accum_steps == 1:
         state.carry, loss, metrics, _, _ = state.call(state.carry, batch, [])
         ((1 / global_batch_size) * loss).backward()
@@ -132,7 +105,9 @@ def forward_backward(
     for i in range(grad_accum_steps):
         rows = slice(i * size, (i + 1) * size)
         carry, loss, metrics, _, _ = state.call(
-            map_carry(lambda t, rows=rows: t[rows], state.carry), {k: v[rows] for k, v in batch.items()}, []
+            carry_tree.map_tensors(lambda t, rows=rows: t[rows], state.carry),
+            {k: v[rows] for k, v in batch.items()},
+            [],
         )
         ((1 / global_batch_size) * loss).backward()
         if state.sparse_grads is not None:
@@ -141,7 +116,7 @@ def forward_backward(
         losses.append(loss.detach())
         for k, v in metrics.items():  # all metrics are sums over rows
             metric_sums[k] = metric_sums[k] + v if k in metric_sums else v
-    state.carry = cat_carries(carries)
+    state.carry = carry_tree.join(carries)
     return torch.stack(losses).sum(), metric_sums
 
 
@@ -275,14 +250,6 @@ def use_async_metrics(config: PretrainConfig, info: DistInfo) -> bool:
 # ----------------------------------------------------------------------------------------------- step
 
 
-def mark_carry_halted(carry: Any, flag: torch.Tensor) -> None:
-    """Where `flag` (0-dim bool) holds True, mark every row of the ACT carry halted: the next step restarts
-    them from the initial state and the next batch, as a fresh carry would, without a host decision."""
-    halted = getattr(carry, "halted", None)
-    if isinstance(halted, torch.Tensor):
-        halted.logical_or_(flag)
-
-
 def record_skipped_step(config: PretrainConfig, state: TrainState, info: DistInfo, step: int) -> None:
     """Book-keeping for step `step`, whose update the optimizers dropped on the device (non-finite values).
 
@@ -291,7 +258,7 @@ def record_skipped_step(config: PretrainConfig, state: TrainState, info: DistInf
     here, so a train state saved now holds none.
     """
     if step == state.step:
-        state.carry = None
+        state.drop_carry()
     state.skipped_steps += 1
     if config.nonfinite == "stop":
         state.nonfinite_stop = True
@@ -320,7 +287,7 @@ def launch_train_step(
     lr = apply_lr_and_step(config, state, skip_if=skip)
     if state.ema is not None:
         state.ema.update(state.model)
-    mark_carry_halted(state.carry, skip)
+    carry_tree.mark_halted(state.carry, skip)
     return PendingStep.launch(state.step, lr, global_batch_size, metrics, all_finite, votes, info)
 
 

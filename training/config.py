@@ -181,7 +181,7 @@ def config_from_hydra(cfg: DictConfig) -> PretrainConfig:
 
 
 # config/ of a checkout (or an editable install); a wheel installs it as the data folder `hrm_config` beside
-# `utils` (pyproject.toml), since a top-level `config` would clash with other distributions' modules.
+# `training` (pyproject.toml), since a top-level `config` would clash with other distributions' modules.
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _INSTALLED_CONFIG_DIR = os.path.join(_ROOT, "hrm_config")
 CONFIG_DIR = _INSTALLED_CONFIG_DIR if os.path.isdir(_INSTALLED_CONFIG_DIR) else os.path.join(_ROOT, "config")

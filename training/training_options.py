@@ -14,10 +14,10 @@ import math
 import os
 from collections import deque
 
+from training.evaluation import flatten_eval_metrics
+from training.train_state import TrainState
 from utils import checkpointing as ckpt
 from utils.distributed import DistInfo, broadcast_object
-from utils.evaluation import flatten_eval_metrics
-from utils.train_state import TrainState
 
 
 class EarlyStopping:

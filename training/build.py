@@ -45,8 +45,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from training.config import PretrainConfig, test_data_paths, train_data_paths
 from utils import checkpointing as ckpt
-from utils.config import PretrainConfig, test_data_paths, train_data_paths
 from utils.distributed import DistInfo, broadcast_module_state, exit_with_parent
 from utils.interrupt import loader_exit_event
 
@@ -226,8 +226,8 @@ def create_model(config: PretrainConfig, metadata: Any, info: DistInfo) -> tuple
 def load_initial_weights(head: nn.Module, path: str, info: DistInfo) -> None:
     """TRM's `load_checkpoint` (see the module docstring): rank 0 reads, every rank ends with its weights."""
     if info.is_main:
+        from training.train_state import read_checkpoint
         from utils.hub import parse_hub_checkpoint, resolve_hub_checkpoint
-        from utils.train_state import read_checkpoint
 
         hub = parse_hub_checkpoint(path)
         weights, _, _ = read_checkpoint(resolve_hub_checkpoint(hub).file if hub else path)

@@ -7,7 +7,7 @@ Design choices:
   (iterations completed, batches consumed in the current one), the ACT carry and the EMA.
 - A train state file (`train_state_step_{N:06d}.pt`, written atomically by rank 0) adds what is
   per rank: every rank's ACT carry and RNG states, gathered to rank 0, plus world size and config.
-  Only the newest is kept. It also records the run id (utils/run_folder.py), the training dataset's sizes
+  Only the newest is kept. It also records the run id (training/run_folder.py), the training dataset's sizes
   (`dataset_fingerprint`) and, when saved just before an evaluation, that evaluation (`pending_eval`).
 - A resume is checked before anything is written: the fields it needs (`check_resume_fields`; with
   `resume=auto` a damaged newest state falls back to an older one), then what the state can continue
@@ -15,11 +15,11 @@ Design choices:
 - Every rank looks for the train state itself (`resume=auto` on every node), and the ranks compare what
   they found before anyone loads it: a checkpoint folder that not every node sees would otherwise let
   rank 0 resume while the others start fresh, training different weights until a collective mismatches.
-- `call` is the one place the (compiled) head is called: under CUDA graphs a replay reuses the
+- `call_head` is the one place the (compiled) head is called (`TrainState.call`, `EvalState.call`, the
+  latter what an evaluation of a checkpoint needs: no optimizers): under CUDA graphs a replay reuses the
   memory of the previous one's outputs, so the carry that lives on across calls is copied out.
 """
 
-import dataclasses
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -30,12 +30,43 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from training import carry as carry_tree
+from training.config import PretrainConfig
+from training.ema import ModelEMA
 from utils import checkpointing as ckpt
-from utils.config import PretrainConfig
 from utils.distributed import DistInfo
-from utils.ema import ModelEMA
 
 TRAIN_STATE_FORMAT = "hrm-train-state-v1"
+
+
+def call_head(
+    forward: Callable[..., Any],
+    cuda_graphs: bool,
+    carry: Any,
+    batch: dict[str, torch.Tensor],
+    return_keys: Sequence[str],
+):
+    """One call of the (compiled) loss head `forward`: (new carry, loss, metrics, outputs, all halted). Under CUDA
+    graphs a replay reuses the memory of the previous one's outputs, so the carry that lives on is copied out."""
+    if not cuda_graphs:
+        return forward(carry=carry, batch=batch, return_keys=return_keys)
+    torch.compiler.cudagraph_mark_step_begin()
+    new_carry, loss, metrics, outputs, all_halted = forward(carry=carry, batch=batch, return_keys=return_keys)
+    return carry_tree.map_tensors(torch.clone, new_carry), loss, metrics, outputs, all_halted
+
+
+@dataclass
+class EvalState:
+    """What an evaluation needs of a model: the uncompiled loss head, the module to call (compiled or not) and the
+    step its weights are at. evaluate.py builds one from a checkpoint; a `TrainState` serves as one in training."""
+
+    model: nn.Module
+    forward: Callable[..., Any]
+    step: int = 0
+    cuda_graphs: bool = False
+
+    def call(self, carry: Any, batch: dict[str, torch.Tensor], return_keys: Sequence[str]):
+        return call_head(self.forward, self.cuda_graphs, carry, batch, return_keys)
 
 
 @dataclass
@@ -51,11 +82,11 @@ class TrainState:
     data_batches: int = 0  # batches consumed in the current iteration
     pending_carry: Any = None  # a restored carry, filled into a template at the next train batch
     ema: Optional[ModelEMA] = None  # `ema: true`: the averaged parameters
-    sparse_grads: Any = None  # `grad_accum_steps > 1` with a puzzle embedding: utils.train_step's accumulator
+    sparse_grads: Any = None  # `grad_accum_steps > 1` with a puzzle embedding: training.train_step's accumulator
     skipped_steps: int = 0  # updates dropped for a non-finite loss or gradient (in this process)
     nonfinite_stop: bool = False  # `nonfinite: stop` was hit: the loop saves a train state and exits
     cuda_graphs: bool = False  # the compiled forward replays CUDA graphs (compile_mode reduce-overhead/max-autotune)
-    run_id: Optional[str] = None  # the run's id (utils/run_folder.py), saved in every train state
+    run_id: Optional[str] = None  # the run's id (training/run_folder.py), saved in every train state
     dataset: Optional[dict[str, Any]] = None  # what the data position refers to (`dataset_fingerprint`)
     pending_eval: Optional[dict[str, Any]] = None  # saved just before an evaluation: {"iter_id", "early_stop"}
     stop_agreed: bool = False  # every rank knows a rank asked to stop (SIGINT / SIGTERM): save and leave
@@ -96,23 +127,33 @@ class TrainState:
 
     def call(self, carry: Any, batch: dict[str, torch.Tensor], return_keys: Sequence[str]):
         """One call of the (compiled) loss head: (new carry, loss, metrics, outputs, all halted)."""
-        if not self.cuda_graphs:
-            return self.forward(carry=carry, batch=batch, return_keys=return_keys)
-        torch.compiler.cudagraph_mark_step_begin()
-        new_carry, loss, metrics, outputs, all_halted = self.forward(carry=carry, batch=batch, return_keys=return_keys)
-        return map_carry(torch.clone, new_carry), loss, metrics, outputs, all_halted
+        return call_head(self.forward, self.cuda_graphs, carry, batch, return_keys)
 
+    # The ACT carry's lifecycle (its tree operations: training/carry.py).
+    def ensure_carry(self, batch: dict[str, torch.Tensor], device: torch.device) -> None:
+        """Build the carry on first use (from the first batch), filling in a restored one if resuming."""
+        if self.carry is not None:
+            return
+        with torch.device(device):
+            template = self.model.initial_carry(batch)
+        if self.pending_carry is not None:
+            self.carry = carry_tree.from_state(template, self.pending_carry)
+            self.pending_carry = None
+        else:
+            self.carry = template
 
-def map_carry(fn: Callable[[torch.Tensor], torch.Tensor], carry: Any) -> Any:
-    """Apply `fn` to every tensor of an ACT carry (a tree of dataclasses, dicts and tensors)."""
-    if isinstance(carry, torch.Tensor):
-        return fn(carry)
-    if dataclasses.is_dataclass(carry):
-        fields = {f.name: map_carry(fn, getattr(carry, f.name)) for f in dataclasses.fields(carry)}
-        return dataclasses.replace(carry, **fields)
-    if isinstance(carry, dict):
-        return {k: map_carry(fn, v) for k, v in carry.items()}
-    return carry
+    def restore_carry(self, saved: Any) -> None:
+        """A train state's carry, filled into a template at the next train batch."""
+        self.carry, self.pending_carry = None, saved
+
+    def drop_carry(self) -> None:
+        """No carry to continue (a skipped last step): the next batch starts fresh, and a save holds none."""
+        self.carry = None
+
+    def saved_carry(self) -> Any:
+        """The carry as a train state holds it (one not yet filled in is saved as restored); None without one."""
+        carry = self.carry if self.carry is not None else self.pending_carry
+        return carry_tree.to_state(carry) if carry is not None else None
 
 
 # ------------------------------------------------------------------------------------------- saving
@@ -120,9 +161,8 @@ def map_carry(fn: Callable[[torch.Tensor], torch.Tensor], carry: Any) -> Any:
 
 def gather_rank_states(state: TrainState, info: DistInfo) -> list[dict[str, Any]] | None:
     """Every rank's ACT carry and RNG state, collected on rank 0."""
-    carry = state.carry if state.carry is not None else state.pending_carry
     local = {
-        "carry": ckpt.carry_to_state(carry) if carry is not None else None,
+        "carry": state.saved_carry(),
         "rng": ckpt.rng_state(info.device),
     }
     if info.world_size == 1:
@@ -383,8 +423,7 @@ def restore_train_state(payload: dict[str, Any], path: str, config: PretrainConf
         raise ValueError(f"{path}: saved with {payload['world_size']} ranks, resumed with {info.world_size}")
     state.load_state_dict(payload, path)
     local = payload["ranks"][info.rank]
-    state.carry = None
-    state.pending_carry = local["carry"]
+    state.restore_carry(local["carry"])
     ckpt.set_rng_state(local["rng"], info.device)
 
 
