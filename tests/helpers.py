@@ -82,7 +82,8 @@ TINY_ARCH = [
 ]
 
 
-def tiny_config(data_path: Path, checkpoint_path: Path, *overrides: str) -> PretrainConfig:
+def tiny_overrides(data_path: Path, checkpoint_path: Path, *overrides: str) -> list[str]:
+    """The command-line overrides of a tiny CPU run (6 steps with the tiny dataset), then `overrides`."""
     base = [
         *TINY_ARCH,
         f"data_path={data_path}",
@@ -98,7 +99,11 @@ def tiny_config(data_path: Path, checkpoint_path: Path, *overrides: str) -> Pret
         "use_wandb=false",
         "device=cpu",
     ]
-    return compose_config([*base, *overrides])
+    return [*base, *overrides]
+
+
+def tiny_config(data_path: Path, checkpoint_path: Path, *overrides: str) -> PretrainConfig:
+    return compose_config(tiny_overrides(data_path, checkpoint_path, *overrides))
 
 
 def metric_records(path: Path) -> list[dict]:

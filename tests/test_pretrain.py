@@ -1,6 +1,5 @@
 """Unit tests of the training step pieces, optimizer setup, compile switch, loggers and checkpoint helpers."""
 
-import dataclasses
 import math
 import os
 
@@ -11,7 +10,6 @@ from torch import nn
 import pretrain
 from tests.helpers import make_tiny_dataset, metric_records, tiny_config
 from training import build, train_state, train_step
-from training import carry as carry_tree
 from utils import checkpointing as ckpt
 from utils import logging_utils
 from utils.distributed import DistInfo
@@ -221,37 +219,6 @@ def test_find_latest_train_state(tmp_path):
     (tmp_path / ".train_state_step_000999.pt.abc.tmp").write_bytes(b"")  # an interrupted write
     assert ckpt.find_latest_train_state(str(tmp_path)) == str(tmp_path / "train_state_step_000120.pt")
     assert ckpt.step_from_filename("/x/step_120") == 120 and ckpt.step_from_filename("/x/model.pt") == 0
-
-
-@dataclasses.dataclass
-class Inner:
-    z_H: torch.Tensor
-    z_L: torch.Tensor
-
-
-@dataclasses.dataclass
-class Carry:
-    inner_carry: Inner
-    steps: torch.Tensor
-    current_data: dict
-
-
-def test_carry_round_trip():
-    carry = Carry(Inner(torch.randn(2, 3), torch.randn(2, 3)), torch.tensor([1, 2]), {"inputs": torch.arange(6)})
-    state = carry_tree.to_state(carry)
-    assert state["inner_carry"]["z_H"].data_ptr() != carry.inner_carry.z_H.data_ptr()  # a copy
-    template = Carry(
-        Inner(torch.empty(2, 3), torch.empty(2, 3)),
-        torch.zeros(2, dtype=torch.int64),
-        {"inputs": torch.empty(6, dtype=torch.int64)},
-    )
-    restored = carry_tree.from_state(template, state)
-    assert isinstance(restored, Carry) and isinstance(restored.inner_carry, Inner)
-    assert torch.equal(restored.inner_carry.z_L, carry.inner_carry.z_L)
-    assert torch.equal(restored.current_data["inputs"], carry.current_data["inputs"])
-    bad = Carry(Inner(torch.empty(4, 3), torch.empty(2, 3)), template.steps, template.current_data)
-    with pytest.raises(ValueError, match=r"carry\.inner_carry\.z_H has shape \(2, 3\), expected \(4, 3\)"):
-        carry_tree.from_state(bad, state)
 
 
 def test_state_dict_mismatch_message():

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from pretrain import run
-from tests.helpers import REPO, TINY_ARCH, make_tiny_dataset, metric_records, tiny_config
+from tests.helpers import REPO, make_tiny_dataset, metric_records, tiny_config, tiny_overrides
 from training.run_folder import LOCK_FILE, RUN_ID_FILE
 from training.train_state import read_train_state
 
@@ -30,27 +30,8 @@ TOTAL_STEPS = 6  # tiny_config: epochs=4, eval_interval=2, 6 groups, global batc
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
-def overrides(data, run_dir, *extra):
-    base = [
-        *TINY_ARCH,
-        f"data_path={data}",
-        f"checkpoint_path={run_dir}",
-        "project_name=test",
-        "run_name=tiny",
-        "global_batch_size=4",
-        "epochs=4",
-        "eval_interval=2",
-        "lr=1e-3",
-        "puzzle_emb_lr=1e-2",
-        "lr_warmup_steps=2",
-        "use_wandb=false",
-        "device=cpu",
-    ]
-    return [*base, *extra]
-
-
 def pretrain(cwd, data, run_dir, *extra, script=None, wait=True):
-    cmd = [sys.executable, str(script or REPO / "pretrain.py"), *overrides(data, run_dir, *extra)]
+    cmd = [sys.executable, str(script or REPO / "pretrain.py"), *tiny_overrides(data, run_dir, *extra)]
     if not wait:
         return subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
