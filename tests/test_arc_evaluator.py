@@ -14,8 +14,15 @@ from dataset.build_arc_dataset import main as build_main
 from dataset.cli import run_cli
 from dataset.common import load_metadata
 from evaluators.arc_scoring import score_prediction_files
-from tests.test_arc_scoring import OFFICIAL_KEYS, TRM_EVALUATOR_GOLDEN, labels_as_predictions, synthetic_rank_files
-from tests.test_build_arc_prize import GOLDEN, GOLDEN_PICKS, prize_files
+from tests.arc_data import (
+    GOLDEN,
+    GOLDEN_PICKS,
+    OFFICIAL_KEYS,
+    TRM_EVALUATOR_GOLDEN,
+    labels_as_predictions,
+    prize_files,
+    synthetic_rank_files,
+)
 from utils.functions import load_model_class
 
 BATCH = 8

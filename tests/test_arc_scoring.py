@@ -4,7 +4,7 @@ Synthetic predictions whose pass@K is known by construction, end-to-end runs on 
 (predictions equal to the labels must give back the real solutions), and golden values from
 TRM's evaluator (TinyRecursiveModels e7b6871, evaluators/arc.py): its pass@K and the sha256 of
 the submission.json it writes for the predictions of `synthetic_rank_files` on the datasets of
-tests/test_build_arc_prize.py's golden cases A and B. To regenerate, save those files, feed
+tests/arc_data.py's golden cases A and B. To regenerate, save those files, feed
 each rank's rows in batches of 64 to one TRM `ARC` object per rank (its `gather_object` handed
 the ranks' states in rank order) and call `result` on rank 0's.
 """
@@ -29,10 +29,18 @@ from evaluators.arc_scoring import (
     score_prediction_files,
     score_predictions,
 )
-from tests.test_build_arc_prize import GOLDEN, GOLDEN_PICKS, prize_files
+from tests.arc_data import (
+    GOLDEN,
+    GOLDEN_PICKS,
+    OFFICIAL_KEYS,
+    TRM_EVALUATOR_GOLDEN,
+    labels_as_predictions,
+    prize_files,
+    save_rank_files,
+    synthetic_rank_files,
+)
 
 PAD, EOS = 0, 1
-OFFICIAL_KEYS = [f"ARC/pass@{k}" for k in (1, 2, 5, 10, 100, 1000)]
 
 
 def encode(grid: np.ndarray) -> np.ndarray:
@@ -195,19 +203,6 @@ def build_outputs_and_tasks(style="hrm"):
     return outputs, names, tasks
 
 
-def save_rank_files(folder, outputs, ranks=2, logits_on=()):
-    """Split rows over `ranks` files step_5_all_preds.{rank}; ranks in `logits_on` save one-hot logits."""
-    bounds = np.linspace(0, len(outputs["inputs"]), ranks + 1).astype(int)
-    files = []
-    for rank in range(ranks):
-        part = {k: np.ascontiguousarray(v[bounds[rank] : bounds[rank + 1]]) for k, v in outputs.items()}
-        if rank in logits_on:
-            part["logits"] = np.eye(12, dtype=np.float32)[part.pop("preds")]
-        files.append(folder / f"step_5_all_preds.{rank}")
-        torch.save({k: torch.from_numpy(v) for k, v in part.items()}, files[-1])
-    return [str(f) for f in files]
-
-
 def test_score_known_answers_notebook_rule_from_labels():
     outputs, names = build_outputs()
     score = score_predictions(outputs, names)
@@ -323,21 +318,6 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------
 
 
-def labels_as_predictions(data, folder, ranks=2):
-    """Rank files predicting every test example's label, q_halt 1 (padding rows included)."""
-    arrays = {k: np.load(data / "test" / f"all__{k}.npy") for k in ("inputs", "labels", "puzzle_identifiers")}
-    ids = np.repeat(arrays["puzzle_identifiers"], np.diff(np.load(data / "test" / "all__puzzle_indices.npy")))
-    outputs = {
-        "inputs": arrays["inputs"].astype(np.int32),
-        "preds": arrays["labels"].astype(np.int32),
-        "puzzle_identifiers": ids.astype(np.int32),
-        "q_halt_logits": np.ones(len(ids), np.float32),
-    }
-    for k in outputs:
-        outputs[k] = np.concatenate([outputs[k], np.zeros_like(outputs[k][:2])])
-    return save_rank_files(folder, outputs, ranks=ranks)
-
-
 def test_folder_build_scores_its_evaluation_puzzles(raw_data_dir, tmp_path):
     """HRM names and no test_puzzles.json: the tasks come from the test split."""
     root = tmp_path / "raw"
@@ -360,51 +340,6 @@ def test_folder_build_scores_its_evaluation_puzzles(raw_data_dir, tmp_path):
 # ----------------------------------------------------------------------------------------------
 # TRM's evaluator on the same predictions (golden values)
 # ----------------------------------------------------------------------------------------------
-
-
-def synthetic_rank_files(data, folder):
-    """Deterministic predictions for the test split, by row r: the label when r % 4 == 0, nothing (an
-    empty answer) when r % 4 is 1 or 2, the label with its first cell's colour moved up by one when
-    r % 4 == 3; q_halt logit ((7 r) % 5 - 2) / 2. Rows of the third test input of a task are dropped
-    (a test input without predictions). Two ranks (halves), rank 1 saving one-hot logits, 3 padding rows each."""
-    test = data / "test"
-    labels = np.load(test / "all__labels.npy").astype(np.int32)
-    sizes = np.diff(np.load(test / "all__puzzle_indices.npy"))
-    ids = np.repeat(np.load(test / "all__puzzle_identifiers.npy"), sizes)
-    example = np.concatenate([np.arange(n) for n in sizes])
-    preds = labels.copy()
-    for r in range(len(preds)):
-        if r % 4 in (1, 2):
-            preds[r] = 0
-        elif r % 4 == 3:
-            preds[r, 0] = (preds[r, 0] - 2 + 1) % 10 + 2
-    q = ((np.arange(len(preds)) * 7) % 5 - 2) / 2
-    keep = example != 2
-    outputs = {
-        "inputs": np.load(test / "all__inputs.npy").astype(np.int32)[keep],
-        "labels": labels[keep],
-        "puzzle_identifiers": ids.astype(np.int32)[keep],
-        "preds": preds[keep],
-        "q_halt_logits": q.astype(np.float32)[keep],
-    }
-    half = len(outputs["inputs"]) // 2
-    files = []
-    for rank, rows in enumerate((slice(0, half), slice(half, None))):
-        part = {k: np.concatenate([v[rows], np.zeros_like(v[:3])]) for k, v in outputs.items()}
-        if rank == 1:
-            part["logits"] = np.eye(12, dtype=np.float32)[part.pop("preds")]
-        files.append(str(folder / f"step_9_all_preds.{rank}"))
-        torch.save({k: torch.from_numpy(v) for k, v in part.items()}, files[-1])
-    return files
-
-
-TRM_EVALUATOR_GOLDEN = {  # (pass@1, 2, 5, 10, 100, 1000), sha256 of submission.json
-    "A": ((0.5,) * 6, "2492524887d799666069d41155fccaf0c8ff858d78b275cb727e99eb63a768ff"),
-    "B": (
-        (0.0, 0.41666666666666663) + (0.5833333333333333,) * 4,
-        "e4b01531fb5cfd258e627e4539a86ee5a0d099ea3c9f078fd0e183ce60703086",
-    ),
-}
 
 
 @pytest.mark.parametrize("case", sorted(TRM_EVALUATOR_GOLDEN))

@@ -99,7 +99,7 @@ def test_arc_checkpoint_scored_as_the_arc_prize_does(raw_data_dir, tmp_path):
     from dataset.build_arc_dataset import main as build_main
     from dataset.cli import run_cli
     from evaluators.arc_scoring import score_prediction_files
-    from tests.test_build_arc_prize import prize_files
+    from tests.arc_data import prize_files
 
     kaggle = raw_data_dir / "kaggle-combined"
     picks = {
