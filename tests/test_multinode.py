@@ -38,6 +38,7 @@ import pytest
 import torch
 
 from tests.helpers import REPO, TINY_ARCH, free_port, make_tiny_dataset, metric_records
+from training.run_folder import RUN_ID_FILE
 from training.train_state import read_train_state
 from utils.checkpointing import find_latest_train_state, train_state_path
 from utils.distributed import restarts_share_agent_store
@@ -266,10 +267,13 @@ def assert_same(got, want, where: str) -> None:
 
 
 def assert_same_run(run_dir: Path, reference: Path) -> None:
-    """Final train state (all but the config, which names the folder), weights file and metric lines."""
+    """Final train state (all but the config, which names the folder, and the run id, which is the run's own),
+    weights file and metric lines."""
     got, want = (read_train_state(find_latest_train_state(str(d))) for d in (run_dir, reference))
     assert got["step"] == want["step"] == TOTAL_STEPS
-    assert_same({k: v for k, v in got.items() if k != "config"}, {k: v for k, v in want.items() if k != "config"}, "")
+    assert got["run_id"] == (run_dir / RUN_ID_FILE).read_text().strip()  # a resumed run keeps its id
+    identity = ("config", "run_id")
+    assert_same(*({k: v for k, v in state.items() if k not in identity} for state in (got, want)), "")
     weights = [torch.load(d / f"step_{TOTAL_STEPS}", weights_only=True) for d in (run_dir, reference)]
     assert_same(weights[0], weights[1], f"step_{TOTAL_STEPS}")
     lines = [metric_records(d / "metrics.jsonl") for d in (run_dir, reference)]
