@@ -150,8 +150,10 @@ def make_cases(shape: Shape, dtype: torch.dtype, device: torch.device) -> list[C
 def short_sequence_cases(shape: Shape, dtype: torch.dtype, device: torch.device) -> list[Case]:
     """The kernels the models use by default at short lengths: attention from the QKV projection
     (models/short_attention.py, S <= 128) and, at TRM's length, the mlp_t token-mixing sub-layer in the [B, L, D]
-    layout against TRM's transposed one (`forward_over_dim1`, and the same without the row-padded weight view)."""
+    layout against TRM's transposed one (`forward_over_dim1`, the same without the row-padded weight view, and the
+    whole sub-layer in one Triton kernel, models/token_mix.py)."""
     from models.short_attention import MAX_SEQ_LEN, short_attention
+    from models.token_mix import token_mix
 
     B, S, d = shape.batch_size, shape.seq_len, HIDDEN
     if S > MAX_SEQ_LEN:
@@ -198,6 +200,10 @@ def short_sequence_cases(shape: Shape, dtype: torch.dtype, device: torch.device)
             flops, mix_bytes,
         ),
         Case("mlp_t_token_mix_unpadded", ref_token_mix, unpadded, (x,), flops, mix_bytes),
+        Case(
+            "mlp_t_token_mix_kernel", ref_token_mix,
+            lambda x: token_mix(x, mix.gate_up_proj.weight, mix.down_proj.weight, EPS), (x,), flops, mix_bytes,
+        ),
     ]  # fmt: skip
 
 

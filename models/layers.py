@@ -20,8 +20,10 @@ Design choices:
   SwiGLU of width L, the residual and the RMSNorm all act in that layout, so that norm runs over positions.
   On a GPU the no-grad calls run the same sub-layer in the [B, L, D] layout (the weights multiply from the
   left: no transposes, aligned matmul rows); calls with gradient, the CPU, and `HRM_KERNELS=portable` run
-  TRM's transposed op sequence bit for bit. With `fused_ops`, no-grad attention-block calls that
-  `models.fused_ops.fused_block_supported` accepts take the fused SwiGLU kernel (no effect on the MLP variant).
+  TRM's transposed op sequence bit for bit. With `HRM_KERNELS=all` those no-grad calls take one experimental
+  Triton kernel for the whole sub-layer instead (models/token_mix.py). With `fused_ops`, no-grad
+  attention-block calls that `models.fused_ops.fused_block_supported` accepts take the fused SwiGLU kernel
+  (no effect on the MLP variant).
 - `ReasoningModule` (input injection, then a stack of blocks) is shared by HRM's two levels and TRM's
   single network.
 """
@@ -35,6 +37,7 @@ from torch import nn
 from models.common import trunc_normal_init_
 from models.fused_ops import fused_block_supported, fused_gate_up_swiglu
 from models.short_attention import short_attention, short_attention_supported
+from models.token_mix import token_mix, token_mix_supported
 from models.triton_common import DEFAULT_KERNELS
 
 _BACKEND_CHOICES = ("fa3", "fa2", "sdpa")
@@ -288,10 +291,13 @@ class PostNormBlock(nn.Module):
 
     def _mix_positions(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The token-MLP sub-layer with its residual and its RMSNorm over the L positions of each channel."""
+        if token_mix_supported(hidden_states):  # no-grad calls with HRM_KERNELS=all: the whole sub-layer, one kernel
+            weights = self.mlp_t.gate_up_proj.weight, self.mlp_t.down_proj.weight
+            return token_mix(hidden_states, *weights, self.norm_eps)
         if _token_mix_in_place(hidden_states):
             # The same sub-layer in the [B, L, D] layout (no transposes; see SwiGLU.forward_over_dim1).
-            token_mix = self.mlp_t.forward_over_dim1(hidden_states)
-            return rms_norm(hidden_states + token_mix, self.norm_eps, dim=1)  # over the L positions
+            mixed = self.mlp_t.forward_over_dim1(hidden_states)
+            return rms_norm(hidden_states + mixed, self.norm_eps, dim=1)  # over the L positions
         # TRM's own op sequence, bit for bit
         hidden_states = hidden_states.transpose(1, 2)  # [B, D, L]: mix positions, one row per channel
         hidden_states = rms_norm(hidden_states + self.mlp_t(hidden_states), self.norm_eps)

@@ -186,14 +186,17 @@ def _portable(monkeypatch) -> None:
     import models.layers
 
     monkeypatch.setattr(models.layers, "short_attention_supported", lambda *args: False)
+    monkeypatch.setattr(models.layers, "token_mix_supported", lambda x: False)
     monkeypatch.setattr(models.layers, "_token_mix_in_place", lambda x: False)
 
 
 def _all_kernels(monkeypatch) -> None:
     """Switch the experimental kernels on too (as HRM_KERNELS=all does), so their paths are checked."""
     import models.short_attention
+    import models.token_mix
 
     monkeypatch.setattr(models.short_attention, "EXPERIMENTAL_KERNELS", True)
+    monkeypatch.setattr(models.token_mix, "EXPERIMENTAL_KERNELS", True)
 
 
 def _agreement(a: torch.Tensor, b: torch.Tensor) -> float:

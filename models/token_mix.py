@@ -1,0 +1,149 @@
+"""TRM's token-MLP sub-layer (`mlp_t`) in one Triton kernel: gate/up, SwiGLU, down, residual, RMSNorm over positions.
+
+Why: with `mlp_t` a block mixes the L positions of each channel with a SwiGLU of width L (L = 81 cells + 16
+puzzle rows = 97 for TRM's Sudoku recipe; inner width m = 512), then adds the residual and normalises over the
+positions. As separate ops that is two GEMMs whose contraction is the short position axis, plus a
+[B, 2m, D] intermediate (805 MB at TRM's Sudoku shape) written and read between them. Here one program takes one
+batch row and a tile of BLOCK_D channels: it loads x[b, :, cols] once as an [L_PAD, BLOCK_D] tile (rows past L
+are zero), walks the inner width in BLOCK_M chunks (gate and up tiles from the same x tile, SwiGLU in registers,
+accumulated into the [L_PAD, BLOCK_D] down-projection tile), and finishes with the residual and the RMSNorm over
+the L rows, which the tile holds whole. Only x is read and only the output is written.
+
+Numerics: the roundings of models/layers.py's eager path in the activation dtype: the projections rounded as
+F.linear returns them, silu and the product rounded, the down projection rounded, the residual sum rounded,
+then the RMSNorm in fp32 rounded once. What differs is the matmul accumulation order and last-ulp fp32
+details of exp and rsqrt.
+
+Weights: the wrapper casts the fp32 parameters to the activation dtype and zero-pads the position axis to
+L_PAD (a multiple of 16, so every dot is at least 16 deep and the rows are aligned); torch.compile sees a plain
+cast and pad it fuses into one small kernel.
+
+Status: experimental, used only with `HRM_KERNELS=all` until it is measured faster than the default path on a
+GPU (benchmarks/RESULTS.md, speed log).
+
+Scope: the forward only, for calls without autograd (every evaluation call, the no-grad cycles of a train
+step); L <= MAX_POSITIONS; 16-bit activations on CUDA (fp32 too under the Triton interpreter, for tests).
+`token_mix_supported` says whether a call qualifies; it depends on shapes, dtype, device and grad mode only,
+so torch.compile guards on it without a graph break. The kernel is a `torch.library.triton_op`, traced by
+torch.compile like Inductor's own kernels.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from models.triton_common import EXPERIMENTAL_KERNELS, HAS_TRITON, INTERPRET, SUPPORTED_DTYPES, kernel_flags
+
+MAX_POSITIONS = 128
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from models.triton_common import autotune_configs, dot, round_to
+
+    _CONFIGS = [
+        ({"BLOCK_D": 64, "BLOCK_M": 64}, 4, 2),
+        ({"BLOCK_D": 64, "BLOCK_M": 64}, 8, 2),
+        ({"BLOCK_D": 128, "BLOCK_M": 64}, 8, 2),
+        ({"BLOCK_D": 128, "BLOCK_M": 32}, 8, 3),
+        ({"BLOCK_D": 64, "BLOCK_M": 32}, 4, 3),
+    ]
+
+    @triton.autotune(configs=autotune_configs(_CONFIGS, {"BLOCK_D": 16, "BLOCK_M": 16}), key=["L_PAD", "D", "M"])
+    @triton.jit
+    def _token_mix_kernel(
+        x_ptr, wgu_ptr, wd_ptr, out_ptr,
+        L, D, M, stride_xb, stride_xl, stride_ob, stride_ol, eps,
+        L_PAD: tl.constexpr, FP32_DOT: tl.constexpr, INTERPRET: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    ):  # fmt: skip
+        b = tl.program_id(1).to(tl.int64)
+        offs_l = tl.arange(0, L_PAD)
+        offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+        offs_m = tl.arange(0, BLOCK_M)
+        mask = (offs_l < L)[:, None] & (offs_d < D)[None, :]
+        x = tl.load(x_ptr + b * stride_xb + offs_l[:, None] * stride_xl + offs_d[None, :], mask=mask, other=0.0)
+        out_ty = out_ptr.dtype.element_ty
+
+        acc = tl.zeros((L_PAD, BLOCK_D), dtype=tl.float32)  # the down projection's [L_PAD, BLOCK_D] tile
+        for start in range(0, M, BLOCK_M):
+            rows = start + offs_m  # inner-width rows of this chunk
+            in_width = rows < M
+            w_gate = tl.load(wgu_ptr + rows[:, None] * L_PAD + offs_l[None, :], mask=in_width[:, None], other=0.0)
+            w_up = tl.load(wgu_ptr + (M + rows)[:, None] * L_PAD + offs_l[None, :], mask=in_width[:, None], other=0.0)
+            gate = dot(w_gate, x, tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32), FP32_DOT)
+            up = dot(w_up, x, tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32), FP32_DOT)
+            # Same roundings as F.linear -> chunk -> F.silu(gate) * up in the activation dtype.
+            gate = round_to(gate, out_ty, INTERPRET)
+            up = round_to(up, out_ty, INTERPRET)
+            act = round_to(gate * tl.sigmoid(gate), out_ty, INTERPRET)
+            h = round_to(act * up, out_ty, INTERPRET).to(x.dtype)  # exact: already representable
+            w_down = tl.load(wd_ptr + offs_l[:, None] * M + rows[None, :], mask=in_width[None, :], other=0.0)
+            acc = dot(w_down, h, acc, FP32_DOT)
+
+        # Residual, then RMSNorm over the L positions (rows past L are zero and left out of the mean).
+        mixed = round_to(acc, out_ty, INTERPRET)
+        summed = round_to(x.to(tl.float32) + mixed, out_ty, INTERPRET)
+        summed = tl.where(mask, summed, 0.0)
+        variance = tl.sum(summed * summed, axis=0) / L
+        y = summed * tl.rsqrt(variance + eps)[None, :]
+        out_ptrs = out_ptr + b * stride_ob + offs_l[:, None] * stride_ol + offs_d[None, :]
+        tl.store(out_ptrs, y.to(out_ty), mask=mask)
+
+    @torch.library.triton_op("hrm::token_mix", mutates_args=())
+    def _token_mix_op(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, eps: float) -> torch.Tensor:
+        batch, positions, width = x.shape
+        inner = w_down.shape[1]
+        padded = w_gate_up.shape[1]
+        out = torch.empty_like(x)
+        grid = lambda meta: (triton.cdiv(width, meta["BLOCK_D"]), batch)
+        torch.library.wrap_triton(_token_mix_kernel)[grid](
+            x, w_gate_up, w_down, out,
+            positions, width, inner, x.stride(0), x.stride(1), out.stride(0), out.stride(1), eps,
+            L_PAD=padded, **kernel_flags(x.dtype),
+        )  # fmt: skip
+        return out
+
+
+def padded_positions(positions: int) -> int:
+    """The kernel's tile height for L positions: the next power of two, at least 16 (Triton's dot minimum)."""
+    return max(16, 1 << (positions - 1).bit_length())
+
+
+def token_mix_supported(x: torch.Tensor) -> bool:
+    """Whether `token_mix` can run this call: Triton, CUDA (or the interpreter), 16-bit, no autograd, x [B, L, D]
+    with L <= MAX_POSITIONS, and the experimental kernels switched on (`HRM_KERNELS=all`). Shapes, dtype, device
+    and grad mode only: compile-friendly."""
+    return (
+        HAS_TRITON
+        and EXPERIMENTAL_KERNELS
+        and (x.is_cuda or INTERPRET)
+        and x.dtype in SUPPORTED_DTYPES
+        and not torch.is_grad_enabled()
+        and x.dim() == 3
+        and x.shape[1] <= MAX_POSITIONS
+    )
+
+
+def token_mix(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, eps: float) -> torch.Tensor:
+    """rms_norm(x + SwiGLU_L(x over positions), over positions) for x [B, L, D], with the token SwiGLU's weights
+    w_gate_up [2m, L] (gate rows, then up rows) and w_down [L, m]; returns [B, L, D] in x's dtype. Same result as
+    models/layers.py's `PostNormBlock._mix_positions`, within the activation dtype's rounding."""
+    if not HAS_TRITON:
+        raise RuntimeError("models.token_mix: Triton is not installed; use models.layers.PostNormBlock's path")
+    if x.dim() != 3:
+        raise ValueError(f"token_mix: expected x [batch, positions, width], got shape {tuple(x.shape)}")
+    positions = x.shape[1]
+    inner = w_down.shape[1]
+    if positions > MAX_POSITIONS:
+        raise ValueError(f"token_mix: {positions} positions > {MAX_POSITIONS}")
+    if tuple(w_gate_up.shape) != (2 * inner, positions) or w_down.shape[0] != positions:
+        raise ValueError(
+            f"token_mix: weights {tuple(w_gate_up.shape)} and {tuple(w_down.shape)} do not fit {positions} positions "
+            f"(expected [2m, {positions}] and [{positions}, m])"
+        )
+    pad = padded_positions(positions) - positions
+    w_gate_up = F.pad(w_gate_up.to(x.dtype), (0, pad)).contiguous()  # [2m, L_PAD], padded columns zero
+    w_down = F.pad(w_down.to(x.dtype), (0, 0, 0, pad)).contiguous()  # [L_PAD, m], padded rows zero
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    return torch.ops.hrm.token_mix(x, w_gate_up, w_down, float(eps))

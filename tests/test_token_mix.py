@@ -1,0 +1,162 @@
+"""The token-MLP kernel (models/token_mix.py) against a float64 reference and the PyTorch path of models/layers.py.
+
+Runs on CUDA when present, or on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1, set before Python
+starts; tiny tiles, so every case has channel and inner-width tails); otherwise the kernel tests skip. The dispatch
+tests (which calls take the kernel) run everywhere.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import models.layers as layers
+from models.layers import PostNormBlock, SwiGLU, rms_norm
+from models.triton_common import HAS_TRITON
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+ON_CUDA = torch.cuda.is_available()
+KERNEL = pytest.mark.skipif(
+    not HAS_TRITON or not (ON_CUDA or INTERPRET),
+    reason="the Triton kernel needs Triton plus a CUDA device, or TRITON_INTERPRET=1 for the CPU interpreter",
+)
+DEVICE = torch.device("cuda" if ON_CUDA and not INTERPRET else "cpu")
+DTYPES = [torch.bfloat16, torch.float16] + ([torch.float32] if INTERPRET else [])
+EPS = 1e-5
+# The kernel rounds where the PyTorch path does (projections, silu, product, down projection, residual sum), so
+# against the float64 sub-layer its error must stay within the PyTorch path's own error times 1.5 plus a floor of
+# a few units of that dtype's rounding, and under a hard cap.
+FLOOR = {torch.bfloat16: 4e-3, torch.float16: 5e-4, torch.float32: 1e-6}
+CAP = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-5}
+
+# (batch, positions L, channels D, expansion); the inner width m is SwiGLU's (a multiple of 256)
+CASES = [
+    (2, 9, 24, 4.0),  # channel tail of the interpreter's 16-wide tile; L padded to 16
+    (1, 17, 40, 4.0),  # L just past a power of two
+    (2, 97, 32, 4.0),  # TRM's Sudoku mlp_t: 81 cells + 16 puzzle rows, m = 512
+    (1, 128, 16, 1.0),  # the most positions the kernel takes
+]
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+def _inputs(batch, positions, width, expansion, dtype, seed):
+    torch.manual_seed(seed)
+    mlp = SwiGLU(hidden_size=positions, expansion=expansion)  # the token SwiGLU: width L
+    x = torch.randn(batch, positions, width, generator=torch.Generator().manual_seed(seed + 100)).to(dtype)
+    return x.to(DEVICE), mlp.gate_up_proj.weight.to(DEVICE), mlp.down_proj.weight.to(DEVICE)
+
+
+def _float64_mix(x, w_gate_up, w_down):
+    """rms_norm(x + SwiGLU over positions, over positions) in float64 on the upcast inputs."""
+    x, w_gate_up, w_down = x.double(), w_gate_up.double(), w_down.double()
+    gate, up = torch.matmul(w_gate_up, x).chunk(2, dim=1)  # [B, m, D] each
+    summed = x + torch.matmul(w_down, F.silu(gate) * up)
+    return summed * torch.rsqrt(summed.square().mean(dim=1, keepdim=True) + EPS)
+
+
+def _pytorch_mix(x, w_gate_up, w_down):
+    """models/layers.py's TRM-layout path in the input dtype (weights cast as CastedLinear casts them)."""
+    h = x.transpose(1, 2)  # [B, D, L]
+    if h.device.type == "cpu" and h.dtype != torch.float32:  # CPU 16-bit matmuls: fp32 compute, round per op
+        gate, up = F.linear(h.float(), w_gate_up.to(h.dtype).float()).to(h.dtype).chunk(2, dim=-1)
+        act = (F.silu(gate.float()).to(h.dtype) * up).to(h.dtype)
+        mixed = F.linear(act.float(), w_down.to(h.dtype).float()).to(h.dtype)
+    else:
+        gate, up = F.linear(h, w_gate_up.to(h.dtype)).chunk(2, dim=-1)
+        mixed = F.linear(F.silu(gate) * up, w_down.to(h.dtype))
+    return rms_norm(h + mixed, EPS).transpose(1, 2)
+
+
+@KERNEL
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}_l{}_d{}_e{}".format(*c))
+def test_matches_float64_and_the_pytorch_path(case, dtype):
+    from models.token_mix import token_mix
+
+    batch, positions, width, expansion = case
+    for seed in (0, 1):  # fresh inputs: the kernel must compute the same function on any input
+        x, w_gate_up, w_down = _inputs(batch, positions, width, expansion, dtype, seed)
+        with torch.no_grad():
+            out = token_mix(x, w_gate_up, w_down, EPS)
+            pytorch = _pytorch_mix(x, w_gate_up, w_down)
+        assert out.shape == x.shape and out.dtype == dtype
+        assert torch.isfinite(out).all(), "non-finite or unwritten output"
+        exact = _float64_mix(x, w_gate_up, w_down)
+        rel = _rel(out, exact)
+        pytorch_rel = _rel(pytorch, exact)
+        assert rel <= min(CAP[dtype], 1.5 * pytorch_rel + FLOOR[dtype]), (
+            f"seed {seed}: error vs float64 {rel:.2e}, the PyTorch path's {pytorch_rel:.2e}"
+        )
+
+
+@KERNEL
+def test_strided_input_and_bad_shapes():
+    """A non-contiguous x (a slice of a wider buffer) gives the same result; weights that do not fit the positions,
+    too many positions and a wrong rank are refused with the numbers."""
+    from models.token_mix import token_mix
+
+    dtype = DTYPES[0]
+    x, w_gate_up, w_down = _inputs(2, 9, 24, 4.0, dtype, 3)
+    wide = torch.cat([x, x[..., :8]], dim=-1)[..., :24]  # row stride 32
+    with torch.no_grad():
+        assert torch.equal(token_mix(wide, w_gate_up, w_down, EPS), token_mix(x, w_gate_up, w_down, EPS))
+        with pytest.raises(ValueError, match=r"do not fit 8 positions \(expected \[2m, 8\] and \[8, m\]\)"):
+            token_mix(x[:, :8], w_gate_up, w_down, EPS)
+        with pytest.raises(ValueError, match="129 positions > 128"):
+            token_mix(torch.zeros(1, 129, 16, dtype=dtype, device=DEVICE), w_gate_up, w_down, EPS)
+        with pytest.raises(ValueError, match=r"expected x \[batch, positions, width\], got shape \(9, 24\)"):
+            token_mix(x[0], w_gate_up, w_down, EPS)
+
+
+def test_block_dispatches_no_grad_calls(monkeypatch):
+    """PostNormBlock routes the token-MLP sub-layer to the kernel exactly when token_mix_supported says so, passing
+    the block's fp32 weights and eps, and feeds the kernel's output to the channel MLP."""
+    calls = []
+
+    def fake_kernel(x, w_gate_up, w_down, eps):
+        calls.append((tuple(x.shape), tuple(w_gate_up.shape), tuple(w_down.shape), eps))
+        return torch.ones_like(x)
+
+    monkeypatch.setattr(layers, "token_mix", fake_kernel)
+    monkeypatch.setattr(layers, "token_mix_supported", lambda x: not torch.is_grad_enabled())
+    block = PostNormBlock(hidden_size=16, num_heads=2, expansion=4.0, norm_eps=EPS, token_mix_width=9)
+    x = torch.randn(2, 9, 16)
+    with_grad = block(cos_sin=None, hidden_states=x)
+    assert not calls and with_grad.requires_grad
+    with torch.no_grad():
+        routed = block(cos_sin=None, hidden_states=x)
+    assert calls == [((2, 9, 16), (512, 9), (9, 256), EPS)]  # m = 256 for L = 9
+    ones = torch.ones_like(x)
+    assert torch.equal(routed, rms_norm(ones + block.mlp(ones), EPS))
+
+
+def test_supported_only_where_the_kernel_applies(monkeypatch):
+    from models import token_mix as tm
+
+    x = torch.zeros(2, 97, 32, dtype=torch.bfloat16, device=DEVICE)
+    monkeypatch.setattr(tm, "EXPERIMENTAL_KERNELS", True)
+    if not HAS_TRITON:
+        with torch.no_grad():
+            assert not tm.token_mix_supported(x)
+        return
+    on_device = DEVICE.type == "cuda" or INTERPRET
+    with torch.no_grad():
+        assert tm.token_mix_supported(x) == on_device
+        assert not tm.token_mix_supported(x.float())  # fp32 activations
+        assert not tm.token_mix_supported(x[0])  # not [B, L, D]
+        assert not tm.token_mix_supported(torch.zeros(1, 129, 32, dtype=torch.bfloat16, device=DEVICE))
+        monkeypatch.setattr(tm, "EXPERIMENTAL_KERNELS", False)  # not measured faster: only with HRM_KERNELS=all
+        assert not tm.token_mix_supported(x)
+    monkeypatch.setattr(tm, "EXPERIMENTAL_KERNELS", True)
+    assert not tm.token_mix_supported(x)  # grad mode on
+
+
+@pytest.mark.parametrize("positions, padded", [(1, 16), (9, 16), (16, 16), (17, 32), (97, 128), (128, 128)])
+def test_padded_positions(positions, padded):
+    from models.token_mix import padded_positions
+
+    assert padded_positions(positions) == padded
