@@ -20,8 +20,8 @@ Design choices:
   SwiGLU of width L, the residual and the RMSNorm all act in that layout, so that norm runs over positions.
   On a GPU the no-grad calls run the same sub-layer in the [B, L, D] layout (the weights multiply from the
   left: no transposes, aligned matmul rows); calls with gradient, the CPU, and `HRM_KERNELS=portable` run
-  TRM's transposed op sequence bit for bit. With `HRM_KERNELS=all` those no-grad calls take one experimental
-  Triton kernel for the whole sub-layer instead (models/token_mix.py). With `fused_ops`, no-grad
+  TRM's transposed op sequence bit for bit. Where Triton is installed and L <= 128, those no-grad calls take one
+  Triton kernel for the whole sub-layer instead (models/token_mix.py, measured faster). With `fused_ops`, no-grad
   attention-block calls that `models.fused_ops.fused_block_supported` accepts take the fused SwiGLU kernel
   (no effect on the MLP variant).
 - `ReasoningModule` (input injection, then a stack of blocks) is shared by HRM's two levels and TRM's
@@ -226,8 +226,8 @@ class SwiGLU(nn.Module):
 
 
 def _token_mix_in_place(hidden_states: torch.Tensor) -> bool:
-    """Whether the token-MLP sub-layer runs in the [B, L, D] layout: for no-grad calls on a GPU, unless
-    `HRM_KERNELS=portable`. Measured on an H200 (TRM's Sudoku recipe): 1.12x faster evaluation with it, but train
+    """Whether the token-MLP sub-layer runs in the [B, L, D] layout: for no-grad calls on a GPU that the one-kernel
+    path (models/token_mix.py) does not take (no Triton, L > 128), unless `HRM_KERNELS=portable`. Measured on an H200 (TRM's Sudoku recipe): 1.12x faster evaluation with it, but train
     steps 4% slower when the calls with gradient took it too (its weight gradient is reduced from a per-row
     [B, 2m, L] buffer), so those keep TRM's layout. Grad mode only: compile-friendly."""
     return hidden_states.is_cuda and DEFAULT_KERNELS and not torch.is_grad_enabled()
@@ -291,7 +291,7 @@ class PostNormBlock(nn.Module):
 
     def _mix_positions(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The token-MLP sub-layer with its residual and its RMSNorm over the L positions of each channel."""
-        if token_mix_supported(hidden_states):  # no-grad calls with HRM_KERNELS=all: the whole sub-layer, one kernel
+        if token_mix_supported(hidden_states):  # no-grad GPU calls, L <= 128: the whole sub-layer in one kernel
             weights = self.mlp_t.gate_up_proj.weight, self.mlp_t.down_proj.weight
             return token_mix(hidden_states, *weights, self.norm_eps)
         if _token_mix_in_place(hidden_states):

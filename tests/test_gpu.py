@@ -193,10 +193,8 @@ def _portable(monkeypatch) -> None:
 def _all_kernels(monkeypatch) -> None:
     """Switch the experimental kernels on too (as HRM_KERNELS=all does), so their paths are checked."""
     import models.short_attention
-    import models.token_mix
 
     monkeypatch.setattr(models.short_attention, "EXPERIMENTAL_KERNELS", True)
-    monkeypatch.setattr(models.token_mix, "EXPERIMENTAL_KERNELS", True)
 
 
 def _agreement(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -138,7 +138,7 @@ def test_supported_only_where_the_kernel_applies(monkeypatch):
     from models import token_mix as tm
 
     x = torch.zeros(2, 97, 32, dtype=torch.bfloat16, device=DEVICE)
-    monkeypatch.setattr(tm, "EXPERIMENTAL_KERNELS", True)
+    monkeypatch.setattr(tm, "DEFAULT_KERNELS", True)
     if not HAS_TRITON:
         with torch.no_grad():
             assert not tm.token_mix_supported(x)
@@ -149,9 +149,9 @@ def test_supported_only_where_the_kernel_applies(monkeypatch):
         assert not tm.token_mix_supported(x.float())  # fp32 activations
         assert not tm.token_mix_supported(x[0])  # not [B, L, D]
         assert not tm.token_mix_supported(torch.zeros(1, 129, 32, dtype=torch.bfloat16, device=DEVICE))
-        monkeypatch.setattr(tm, "EXPERIMENTAL_KERNELS", False)  # not measured faster: only with HRM_KERNELS=all
+        monkeypatch.setattr(tm, "DEFAULT_KERNELS", False)  # HRM_KERNELS=portable
         assert not tm.token_mix_supported(x)
-    monkeypatch.setattr(tm, "EXPERIMENTAL_KERNELS", True)
+    monkeypatch.setattr(tm, "DEFAULT_KERNELS", True)
     assert not tm.token_mix_supported(x)  # grad mode on
 
 
