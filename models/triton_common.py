@@ -41,7 +41,8 @@ def _kernels_mode() -> str:
 
 KERNELS_MODE = _kernels_mode()
 # The kernels measured faster (today: TRM's mlp_t sub-layer for no-grad calls, in one kernel or in the [B, L, D]
-# layout) run when DEFAULT_KERNELS holds; the experimental ones (the short-sequence attention) only with HRM_KERNELS=all.
+# layout) run when DEFAULT_KERNELS holds; the experimental ones (the short-sequence attention) only with
+# HRM_KERNELS=all.
 DEFAULT_KERNELS = KERNELS_MODE in ("auto", "all")
 EXPERIMENTAL_KERNELS = KERNELS_MODE == "all"
 
