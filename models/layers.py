@@ -228,8 +228,9 @@ class SwiGLU(nn.Module):
 def _token_mix_in_place(hidden_states: torch.Tensor) -> bool:
     """Whether the token-MLP sub-layer runs in the [B, L, D] layout: for no-grad calls on a GPU that the one-kernel
     path (models/token_mix.py) does not take (no Triton, L > 128), unless `HRM_KERNELS=portable`. Measured on an
-    H200 (TRM's Sudoku recipe): 1.12x faster evaluation with it, but train steps 4% slower when the calls with gradient took it too (its weight gradient is reduced from a per-row
-    [B, 2m, L] buffer), so those keep TRM's layout. Grad mode only: compile-friendly."""
+    H200 (TRM's Sudoku recipe): 1.12x faster evaluation with it, but train steps 4% slower when the calls with
+    gradient took it too (its weight gradient is reduced from a per-row [B, 2m, L] buffer), so those keep TRM's
+    layout. Grad mode only: compile-friendly."""
     return hidden_states.is_cuda and DEFAULT_KERNELS and not torch.is_grad_enabled()
 
 
