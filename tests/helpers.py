@@ -1,6 +1,7 @@
 """Code the tests share (test files import from here, never from each other): the repository root, a tiny
 synthetic puzzle dataset on disk, a tiny composed config, a free port, a run's metric records, the tiny HRM
-and TRM models with their batches, and the full-size architectures as config/arch/*.yaml defines them."""
+and TRM models with their batches, the full-size architectures as config/arch/*.yaml defines them, and where the
+Triton kernel tests run."""
 
 import json
 import os
@@ -11,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from omegaconf import OmegaConf
 
@@ -18,10 +20,22 @@ from dataset.common import PuzzleDatasetMetadata, write_identifiers, write_split
 from models.hrm.hrm_act_v1 import HierarchicalReasoningModel_ACTV1
 from models.losses import IGNORE_LABEL_ID
 from models.recursive_reasoning.trm import TinyRecursiveReasoningModel_ACTV1
+from models.triton_common import HAS_TRITON
 from training.config import PretrainConfig, compose_config
 from utils.logging_utils import WALL_TIME_KEY
 
 REPO = Path(__file__).resolve().parent.parent
+
+# The Triton kernel tests run on CUDA when present, or on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1,
+# set before Python starts), which also checks fp32 inputs; otherwise they skip.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+ON_CUDA = torch.cuda.is_available()
+KERNEL = pytest.mark.skipif(
+    not HAS_TRITON or not (ON_CUDA or INTERPRET),
+    reason="the Triton kernels need Triton plus a CUDA device, or TRITON_INTERPRET=1 for the CPU interpreter",
+)
+KERNEL_DEVICE = torch.device("cuda" if ON_CUDA and not INTERPRET else "cpu")
+KERNEL_DTYPES = [torch.bfloat16, torch.float16] + ([torch.float32] if INTERPRET else [])
 SEQ_LEN = 8
 VOCAB = 6  # PAD 0, symbols 1..5
 

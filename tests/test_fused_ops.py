@@ -8,22 +8,16 @@ the PyTorch reference almost bit for bit (same roundings, fp32 accumulation); on
 matmul accumulation order differs from cuBLAS, so most elements still agree exactly.
 """
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from models.fused_ops import HAS_TRITON
 from models.layers import PostNormBlock, RotaryEmbedding, SwiGLU, apply_rotary_pos_emb, rms_norm
+from tests.helpers import INTERPRET, KERNEL, KERNEL_DTYPES, ON_CUDA
+from tests.helpers import KERNEL_DEVICE as DEVICE
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-ON_CUDA = torch.cuda.is_available()
-
-pytestmark = pytest.mark.skipif(
-    not HAS_TRITON or not (ON_CUDA or INTERPRET),
-    reason="fused Triton kernels need Triton plus a CUDA device, or TRITON_INTERPRET=1 for the CPU interpreter",
-)
+pytestmark = KERNEL
 
 if HAS_TRITON:
     from models.fused_ops import (
@@ -33,10 +27,9 @@ if HAS_TRITON:
         fused_qkv_rope,
     )
 
-DEVICE = torch.device("cuda" if ON_CUDA and not INTERPRET else "cpu")
 # The GPU path takes 16-bit activations only (fp32 would run as exact but slow fp32 dots); the
 # interpreter also checks fp32, where the only difference from PyTorch is summation order.
-DTYPES = [torch.bfloat16, torch.float16] + ([torch.float32] if INTERPRET else [])
+DTYPES = KERNEL_DTYPES
 REL_TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
 EPS = 1e-5
 

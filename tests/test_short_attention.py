@@ -14,15 +14,10 @@ import torch
 import models.layers as layers
 from models.layers import Attention, RotaryEmbedding, apply_rotary_pos_emb, attention
 from models.triton_common import HAS_TRITON
+from tests.helpers import INTERPRET, KERNEL
+from tests.helpers import KERNEL_DEVICE as DEVICE
+from tests.helpers import KERNEL_DTYPES as DTYPES
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-ON_CUDA = torch.cuda.is_available()
-KERNEL = pytest.mark.skipif(
-    not HAS_TRITON or not (ON_CUDA or INTERPRET),
-    reason="the Triton kernel needs Triton plus a CUDA device, or TRITON_INTERPRET=1 for the CPU interpreter",
-)
-DEVICE = torch.device("cuda" if ON_CUDA and not INTERPRET else "cpu")
-DTYPES = [torch.bfloat16, torch.float16] + ([torch.float32] if INTERPRET else [])
 # The kernel rounds where the portable path does (q and k after RoPE, the output; P as flash attention does), so
 # against float64 attention on the same upcast projection its error must stay within the portable path's own error
 # times 1.5 plus a floor of a few units of that dtype's rounding, and under a hard cap.

@@ -5,8 +5,6 @@ starts; tiny tiles, so every case has channel and inner-width tails); otherwise 
 tests (which calls take the kernel) run everywhere.
 """
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,15 +12,10 @@ import torch.nn.functional as F
 import models.layers as layers
 from models.layers import PostNormBlock, SwiGLU, rms_norm
 from models.triton_common import HAS_TRITON
+from tests.helpers import INTERPRET, KERNEL
+from tests.helpers import KERNEL_DEVICE as DEVICE
+from tests.helpers import KERNEL_DTYPES as DTYPES
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-ON_CUDA = torch.cuda.is_available()
-KERNEL = pytest.mark.skipif(
-    not HAS_TRITON or not (ON_CUDA or INTERPRET),
-    reason="the Triton kernel needs Triton plus a CUDA device, or TRITON_INTERPRET=1 for the CPU interpreter",
-)
-DEVICE = torch.device("cuda" if ON_CUDA and not INTERPRET else "cpu")
-DTYPES = [torch.bfloat16, torch.float16] + ([torch.float32] if INTERPRET else [])
 EPS = 1e-5
 # The kernel rounds where the PyTorch path does (projections, silu, product, down projection, residual sum), so
 # against the float64 sub-layer its error must stay within the PyTorch path's own error times 1.5 plus a floor of
