@@ -29,7 +29,7 @@ import math
 
 import torch
 
-from models.triton_common import EXPERIMENTAL_KERNELS, HAS_TRITON, INTERPRET, SUPPORTED_DTYPES, kernel_flags
+from models.triton_common import EXPERIMENTAL_KERNELS, HAS_TRITON, kernel_flags, no_grad_kernel_call
 
 MAX_SEQ_LEN = 128
 
@@ -133,11 +133,8 @@ def short_attention_supported(qkv: torch.Tensor, head_dim: int, causal: bool) ->
     S <= MAX_SEQ_LEN, non-causal, head_dim 32, 64 or 128, and the experimental kernels switched on
     (`HRM_KERNELS=all`). Shapes, dtype, device and grad mode only: compile-friendly."""
     return (
-        HAS_TRITON
-        and EXPERIMENTAL_KERNELS
-        and (qkv.is_cuda or INTERPRET)
-        and qkv.dtype in SUPPORTED_DTYPES
-        and not torch.is_grad_enabled()
+        EXPERIMENTAL_KERNELS
+        and no_grad_kernel_call(qkv)
         and not causal
         and qkv.shape[1] <= MAX_SEQ_LEN
         and head_dim in (32, 64, 128)

@@ -32,7 +32,7 @@ torch.compile like Inductor's own kernels.
 import torch
 import torch.nn.functional as F
 
-from models.triton_common import DEFAULT_KERNELS, HAS_TRITON, INTERPRET, SUPPORTED_DTYPES, kernel_flags
+from models.triton_common import DEFAULT_KERNELS, HAS_TRITON, kernel_flags, no_grad_kernel_call
 
 MAX_POSITIONS = 128
 
@@ -115,15 +115,7 @@ def token_mix_supported(x: torch.Tensor) -> bool:
     """Whether `token_mix` can run this call: Triton, CUDA (or the interpreter), 16-bit, no autograd, x [B, L, D]
     with L <= MAX_POSITIONS, and the kernels not switched off (`HRM_KERNELS=portable`). Shapes, dtype, device and
     grad mode only: compile-friendly."""
-    return (
-        HAS_TRITON
-        and DEFAULT_KERNELS
-        and (x.is_cuda or INTERPRET)
-        and x.dtype in SUPPORTED_DTYPES
-        and not torch.is_grad_enabled()
-        and x.dim() == 3
-        and x.shape[1] <= MAX_POSITIONS
-    )
+    return DEFAULT_KERNELS and no_grad_kernel_call(x) and x.dim() == 3 and x.shape[1] <= MAX_POSITIONS
 
 
 def token_mix(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, eps: float) -> torch.Tensor:

@@ -54,6 +54,13 @@ def describe_kernels() -> str:
     return KERNELS_MODE
 
 
+def no_grad_kernel_call(x: torch.Tensor) -> bool:
+    """What every no-grad Triton kernel of the models needs of a call: Triton, a CUDA tensor (or the interpreter),
+    16-bit activations, autograd off. Device, dtype and grad mode only: torch.compile guards on it without a graph
+    break."""
+    return HAS_TRITON and (x.is_cuda or INTERPRET) and x.dtype in SUPPORTED_DTYPES and not torch.is_grad_enabled()
+
+
 def kernel_flags(dtype: torch.dtype) -> dict:
     """fp32 inputs use an exact fp32 dot; the interpreter needs it for 16-bit inputs too (module doc)."""
     return {"FP32_DOT": INTERPRET or dtype == torch.float32, "INTERPRET": INTERPRET}
