@@ -6,7 +6,8 @@ Design choices:
 - Shapes are the HRM block at the paper's batch sizes: Sudoku T = 768 × 82 tokens (81 cells + one
   puzzle-embedding position), TRM's Sudoku 768 × 97 (16 prefix rows), ARC T = 96 × 901; hidden 512, 8 heads
   × 64, SwiGLU width 1536. At the short lengths the default kernels are timed too (short-sequence attention,
-  and at TRM's length the mlp_t token mixing in the [B, L, D] layout).
+  and at TRM's length the mlp_t token mixing in the [B, L, D] layout), and at every shape the SwiGLU gating's
+  backward (models/swiglu_backward.py) against the backward autograd builds.
 - Each op is timed three ways: the eager PyTorch composition of models/layers.py (what the model
   runs today), that composition under torch.compile (Inductor's own fusion, the bar to beat), and the
   fused op. The whole post-norm block is timed too, since that is what a train step repeats.
@@ -103,7 +104,8 @@ def make_cases(shape: Shape, dtype: torch.dtype, device: torch.device) -> list[C
         attn.qkv_proj.weight,
     )
     block_flops = 2 * T * d * (3 * d + d + 3 * m) + 4 * B * S * S * d
-    return short_sequence_cases(shape, dtype, device) + [
+    extra = short_sequence_cases(shape, dtype, device) + swiglu_backward_cases(shape, dtype, device, m)
+    return extra + [
         Case(
             "qkv_rope",
             ref_qkv_rope,
@@ -205,6 +207,33 @@ def short_sequence_cases(shape: Shape, dtype: torch.dtype, device: torch.device)
             lambda x: token_mix(x, mix.gate_up_proj.weight, mix.down_proj.weight, EPS), (x,), flops, mix_bytes,
         ),
     ]  # fmt: skip
+
+
+def ref_swiglu_backward(gate_up, grad_h):
+    """The backward autograd builds for silu(gate) * up after chunk: the two halves, then their concatenation."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    d_gate = torch.ops.aten.silu_backward(grad_h * up, gate)
+    return torch.cat([d_gate, grad_h * F.silu(gate)], dim=-1)
+
+
+def swiglu_backward_cases(shape: Shape, dtype: torch.dtype, device: torch.device, inner: int) -> list[Case]:
+    """The SwiGLU gating's backward (models/swiglu_backward.py) at the channel SwiGLU's shape [T, 2m] and, at
+    TRM's length, the token SwiGLU's (one row per batch row and channel, m of the 97 positions' SwiGLU)."""
+    from models.swiglu_backward import swiglu_backward
+
+    B, S, d = shape.batch_size, shape.seq_len, HIDDEN
+    el = torch.finfo(dtype).bits // 8
+    sizes = [("swiglu_backward", B * S, inner)]
+    if shape.name == "trm":
+        token_inner = SwiGLU(S, EXPANSION).down_proj.weight.shape[1]
+        sizes.append(("swiglu_backward_token_mlp", B * d, token_inner))
+    cases = []
+    for op, rows, m in sizes:
+        gate_up = torch.randn(rows, 2 * m, device=device).to(dtype)
+        grad_h = torch.randn(rows, m, device=device).to(dtype)
+        # 0 FLOPs counted (pointwise); bytes: gate, up and dh read once, both gradient halves written once
+        cases.append(Case(op, ref_swiglu_backward, swiglu_backward, (gate_up, grad_h), 0.0, el * 5 * rows * m))
+    return cases
 
 
 def max_rel_err(out, ref) -> float:

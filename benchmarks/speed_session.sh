@@ -11,7 +11,7 @@
 #   bash benchmarks/speed_session.sh poll SECONDS /tmp/speed OUT   # wait up to SECONDS for the end; the JSON
 #        lines and a tarball of the logs, kernel tables and trace summaries go to OUT
 # Environment: SHAPES (default "trm_mlp sudoku trm arc"), STEPS (compare_reference.py timing flags),
-# ROUNDS, VARIANTS (extra --variant flags), SKIP_TESTS=1.
+# ROUNDS, VARIANTS (extra --variant flags), SKIP_TESTS=1, TESTS (the GPU test files, default all of them).
 set -uo pipefail
 cmd=${1:?run|poll}
 if [ "$cmd" = poll ]; then
@@ -39,7 +39,7 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --fo
 ADAM_ATAN2=1 source .whl/install.sh > "$work/install.log" 2>&1
 note "installed: $(tail -1 "$work/install.log")"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  python3 -m pytest -q -p no:cacheprovider tests/test_short_attention.py tests/test_fused_ops.py tests/test_token_mix.py tests/test_gpu.py \
+  python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_short_attention.py tests/test_fused_ops.py tests/test_token_mix.py tests/test_swiglu_backward.py tests/test_gpu.py} \
     > "$work/gpu_tests.log" 2>&1
   note "gpu tests rc=$? $(tail -1 "$work/gpu_tests.log")"
 fi

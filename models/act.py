@@ -63,10 +63,10 @@ class RecursiveModelConfig(ModelConfig):
     halt_exploration_prob: float
 
     forward_dtype: str = "bfloat16"
-    # Beyond the references, opt-in: run no-grad attention-block calls through the fused Triton SwiGLU kernel of
-    # models/fused_ops.py (CUDA, bf16/fp16; persistent TMA kernel on Hopper). Same math, the eager path's bf16
-    # roundings; on an H100 ~3% faster HRM train steps and ~6% faster evaluation than torch.compile + cuBLAS
-    # (benchmarks/RESULTS.md). Off by default: the default stays the references' path.
+    # Beyond the references: run no-grad block calls' channel SwiGLU through the fused Triton gate/up + SwiGLU
+    # kernel of models/fused_ops.py (CUDA, bf16/fp16) on any GPU Triton runs on. Same math, the eager path's bf16
+    # roundings. On Hopper and later its persistent TMA version runs whatever this says (models/layers.py,
+    # `HRM_KERNELS_OFF=gate_up_swiglu` to switch it off); this key adds the other GPUs. CPU runs never take it.
     fused_ops: bool = False
 
     @field_validator(

@@ -21,9 +21,10 @@ Design choices:
   On a GPU the no-grad calls run the same sub-layer in the [B, L, D] layout (the weights multiply from the
   left: no transposes, aligned matmul rows); calls with gradient, the CPU, and `HRM_KERNELS=portable` run
   TRM's transposed op sequence bit for bit. Where Triton is installed and L <= 128, those no-grad calls take one
-  Triton kernel for the whole sub-layer instead (models/token_mix.py, measured faster). With `fused_ops`, no-grad
-  attention-block calls that `models.fused_ops.fused_block_supported` accepts take the fused SwiGLU kernel
-  (no effect on the MLP variant).
+  Triton kernel for the whole sub-layer instead (models/token_mix.py, measured faster).
+- The channel SwiGLU: no-grad calls on Hopper and later GPUs take the gate/up matmul with the gating in its
+  epilogue (models/fused_ops.py, measured faster; with `fused_ops` on any GPU Triton runs on); calls with
+  gradient keep the PyTorch forward and take a one-kernel backward of the gating (models/swiglu_backward.py).
 - `ReasoningModule` (input injection, then a stack of blocks) is shared by HRM's two levels and TRM's
   single network.
 """
@@ -35,10 +36,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.common import trunc_normal_init_
-from models.fused_ops import fused_block_supported, fused_gate_up_swiglu
+from models.fused_ops import TMA_KERNELS_AVAILABLE, fused_block_supported, fused_gate_up_swiglu
 from models.short_attention import short_attention, short_attention_supported
+from models.swiglu_backward import swiglu, swiglu_backward_supported
 from models.token_mix import token_mix, token_mix_supported
-from models.triton_common import DEFAULT_KERNELS
+from models.triton_common import kernel_on
 
 _BACKEND_CHOICES = ("fa3", "fa2", "sdpa")
 
@@ -208,7 +210,10 @@ class SwiGLU(nn.Module):
         self.down_proj = CastedLinear(inter, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if swiglu_backward_supported(gate_up):  # calls with gradient on a GPU: the same forward, a one-kernel backward
+            return self.down_proj(swiglu(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
     def forward_over_dim1(self, x: torch.Tensor) -> torch.Tensor:
@@ -225,21 +230,28 @@ class SwiGLU(nn.Module):
         return torch.matmul(self.down_proj.weight.to(x.dtype), F.silu(gate) * up)  # [L, m] @ [B, m, D]
 
 
+_TOKEN_MIX_LAYOUT = kernel_on("token_mix_layout")
+# The gate/up matmul with the SwiGLU in its epilogue (models/fused_ops.py) runs by default where it was measured
+# faster than cuBLAS plus torch.compile's SwiGLU kernel: its persistent TMA version, on Hopper and later.
+_FUSED_SWIGLU_BY_DEFAULT = kernel_on("gate_up_swiglu") and TMA_KERNELS_AVAILABLE
+
+
 def _token_mix_in_place(hidden_states: torch.Tensor) -> bool:
     """Whether the token-MLP sub-layer runs in the [B, L, D] layout: for no-grad calls on a GPU that the one-kernel
     path (models/token_mix.py) does not take (no Triton, L > 128), unless `HRM_KERNELS=portable`. Measured on an
     H200 (TRM's Sudoku recipe): 1.12x faster evaluation with it, but train steps 4% slower when the calls with
     gradient took it too (its weight gradient is reduced from a per-row [B, 2m, L] buffer), so those keep TRM's
-    layout. Grad mode only: compile-friendly."""
-    return hidden_states.is_cuda and DEFAULT_KERNELS and not torch.is_grad_enabled()
+    layout. Off with `HRM_KERNELS_OFF=token_mix_layout`. Grad mode only: compile-friendly."""
+    return hidden_states.is_cuda and _TOKEN_MIX_LAYOUT and not torch.is_grad_enabled()
 
 
 class PostNormBlock(nn.Module):
     """Post-norm block: token mixing, then a channel SwiGLU, each as `x = rms_norm(x + f(x))`.
 
     Token mixing is bidirectional self-attention (`self_attn`, heads of hidden_size / num_heads), or with
-    `token_mix_width` = L a SwiGLU over the L positions (`mlp_t`, TRM's MLP variant). `fused_ops` routes
-    no-grad attention-block calls on the GPU through the fused SwiGLU kernel (models/fused_ops.py).
+    `token_mix_width` = L a SwiGLU over the L positions (`mlp_t`, TRM's MLP variant). No-grad calls on a GPU run
+    the channel SwiGLU's gate/up matmul with the SwiGLU fused in (models/fused_ops.py) on Hopper and later by
+    default (`HRM_KERNELS_OFF=gate_up_swiglu` switches it off), and wherever Triton runs with `fused_ops`.
     The mixer is created before the MLP, as in the references, so one seed gives their weights.
     """
 
@@ -266,29 +278,31 @@ class PostNormBlock(nn.Module):
             self.mlp_t = SwiGLU(hidden_size=token_mix_width, expansion=expansion)
         self.mlp = SwiGLU(hidden_size=hidden_size, expansion=expansion)
         self.norm_eps = norm_eps
-        self.fused_ops = fused_ops and token_mix_width is None
+        self.fused_ops = fused_ops
 
     def forward(self, cos_sin, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.token_mix_width is not None:
-            hidden_states = self._mix_positions(hidden_states)
-            return rms_norm(hidden_states + self.mlp(hidden_states), self.norm_eps)
-        # With fused_ops, no-grad passes on the GPU (40 of the 48 block calls of an HRM train step, all of
-        # evaluation) fuse the SwiGLU gating into its projection's matmul.
-        if self.fused_ops and fused_block_supported(hidden_states):
+        # No-grad passes on the GPU (40 of the 48 block calls of an HRM train step, all of evaluation) may fuse
+        # the SwiGLU gating into its projection's matmul.
+        if (self.fused_ops or _FUSED_SWIGLU_BY_DEFAULT) and fused_block_supported(hidden_states):
             return self.forward_fused(cos_sin, hidden_states)
-        attn_out = self.self_attn(cos_sin=cos_sin, hidden_states=hidden_states)
-        hidden_states = rms_norm(hidden_states + attn_out, self.norm_eps)
+        hidden_states = self._mix(cos_sin, hidden_states)
         return rms_norm(hidden_states + self.mlp(hidden_states), self.norm_eps)
 
     def forward_fused(self, cos_sin, hidden_states: torch.Tensor) -> torch.Tensor:
-        """The attention block through the fused kernel, for no-grad calls only (`forward` takes it when
-        `fused_block_supported` allows). Only the SwiGLU projection is fused: the attention half and the down
-        projection's residual + RMSNorm run as in `forward`, where torch.compile's kernels next to cuBLAS match or
-        beat the fused ones (models/fused_ops.py)."""
-        attn_out = self.self_attn(cos_sin=cos_sin, hidden_states=hidden_states)
-        hidden_states = rms_norm(hidden_states + attn_out, self.norm_eps)
+        """The block with the channel SwiGLU's gate/up matmul and gating in one kernel, for no-grad calls only
+        (`forward` takes it when `fused_block_supported` allows). The token mixing and the down projection's
+        residual + RMSNorm run as in `forward`, where torch.compile's kernels next to cuBLAS match or beat the
+        fused ones (models/fused_ops.py)."""
+        hidden_states = self._mix(cos_sin, hidden_states)
         h = fused_gate_up_swiglu(hidden_states, self.mlp.gate_up_proj.weight)
         return rms_norm(hidden_states + self.mlp.down_proj(h), self.norm_eps)
+
+    def _mix(self, cos_sin, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The token-mixing sub-layer with its residual and RMSNorm: attention, or the token MLP."""
+        if self.token_mix_width is not None:
+            return self._mix_positions(hidden_states)
+        attn_out = self.self_attn(cos_sin=cos_sin, hidden_states=hidden_states)
+        return rms_norm(hidden_states + attn_out, self.norm_eps)
 
     def _mix_positions(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The token-MLP sub-layer with its residual and its RMSNorm over the L positions of each channel."""

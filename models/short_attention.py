@@ -29,7 +29,9 @@ import math
 
 import torch
 
-from models.triton_common import EXPERIMENTAL_KERNELS, HAS_TRITON, kernel_flags, no_grad_kernel_call
+from models.triton_common import HAS_TRITON, kernel_flags, kernel_on, no_grad_kernel_call
+
+ENABLED = kernel_on("short_attention")  # experimental: only with HRM_KERNELS=all
 
 MAX_SEQ_LEN = 128
 
@@ -133,7 +135,7 @@ def short_attention_supported(qkv: torch.Tensor, head_dim: int, causal: bool) ->
     S <= MAX_SEQ_LEN, non-causal, head_dim 32, 64 or 128, and the experimental kernels switched on
     (`HRM_KERNELS=all`). Shapes, dtype, device and grad mode only: compile-friendly."""
     return (
-        EXPERIMENTAL_KERNELS
+        ENABLED
         and no_grad_kernel_call(qkv)
         and not causal
         and qkv.shape[1] <= MAX_SEQ_LEN

@@ -32,9 +32,10 @@ torch.compile like Inductor's own kernels.
 import torch
 import torch.nn.functional as F
 
-from models.triton_common import DEFAULT_KERNELS, HAS_TRITON, kernel_flags, no_grad_kernel_call
+from models.triton_common import HAS_TRITON, kernel_flags, kernel_on, no_grad_kernel_call
 
 MAX_POSITIONS = 128
+ENABLED = kernel_on("token_mix")  # off with HRM_KERNELS=portable or HRM_KERNELS_OFF=token_mix
 
 if HAS_TRITON:
     import triton
@@ -113,9 +114,9 @@ def padded_positions(positions: int) -> int:
 
 def token_mix_supported(x: torch.Tensor) -> bool:
     """Whether `token_mix` can run this call: Triton, CUDA (or the interpreter), 16-bit, no autograd, x [B, L, D]
-    with L <= MAX_POSITIONS, and the kernels not switched off (`HRM_KERNELS=portable`). Shapes, dtype, device and
+    with L <= MAX_POSITIONS, and the kernel not switched off (`HRM_KERNELS=portable`, `HRM_KERNELS_OFF=token_mix`). Shapes, dtype, device and
     grad mode only: compile-friendly."""
-    return DEFAULT_KERNELS and no_grad_kernel_call(x) and x.dim() == 3 and x.shape[1] <= MAX_POSITIONS
+    return ENABLED and no_grad_kernel_call(x) and x.dim() == 3 and x.shape[1] <= MAX_POSITIONS
 
 
 def token_mix(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, eps: float) -> torch.Tensor:

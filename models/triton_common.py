@@ -7,7 +7,9 @@ Design choices:
 - `HRM_KERNELS` (environment, read at import) chooses which kernels run: `auto` (default) the ones measured
   faster than the PyTorch path on a GPU (benchmarks/RESULTS.md, speed log), `all` also the experimental ones
   not yet faster (to time them beside the default in one command), `portable` none, so a run takes exactly the
-  PyTorch op sequence of models/layers.py (for comparisons and bug hunts).
+  PyTorch op sequence of models/layers.py (for comparisons and bug hunts). `HRM_KERNELS_OFF=name[,name]`
+  leaves out single kernels (names in `DEFAULT_KERNEL_NAMES`, `EXPERIMENTAL_KERNEL_NAMES`), so one command can
+  time a new kernel beside the default without it.
 - Under the Triton interpreter (TRITON_INTERPRET=1), which runs the same kernels with numpy on CPU
   tensors for the tests, two interpreter defects are worked around behind constexpr flags, leaving the
   compiled GPU code untouched: its 16-bit `tl.dot` returns garbage, so dot operands are upcast to fp32
@@ -30,6 +32,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 
 _KERNEL_CHOICES = ("auto", "all", "portable")
+# Every kernel the models may take, by the name HRM_KERNELS_OFF uses: the default ones (measured faster), then
+# the experimental ones (only with HRM_KERNELS=all).
+DEFAULT_KERNEL_NAMES = ("token_mix", "token_mix_layout", "gate_up_swiglu", "swiglu_backward")
+EXPERIMENTAL_KERNEL_NAMES = ("short_attention",)
 
 
 def _kernels_mode() -> str:
@@ -39,19 +45,40 @@ def _kernels_mode() -> str:
     return mode
 
 
+def _kernels_off() -> frozenset[str]:
+    text = os.environ.get("HRM_KERNELS_OFF", "")
+    names = frozenset(name.strip().lower() for name in text.split(",") if name.strip())
+    known = DEFAULT_KERNEL_NAMES + EXPERIMENTAL_KERNEL_NAMES
+    unknown = sorted(names - set(known))
+    if unknown:
+        raise ValueError(f"HRM_KERNELS_OFF={text!r}: unknown kernel {unknown[0]!r} (known: {', '.join(known)})")
+    return names
+
+
 KERNELS_MODE = _kernels_mode()
-# The kernels measured faster (today: TRM's mlp_t sub-layer for no-grad calls, in one kernel or in the [B, L, D]
-# layout) run when DEFAULT_KERNELS holds; the experimental ones (the short-sequence attention) only with
-# HRM_KERNELS=all.
+KERNELS_OFF = _kernels_off()
 DEFAULT_KERNELS = KERNELS_MODE in ("auto", "all")
 EXPERIMENTAL_KERNELS = KERNELS_MODE == "all"
 
 
+def kernel_on(name: str) -> bool:
+    """Whether the kernel `name` may run: a default one unless HRM_KERNELS=portable, an experimental one only with
+    HRM_KERNELS=all, and neither when HRM_KERNELS_OFF names it (to time a change beside the default in one
+    command). Read once at import; each kernel module keeps the answer in a module constant."""
+    if name in DEFAULT_KERNEL_NAMES:
+        return DEFAULT_KERNELS and name not in KERNELS_OFF
+    if name in EXPERIMENTAL_KERNEL_NAMES:
+        return EXPERIMENTAL_KERNELS and name not in KERNELS_OFF
+    raise ValueError(f"kernel_on: unknown kernel {name!r}")
+
+
 def describe_kernels() -> str:
-    """One line for the launchers' start-up banner: which kernel mode runs, and what is missing for the rest."""
-    if KERNELS_MODE == "all" and not HAS_TRITON:
-        return "all (Triton not installed: the Triton kernels fall back to PyTorch)"
-    return KERNELS_MODE
+    """One line for the launchers' start-up banner: which kernel mode runs, what is switched off, and what is
+    missing for the rest."""
+    mode = KERNELS_MODE + (f" without {','.join(sorted(KERNELS_OFF))}" if KERNELS_OFF else "")
+    if KERNELS_MODE != "portable" and not HAS_TRITON:
+        return f"{mode} (Triton not installed: the Triton kernels fall back to PyTorch)"
+    return mode
 
 
 def no_grad_kernel_call(x: torch.Tensor) -> bool:

@@ -6,7 +6,6 @@ starts; tiny tiles, so every case has query-block tails); otherwise the kernel t
 """
 
 import math
-import os
 
 import pytest
 import torch
@@ -149,7 +148,7 @@ def test_supported_only_where_the_kernel_applies(monkeypatch):
     from models import short_attention as sa
 
     x = torch.zeros(1, 4, 96, dtype=torch.bfloat16, device=DEVICE)
-    monkeypatch.setattr(sa, "EXPERIMENTAL_KERNELS", True)
+    monkeypatch.setattr(sa, "ENABLED", True)
     if not HAS_TRITON:
         with torch.no_grad():
             assert not sa.short_attention_supported(x, 32, False)
@@ -162,33 +161,7 @@ def test_supported_only_where_the_kernel_applies(monkeypatch):
         assert not sa.short_attention_supported(x, 24, False)  # head_dim not a power of two
         assert not sa.short_attention_supported(x.float(), 32, False)  # fp32 activations
         assert not sa.short_attention_supported(torch.zeros(1, 129, 96, dtype=torch.bfloat16, device=DEVICE), 32, False)
-        monkeypatch.setattr(sa, "EXPERIMENTAL_KERNELS", False)  # not measured faster: only with HRM_KERNELS=all
+        monkeypatch.setattr(sa, "ENABLED", False)  # not measured faster: only with HRM_KERNELS=all
         assert not sa.short_attention_supported(x, 32, False)
-    monkeypatch.setattr(sa, "EXPERIMENTAL_KERNELS", True)
+    monkeypatch.setattr(sa, "ENABLED", True)
     assert not sa.short_attention_supported(x, 32, False)  # grad mode on
-
-
-@pytest.mark.parametrize(
-    "value, default, experimental",
-    [(None, True, False), ("auto", True, False), ("all", True, True), ("portable", False, False)],
-)
-def test_kernels_switch_reads_the_environment(value, default, experimental):
-    """HRM_KERNELS: auto (default) the kernels measured faster, all also the experimental ones, portable none."""
-    import subprocess
-    import sys
-
-    code = "import models.triton_common as t; print(t.DEFAULT_KERNELS, t.EXPERIMENTAL_KERNELS)"
-    env = {k: v for k, v in os.environ.items() if k != "HRM_KERNELS"}
-    if value is not None:
-        env["HRM_KERNELS"] = value
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == [str(default), str(experimental)]
-
-
-def test_bad_kernels_switch_is_named():
-    import subprocess
-    import sys
-
-    env = {**os.environ, "HRM_KERNELS": "fast"}
-    bad = subprocess.run([sys.executable, "-c", "import models.triton_common"], env=env, capture_output=True, text=True)
-    assert bad.returncode != 0 and "HRM_KERNELS='fast': expected one of auto, all, portable" in bad.stderr

@@ -131,7 +131,7 @@ def test_supported_only_where_the_kernel_applies(monkeypatch):
     from models import token_mix as tm
 
     x = torch.zeros(2, 97, 32, dtype=torch.bfloat16, device=DEVICE)
-    monkeypatch.setattr(tm, "DEFAULT_KERNELS", True)
+    monkeypatch.setattr(tm, "ENABLED", True)
     if not HAS_TRITON:
         with torch.no_grad():
             assert not tm.token_mix_supported(x)
@@ -142,9 +142,9 @@ def test_supported_only_where_the_kernel_applies(monkeypatch):
         assert not tm.token_mix_supported(x.float())  # fp32 activations
         assert not tm.token_mix_supported(x[0])  # not [B, L, D]
         assert not tm.token_mix_supported(torch.zeros(1, 129, 32, dtype=torch.bfloat16, device=DEVICE))
-        monkeypatch.setattr(tm, "DEFAULT_KERNELS", False)  # HRM_KERNELS=portable
+        monkeypatch.setattr(tm, "ENABLED", False)  # HRM_KERNELS=portable
         assert not tm.token_mix_supported(x)
-    monkeypatch.setattr(tm, "DEFAULT_KERNELS", True)
+    monkeypatch.setattr(tm, "ENABLED", True)
     assert not tm.token_mix_supported(x)  # grad mode on
 
 

@@ -460,10 +460,14 @@ def test_swiglu_over_dim1_is_the_transposed_swiglu():
 
 
 @pytest.mark.parametrize("mlp_t", [False, True])
-def test_fused_ops_dispatch(monkeypatch, mlp_t):
-    """fused_ops routes no-grad attention-block calls' SwiGLU to the fused kernel (CUDA-only, so simulated here
-    by the same math in PyTorch: the outputs stay those of the unfused model)."""
+@pytest.mark.parametrize("by_default", [False, True])
+def test_fused_ops_dispatch(monkeypatch, mlp_t, by_default):
+    """fused_ops, or the default on Hopper (`by_default`), routes no-grad block calls' channel SwiGLU to the fused
+    kernel, for both token mixers (CUDA-only, so simulated here by the same math in PyTorch: the outputs stay
+    those of the unfused model)."""
     import models.layers
+
+    monkeypatch.setattr(models.layers, "_FUSED_SWIGLU_BY_DEFAULT", by_default)
 
     calls = []
 
@@ -481,7 +485,7 @@ def test_fused_ops_dispatch(monkeypatch, mlp_t):
         batch = make_batch(cfg, 3)
         calls.clear()
         logits.append(model(model.initial_carry(batch), batch)[1]["logits"])
-        expected = 0 if (not flag or mlp_t) else 2 * (2 + 1) * 2  # no-grad cycles x updates x layers
+        expected = 2 * (2 + 1) * 2 if (flag or by_default) else 0  # no-grad cycles x updates x layers
         assert len(calls) == expected and not any(calls)
     assert torch.equal(logits[0], logits[1])
 

@@ -10,10 +10,10 @@ Design choices (TRM's):
 - Per ACT step, `H_cycles - 1` full cycles run without gradient, then one full cycle with gradient: the
   gradient flows back through all `L_cycles + 1` updates of the last cycle (HRM differentiates only
   its last L and H update). Both states are detached before they are carried to the next ACT step.
-- Block: HRM's post-norm attention block (`models.layers.PostNormBlock`, with HRM's opt-in fused
-  no-grad path `fused_ops`), or with `mlp_t` an MLP-Mixer-like block whose attention is replaced by a
+- Block: HRM's post-norm attention block (`models.layers.PostNormBlock`, with its fused no-grad
+  channel SwiGLU, `fused_ops`), or with `mlp_t` an MLP-Mixer-like block whose attention is replaced by a
   SwiGLU over the token axis (L = seq_len + puzzle_emb_len positions; the same class, see its file for
-  the layouts). `fused_ops` has no effect on the `mlp_t` block.
+  the layouts and GPU kernels).
 - Puzzle prefix: `puzzle_emb_len` rows (default 16; 0 means HRM's ceil(puzzle_emb_ndim / hidden_size)):
   the puzzle embedding is zero-padded to `puzzle_emb_len * hidden_size` and viewed as that many rows.
   The logits drop the prefix; Q (halt, continue) is read from the answer state's first row, in fp32.
@@ -66,7 +66,7 @@ class TinyRecursiveReasoningModel_ACTV1Config(RecursiveModelConfig):
     # The shared keys (models/act.py) and TRM's own; misspelled keys fail loudly, the launcher's own keys
     # (`causal`, ...) pass (models/common.py). `H_layers`: TRM's configs carry it (trm.yaml: 0); there is no H
     # level, so it is not used. `pos_encodings`: rope, learned, or anything else for none. `fused_ops`: beyond
-    # TRM, for the attention block only; off by default, so the default stays TRM's path.
+    # TRM (models/act.py); the CPU path stays TRM's op sequence.
 
     mlp_t: bool = False  # token-mixing SwiGLU instead of attention
     puzzle_emb_len: int = 16  # rows of the puzzle prefix; 0: ceil(puzzle_emb_ndim / hidden_size)
