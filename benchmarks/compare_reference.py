@@ -12,7 +12,9 @@ Design choices:
 - `--rounds N` repeats the whole alternation (ours, reference, ours, reference, ...) so the spread between rounds of
   the same code shows the noise; the ratios use the median over rounds.
 - `--variant NAME=ENV=VALUE[,ENV=VALUE]` times this library once more per round with those environment variables
-  (e.g. `HRM_KERNELS=portable`, the PyTorch op sequence), to attribute a gain to a change in one command.
+  (e.g. `HRM_KERNELS=portable`, the PyTorch op sequence, or `HRM_KERNELS_OFF=name` for the default without one
+  kernel), to attribute a gain to a change in one command. With `--profile-dir` each variant is profiled too, in a
+  folder of its name, so the kernel tables of a change and of the run without it come from the same command.
 - One shape per call keeps a call inside ten minutes on an H200 (compilation dominates: about a minute per
   process). Prints a table last and one JSON line per shape (`--json-out` appends them to a file).
 """
@@ -66,7 +68,11 @@ def main() -> int:
     parser.add_argument("--global-batch-size", type=int, default=None, help="override every shape's batch")
     parser.add_argument("--rounds", type=int, default=1, help="repeat the alternation to see the noise")
     parser.add_argument("--variant", type=parse_variant, action="append", default=[], help="NAME=ENV=VALUE,...")
-    parser.add_argument("--profile-dir", default=None, help="passed to bench_hrm.py for this library's default run")
+    parser.add_argument(
+        "--profile-dir",
+        default=None,
+        help="kernel profiles of this library's runs (round 1): here, variants in DIR/NAME",
+    )
     parser.add_argument("--json-out", default=None)
     parser.add_argument("--log", default=None, help="full output of every process (default: stderr)")
     parser.add_argument("override", nargs="*", help="Hydra overrides for this library's runs")
@@ -85,15 +91,25 @@ def main() -> int:
     timing = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--eval-batches", str(args.eval_batches)]
     if args.global_batch_size:
         timing += ["--global-batch-size", str(args.global_batch_size)]
+
+    def profiled(variant: str | None, round_index: int) -> list[str]:
+        """bench_hrm.py's profile flag for the first round: the default run's tables in --profile-dir, each
+        variant's in a folder of its name there (so a change's kernels can be compared with the run without it)."""
+        if not args.profile_dir or round_index:
+            return []
+        folder = args.profile_dir if variant is None else os.path.join(args.profile_dir, variant)
+        os.makedirs(folder, exist_ok=True)
+        return ["--profile-dir", folder]
+
     rows = []
     for shape in shapes:
         runs: dict[str, list[dict]] = {"ours": [], "reference": [], **{name: [] for name, _ in args.variant}}
         for round_index in range(args.rounds):
-            profile = ["--profile-dir", args.profile_dir] if args.profile_dir and round_index == 0 else []
             ours = [sys.executable, os.path.join(HERE, "bench_hrm.py"), "--shapes", shape, *timing]
-            runs["ours"].append(run_json([*ours, *profile, *args.override], dict(os.environ), log))
+            runs["ours"].append(run_json([*ours, *profiled(None, round_index), *args.override], dict(os.environ), log))
             for name, env in args.variant:
-                runs[name].append(run_json([*ours, *args.override], {**os.environ, **env}, log))
+                cmd = [*ours, *profiled(name, round_index), *args.override]
+                runs[name].append(run_json(cmd, {**os.environ, **env}, log))
             ref_dir = refs[REFERENCE_OF[shape]]
             reference = [sys.executable, os.path.join(HERE, "bench_reference.py"), "--ref-dir", ref_dir]
             runs["reference"].append(run_json([*reference, "--shapes", shape, *timing], dict(os.environ), log))

@@ -17,7 +17,7 @@ cmd=${1:?run|poll}
 if [ "$cmd" = poll ]; then
   secs=$2; work=$3; out=$4
   for _ in $(seq "$secs"); do [ -f "$work/done" ] && break; sleep 1; done
-  for f in "$work"/prof/*.json; do
+  for f in "$work"/prof/*.json "$work"/prof/*/*.json; do
     [ -f "$f" ] && python3 benchmarks/trace_summary.py "$f" --steps 3 > "${f%.json}_summary.txt" 2>&1
   done
   cp "$work"/*.jsonl "$out"/ 2> /dev/null || true

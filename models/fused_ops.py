@@ -42,13 +42,17 @@ scratch allocator at launch time. The QKV-RoPE and residual-RMSNorm kernels meas
 Inductor's own fusion next to cuBLAS, and persistent TMA versions of them (an experiment script, in git
 history: `git show b067f7f:benchmarks/exp_tma_gemm.py`) did not help a whole train step (QKV-RoPE: 0.229
 vs 0.286 ms alone, no change per step) or were slower (residual-RMSNorm: 0.27 vs 0.20 ms), so
-the fused block (`models.layers.PostNormBlock` with `fused_ops`) uses only the SwiGLU kernel.
+the fused block (`models.layers.PostNormBlock`'s `forward_fused`) uses only the SwiGLU kernel. The persistent TMA
+SwiGLU kernel is a default kernel on Hopper and later (`HRM_KERNELS_OFF=gate_up_swiglu` switches it off): on an
+H200 it took 0.40 ms against 0.46 ms for cuBLAS + Inductor at the HRM Sudoku shape (benchmarks/RESULTS.md, speed
+log, 2026-12-03).
 The first kernels stay here, tested and benchmarked (benchmarks/bench_fused_ops.py).
 
 Triton is an optional accelerator (probed in models/triton_common.py): without it this module still
 imports, `FUSED_OPS_AVAILABLE` is False and the model keeps its unfused path (`fused_block_supported(x)`
-says which path to take). `models.layers.PostNormBlock`, the block of HRM and TRM, takes the fused path when
-asked to (`fused_ops`) and when `fused_block_supported` allows it; this module builds on no model code.
+says which path to take). `models.layers.PostNormBlock`, the block of HRM and TRM, takes the fused path by default where
+`TMA_KERNELS_AVAILABLE` holds, elsewhere when asked to (`fused_ops`), and only when `fused_block_supported` allows
+it; this module builds on no model code.
 """
 
 import os
