@@ -50,9 +50,9 @@ The first kernels stay here, tested and benchmarked (benchmarks/bench_fused_ops.
 
 Triton is an optional accelerator (probed in models/triton_common.py): without it this module still
 imports, `FUSED_OPS_AVAILABLE` is False and the model keeps its unfused path (`fused_block_supported(x)`
-says which path to take). `models.layers.PostNormBlock`, the block of HRM and TRM, takes the fused path by default where
-`TMA_KERNELS_AVAILABLE` holds, elsewhere when asked to (`fused_ops`), and only when `fused_block_supported` allows
-it; this module builds on no model code.
+says which path to take). `models.layers.PostNormBlock`, the block of HRM and TRM, takes the fused path by
+default where `TMA_KERNELS_AVAILABLE` holds, elsewhere when asked to (`fused_ops`), and only when
+`fused_block_supported` allows it; this module builds on no model code.
 """
 
 import os

@@ -26,7 +26,7 @@ autograd on); `HRM_KERNELS=portable` or `HRM_KERNELS_OFF=swiglu_backward` switch
 import torch
 import torch.nn.functional as F
 
-from models.triton_common import HAS_TRITON, INTERPRET, SUPPORTED_DTYPES, kernel_on
+from models.triton_common import HAS_TRITON, INTERPRET, kernel_call, kernel_on
 
 ENABLED = kernel_on("swiglu_backward")
 
@@ -127,11 +127,4 @@ def swiglu_backward_supported(gate_up: torch.Tensor) -> bool:
     """Whether `swiglu` should run this call: the kernel switched on, Triton, CUDA (or the interpreter), 16-bit,
     autograd on and gate_up needing a gradient (no-grad calls have no backward to speed up). Dtype, device and
     grad mode only: torch.compile guards on it without a graph break."""
-    return (
-        ENABLED
-        and HAS_TRITON
-        and (gate_up.is_cuda or INTERPRET)
-        and gate_up.dtype in SUPPORTED_DTYPES
-        and torch.is_grad_enabled()
-        and gate_up.requires_grad
-    )
+    return ENABLED and kernel_call(gate_up) and torch.is_grad_enabled() and gate_up.requires_grad

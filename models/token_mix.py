@@ -114,8 +114,8 @@ def padded_positions(positions: int) -> int:
 
 def token_mix_supported(x: torch.Tensor) -> bool:
     """Whether `token_mix` can run this call: Triton, CUDA (or the interpreter), 16-bit, no autograd, x [B, L, D]
-    with L <= MAX_POSITIONS, and the kernel not switched off (`HRM_KERNELS=portable`, `HRM_KERNELS_OFF=token_mix`). Shapes, dtype, device and
-    grad mode only: compile-friendly."""
+    with L <= MAX_POSITIONS, and the kernel not switched off (`HRM_KERNELS=portable`, `HRM_KERNELS_OFF=token_mix`).
+    Shapes, dtype, device and grad mode only: compile-friendly."""
     return ENABLED and no_grad_kernel_call(x) and x.dim() == 3 and x.shape[1] <= MAX_POSITIONS
 
 

@@ -81,11 +81,15 @@ def describe_kernels() -> str:
     return mode
 
 
+def kernel_call(x: torch.Tensor) -> bool:
+    """What every Triton kernel of the models needs of a call: Triton, a CUDA tensor (or the interpreter), 16-bit
+    activations. Device and dtype only: torch.compile guards on it without a graph break."""
+    return HAS_TRITON and (x.is_cuda or INTERPRET) and x.dtype in SUPPORTED_DTYPES
+
+
 def no_grad_kernel_call(x: torch.Tensor) -> bool:
-    """What every no-grad Triton kernel of the models needs of a call: Triton, a CUDA tensor (or the interpreter),
-    16-bit activations, autograd off. Device, dtype and grad mode only: torch.compile guards on it without a graph
-    break."""
-    return HAS_TRITON and (x.is_cuda or INTERPRET) and x.dtype in SUPPORTED_DTYPES and not torch.is_grad_enabled()
+    """`kernel_call`, with autograd off: what the forward-only kernels need (they have no backward)."""
+    return kernel_call(x) and not torch.is_grad_enabled()
 
 
 def kernel_flags(dtype: torch.dtype) -> dict:

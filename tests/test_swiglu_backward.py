@@ -161,3 +161,8 @@ def test_cpu_module_keeps_the_pytorch_path():
     mlp = SwiGLU(hidden_size=16, expansion=2.0)
     x = torch.randn(5, 16, dtype=torch.bfloat16, requires_grad=True)
     assert not sb.swiglu_backward_supported(mlp.gate_up_proj(x))
+    grad_out = torch.randn(5, 16, dtype=torch.bfloat16)
+    (module_grad,) = torch.autograd.grad(mlp(x), x, grad_out)
+    gate, up = mlp.gate_up_proj(x).chunk(2, dim=-1)
+    (autograd_grad,) = torch.autograd.grad(mlp.down_proj(F.silu(gate) * up), x, grad_out)
+    assert torch.equal(module_grad, autograd_grad)
