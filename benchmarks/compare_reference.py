@@ -11,10 +11,15 @@ Design choices:
   git-ignored folders). Separate processes keep compilation caches, allocator pools and autotuning apart.
 - `--rounds N` repeats the whole alternation (ours, reference, ours, reference, ...) so the spread between rounds of
   the same code shows the noise; the ratios use the median over rounds.
-- `--variant NAME=ENV=VALUE[,ENV=VALUE]` times this library once more per round with those environment variables
-  (e.g. `HRM_KERNELS=portable`, the PyTorch op sequence, or `HRM_KERNELS_OFF=name` for the default without one
-  kernel), to attribute a gain to a change in one command. With `--profile-dir` each variant is profiled too, in a
-  folder of its name, so the kernel tables of a change and of the run without it come from the same command.
+- `--variant NAME=KEY=VALUE[,KEY=VALUE]` times this library once more per round with those settings, to attribute
+  a gain to a change in one command. An upper-case KEY is an environment variable (e.g. `HRM_KERNELS=portable`,
+  the PyTorch op sequence, or `HRM_KERNELS_OFF=name` for the default without one kernel); any other is a Hydra
+  override of that run (e.g. `compile_mode=reduce-overhead`). An item without `=` continues the previous value.
+  With `--profile-dir` each variant is profiled too, in a folder of its name, so the kernel tables of a change and
+  of the run without it come from the same command.
+- Each row keeps the host's time to issue a train step (`*_host_ms`, this library's runs). Below the step time,
+  the host runs ahead and the GPU sets the pace. Equal to it, something in the step waits for the GPU (a host
+  read of a device value), and each step starts on an idle GPU.
 - One shape per call keeps a call inside ten minutes on an H200 (compilation dominates: about a minute per
   process). Prints a table last and one JSON line per shape (`--json-out` appends them to a file).
 """
@@ -22,10 +27,12 @@ Design choices:
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REFERENCE_OF = {"sudoku": "hrm", "maze": "hrm", "arc": "hrm", "trm": "trm", "trm_mlp": "trm", "trm_arc": "trm"}
@@ -49,12 +56,38 @@ def median(rows: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in rows)
 
 
-def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One more timed configuration of this library: environment variables and Hydra overrides."""
+
+    name: str
+    env: dict[str, str]
+    overrides: list[str]
+
+
+def parse_variant(text: str) -> Variant:
+    """NAME=KEY=VALUE[,KEY=VALUE]: upper-case keys are environment variables, the rest Hydra overrides. An item
+    without '=' continues the previous value (`HRM_KERNELS_OFF=a,b` switches off both kernels)."""
     name, _, assignments = text.partition("=")
-    env = dict(pair.split("=", 1) for pair in assignments.split(",") if "=" in pair)
-    if not name or not env:
-        raise argparse.ArgumentTypeError(f"--variant {text!r}: expected NAME=ENV=VALUE[,ENV=VALUE]")
-    return name, env
+    pairs: list[list[str]] = []
+    for item in assignments.split(","):
+        if "=" in item:
+            pairs.append(item.split("=", 1))
+        elif pairs and item:
+            pairs[-1][1] += "," + item
+        else:
+            pairs = []
+            break
+    if not name or not pairs or not all(key for key, _ in pairs):
+        raise argparse.ArgumentTypeError(f"--variant {text!r}: expected NAME=KEY=VALUE[,KEY=VALUE]")
+    if name in ("ours", "reference"):
+        raise argparse.ArgumentTypeError(f"--variant {text!r}: the name {name!r} is taken by a built-in run")
+    env = {key: value for key, value in pairs if ENV_NAME.fullmatch(key)}
+    overrides = [f"{key}={value}" for key, value in pairs if not ENV_NAME.fullmatch(key)]
+    return Variant(name, env, overrides)
 
 
 def main() -> int:
@@ -67,7 +100,13 @@ def main() -> int:
     parser.add_argument("--eval-batches", type=int, default=2)
     parser.add_argument("--global-batch-size", type=int, default=None, help="override every shape's batch")
     parser.add_argument("--rounds", type=int, default=1, help="repeat the alternation to see the noise")
-    parser.add_argument("--variant", type=parse_variant, action="append", default=[], help="NAME=ENV=VALUE,...")
+    parser.add_argument(
+        "--variant",
+        type=parse_variant,
+        action="append",
+        default=[],
+        help="NAME=KEY=VALUE,... (KEY: ENV_VAR or a Hydra override)",
+    )
     parser.add_argument(
         "--profile-dir",
         default=None,
@@ -103,13 +142,13 @@ def main() -> int:
 
     rows = []
     for shape in shapes:
-        runs: dict[str, list[dict]] = {"ours": [], "reference": [], **{name: [] for name, _ in args.variant}}
+        runs: dict[str, list[dict]] = {"ours": [], "reference": [], **{v.name: [] for v in args.variant}}
         for round_index in range(args.rounds):
             ours = [sys.executable, os.path.join(HERE, "bench_hrm.py"), "--shapes", shape, *timing]
             runs["ours"].append(run_json([*ours, *profiled(None, round_index), *args.override], dict(os.environ), log))
-            for name, env in args.variant:
-                cmd = [*ours, *profiled(name, round_index), *args.override]
-                runs[name].append(run_json(cmd, {**os.environ, **env}, log))
+            for variant in args.variant:
+                cmd = [*ours, *profiled(variant.name, round_index), *args.override, *variant.overrides]
+                runs[variant.name].append(run_json(cmd, {**os.environ, **variant.env}, log))
             ref_dir = refs[REFERENCE_OF[shape]]
             reference = [sys.executable, os.path.join(HERE, "bench_reference.py"), "--ref-dir", ref_dir]
             runs["reference"].append(run_json([*reference, "--shapes", shape, *timing], dict(os.environ), log))
@@ -126,6 +165,8 @@ def main() -> int:
         for name in runs:
             row[f"{name}_train_ms"] = [r["train_ms_per_step"] for r in runs[name]]
             row[f"{name}_eval_ms"] = [r["eval_ms_per_batch"] for r in runs[name]]
+            if all("train_host_ms_per_step" in r for r in runs[name]):
+                row[f"{name}_host_ms"] = [r["train_host_ms_per_step"] for r in runs[name]]
         for name in [n for n in runs if n != "reference"]:
             row[f"{name}_train_speedup"] = round(
                 median(runs["reference"], "train_ms_per_step") / median(runs[name], "train_ms_per_step"), 3
@@ -139,15 +180,16 @@ def main() -> int:
             with open(args.json_out, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    print(f"{'shape':8} {'code':10} {'train ms':>18} {'eval ms':>20} {'train x':>8} {'eval x':>7}")
+    print(f"{'shape':8} {'code':10} {'train ms':>18} {'host ms':>14} {'eval ms':>20} {'train x':>8} {'eval x':>7}")
     for row in rows:
-        for name in ["reference", "ours", *(n for n, _ in args.variant)]:
+        for name in ["reference", "ours", *(v.name for v in args.variant)]:
             train = "/".join(f"{v:.1f}" for v in row[f"{name}_train_ms"])
             evals = "/".join(f"{v:.0f}" for v in row[f"{name}_eval_ms"])
+            host = "/".join(f"{v:.1f}" for v in row.get(f"{name}_host_ms", [])) or "-"
             ratio = (
                 "" if name == "reference" else f"{row[f'{name}_train_speedup']:8.3f} {row[f'{name}_eval_speedup']:7.3f}"
             )
-            print(f"{row['shape']:8} {name:10} {train:>18} {evals:>20} {ratio}")
+            print(f"{row['shape']:8} {name:10} {train:>18} {host:>14} {evals:>20} {ratio}")
     if log is not sys.stderr:
         log.close()
     return 0

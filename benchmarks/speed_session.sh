@@ -4,14 +4,19 @@
 #   2. GPU correctness: the kernel tests against float64 and the portable path, the whole-model GPU tests
 #      (bf16 GPU vs fp32 CPU forward, compiled vs eager train step, a 16-step evaluation);
 #   3. the kernels alone (benchmarks/bench_fused_ops.py: each against its PyTorch composition, eager and compiled);
-#   4. this library against the references' own code, shape after shape (benchmarks/compare_reference.py, with a
+#   4. with LEARN=DIR (a folder with train.csv/test.csv from dataset/generate_sudoku.py, seed 0, 1000 + 1000), the
+#      learning check: benchmarks/trm_learning_run.sh trained until LEARN_POINTS evaluations (default 3) are in, then
+#      stopped; its curve (trm_curve.jsonl) is for comparing with results/trm_learning_h200_2026-12-01.jsonl;
+#   5. this library against the references' own code, shape after shape (benchmarks/compare_reference.py, with a
 #      kernel profile of this library's run), for the shapes in SHAPES.
 #
 #   setsid nohup bash benchmarks/speed_session.sh run /tmp/speed > /tmp/speed.log 2>&1 &
 #   bash benchmarks/speed_session.sh poll SECONDS /tmp/speed OUT   # wait up to SECONDS for the end; the JSON
 #        lines and a tarball of the logs, kernel tables and trace summaries go to OUT
 # Environment: SHAPES (default "trm_mlp sudoku trm arc"), STEPS (compare_reference.py timing flags),
-# ROUNDS, VARIANTS (extra --variant flags), SKIP_TESTS=1, TESTS (the GPU test files, default all of them).
+# ROUNDS, VARIANTS (extra --variant flags for every shape), VARIANTS_<shape> (for that shape only), SKIP_TESTS=1,
+# SKIP_KERNELS=1, TESTS (the GPU test files, default all of them), LEARN, LEARN_POINTS, LEARN_SECONDS (the learning
+# check's time limit, default 600).
 set -uo pipefail
 cmd=${1:?run|poll}
 if [ "$cmd" = poll ]; then
@@ -21,8 +26,8 @@ if [ "$cmd" = poll ]; then
     [ -f "$f" ] && python3 benchmarks/trace_summary.py "$f" --steps 3 > "${f%.json}_summary.txt" 2>&1
   done
   cp "$work"/*.jsonl "$out"/ 2> /dev/null || true
-  # Everything but the raw traces, in one file (the device returns at most 8 files).
-  tar -czf "$out/session.tgz" -C "$work" --exclude='*.json' . 2> /dev/null || true
+  # Everything but the raw traces and the learning run's data, in one file (the device returns at most 8 files).
+  tar -czf "$out/session.tgz" -C "$work" --exclude='*.json' --exclude=./learn . 2> /dev/null || true
   cat "$work/progress.log"
   [ -f "$work/done" ] && echo "session finished" || echo "session still running"
   exit 0
@@ -43,14 +48,30 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
     > "$work/gpu_tests.log" 2>&1
   note "gpu tests rc=$? $(tail -1 "$work/gpu_tests.log")"
 fi
-python3 benchmarks/bench_fused_ops.py --shapes sudoku,trm --json-out "$work/kernels.jsonl" > "$work/kernels.log" 2>&1
-note "kernels rc=$?"
+if [ "${SKIP_KERNELS:-0}" != 1 ]; then
+  python3 benchmarks/bench_fused_ops.py --shapes sudoku,trm --json-out "$work/kernels.jsonl" > "$work/kernels.log" 2>&1
+  note "kernels rc=$?"
+fi
+if [ -n "${LEARN:-}" ]; then
+  SRC=$LEARN bash benchmarks/trm_learning_run.sh start "$work/learn" > "$work/learn.log" 2>&1
+  note "learning run started"
+  for _ in $(seq "${LEARN_SECONDS:-600}"); do
+    points=$(cat "$work/learn/ckpt/metrics.jsonl" 2> /dev/null | grep -c '"all/exact_accuracy"')
+    [ "$points" -ge "${LEARN_POINTS:-3}" ] && break
+    kill -0 "$(cat "$work/learn/pid" 2> /dev/null)" 2> /dev/null || break  # the run ended (or never started)
+    sleep 1
+  done
+  bash benchmarks/trm_learning_run.sh poll 0 "$work/learn" "$work" >> "$work/learn.log" 2>&1
+  bash benchmarks/trm_learning_run.sh stop "$work/learn"
+  note "learning: $(grep -E '^step ' "$work/learn.log" | tr '\n' ';')"
+fi
 for shape in $SHAPES; do
-  # shellcheck disable=SC2086  # STEPS and VARIANTS are flag lists
-  python3 benchmarks/compare_reference.py --shapes "$shape" $STEPS --rounds "$ROUNDS" $VARIANTS \
+  own_variants="VARIANTS_$shape"
+  # shellcheck disable=SC2086  # STEPS and the variants are flag lists
+  python3 benchmarks/compare_reference.py --shapes "$shape" $STEPS --rounds "$ROUNDS" $VARIANTS ${!own_variants:-} \
     --profile-dir "$work/prof" --log "$work/compare_$shape.log" --json-out "$work/compare.jsonl" \
     > "$work/compare_${shape}_table.log" 2>&1
-  note "compare $shape rc=$? $(tail -2 "$work/compare_${shape}_table.log" | tr '\n' ' ')"
+  note "compare $shape rc=$? $(tail -5 "$work/compare_${shape}_table.log" | tr '\n' ' ')"
 done
 touch "$work/done"
 note "done"

@@ -1,10 +1,14 @@
 """AdamATan2 against a per-element float64 Python reference; backend selection; state round trip."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from tests.helpers import REPO
 from utils import optimizers
 from utils.optimizers import ADAM_ATAN2_BACKEND, AdamATan2
 
@@ -47,6 +51,62 @@ def test_backend_flag():
 def test_env_forces_portable_backend(monkeypatch):
     monkeypatch.setenv("HRM_ADAM_ATAN2_BACKEND", "foreach")
     assert optimizers._probe_fused_backend() is None
+    monkeypatch.setenv("HRM_ADAM_ATAN2_BACKEND", "triton")  # never the package
+    assert optimizers._probe_fused_backend() is None
+
+
+@pytest.mark.parametrize(
+    "choice, fused, triton_ok, skip_flag, expected",
+    [
+        # The package's kernel would read a device skip flag on the host (a wait every step): Triton takes
+        # those steps where it can run them.
+        ("auto", True, True, True, "triton"),
+        ("auto", True, True, False, "fused-cuda"),
+        ("auto", True, False, True, "fused-cuda"),
+        ("auto", False, True, True, "triton"),
+        ("auto", False, True, False, "triton"),
+        ("auto", False, False, True, "foreach"),
+        ("fused-cuda", True, True, True, "fused-cuda"),
+        ("fused-cuda", False, True, True, "triton"),
+        ("triton", True, True, False, "triton"),
+        ("foreach", True, True, True, "foreach"),
+    ],
+)
+def test_backend_of_a_step(choice, fused, triton_ok, skip_flag, expected):
+    assert optimizers.pick_backend(choice, fused, triton_ok, skip_flag) == expected
+
+
+def test_bad_backend_choice_is_named():
+    env = {**os.environ, "HRM_ADAM_ATAN2_BACKEND": "cuda"}
+    out = subprocess.run(
+        [sys.executable, "-c", "import utils.optimizers"], env=env, cwd=REPO, capture_output=True, text=True
+    )
+    assert out.returncode != 0
+    assert "HRM_ADAM_ATAN2_BACKEND='cuda': expected one of auto, fused-cuda, triton, foreach" in out.stderr
+
+
+def test_skip_flag_never_waits_for_the_host_on_the_triton_path(monkeypatch):
+    """A step given a skip flag asks for the backend of flagged steps and, Triton usable, hands the flag to the
+    kernel without reading it: `.item()` on the flag would make every train step wait for the GPU."""
+
+    class Flag(torch.Tensor):
+        def item(self):
+            raise AssertionError("skip flag read on the host")
+
+    calls = []
+    monkeypatch.setattr(optimizers, "_fused_backend", object())
+    monkeypatch.setattr(optimizers, "_TRITON_ENABLED", True)
+    monkeypatch.setattr(optimizers, "_triton_usable", lambda tensors: True)
+    monkeypatch.setattr(optimizers, "_BACKEND_CHOICE", "auto")
+    monkeypatch.setattr(optimizers, "pick_backend", _recording(optimizers.pick_backend, calls))
+    monkeypatch.setattr(optimizers, "_triton_adam_atan2_", lambda *args: calls.append("triton kernel"))
+    params = make_params()
+    for p in params:
+        p.grad = torch.ones_like(p)
+    flag = torch.zeros((), dtype=torch.bool).as_subclass(Flag)
+    AdamATan2(params, lr=0.01, betas=BETAS).step(skip_if=flag)
+    # fused_available is False: the package never takes CPU tensors (the choice itself is tested above).
+    assert calls == [("auto", False, True, True), "triton", "triton kernel"]
 
 
 def test_matches_per_element_reference_over_steps():
@@ -155,6 +215,16 @@ def test_state_dict_round_trip_continues_exactly():
 def test_invalid_hyperparameters(kwargs, field):
     with pytest.raises(ValueError, match=field):
         AdamATan2(make_params(), **kwargs)
+
+
+def _recording(fn, calls):
+    def wrapper(choice, fused_available, triton_usable, skip_flag):
+        calls.append((choice, fused_available, triton_usable, skip_flag))
+        result = fn(choice, fused_available, triton_usable, skip_flag)
+        calls.append(result)
+        return result
+
+    return wrapper
 
 
 @pytest.mark.gpu

@@ -299,11 +299,14 @@ def checked_options(target: Any, options: dict[str, Any], where: str, given: tup
 def print_backends(info: DistInfo) -> None:
     from models.layers import ATTENTION_BACKEND
     from models.triton_common import describe_kernels
-    from utils.optimizers import ADAM_ATAN2_BACKEND
+    from utils.optimizers import ADAM_ATAN2_BACKEND, ADAM_ATAN2_SKIP_BACKEND
 
+    adam = ADAM_ATAN2_BACKEND
+    if ADAM_ATAN2_SKIP_BACKEND != ADAM_ATAN2_BACKEND:
+        adam += f" ({ADAM_ATAN2_SKIP_BACKEND} for steps with a skip flag)"
     if info.is_main:
         print(
-            f"device {info.device} x{info.world_size}, attention {ATTENTION_BACKEND}, AdamATan2 {ADAM_ATAN2_BACKEND}, "
+            f"device {info.device} x{info.world_size}, attention {ATTENTION_BACKEND}, AdamATan2 {adam}, "
             f"kernels {describe_kernels()}",
             file=sys.stderr,
         )

@@ -5,13 +5,18 @@ Design choices:
   `exp_avg`, `exp_avg_sq`), so optimizer state dicts move freely between them:
   * "fused-cuda": the CUDA kernel of the `adam-atan2` package, used only when its extension imports
     and a tiny step on the GPU matches the reference math. The kernel is called directly: the
-    package's Python wrapper calls a torch helper removed in torch 2.11 and crashes there.
-  * "triton": on CUDA without that package, a one-pass Triton kernel per tensor (same math).
+    package's Python wrapper calls a torch helper removed in torch 2.11 and crashes there. It cannot
+    read a skip flag on the device, so steps given one (`skip_if`, what the launcher passes on CUDA)
+    take the Triton kernel instead: the package's kernel would make every such step wait for the GPU.
+  * "triton": on CUDA, a one-pass Triton kernel per tensor (same math); the default for CUDA steps
+    without the package and for every CUDA step with a skip flag.
   * "foreach": the same math with `torch._foreach_*` ops (per-tensor `atan2`, which has no foreach
     form), on any device. Bias corrections are computed from the step tensors on the device, so a
     step never synchronises with the host.
 - The probe runs once at import, on the GPU of `LOCAL_RANK` (the one torchrun assigns), so ranks do
-  not all create a context on GPU 0. `HRM_ADAM_ATAN2_BACKEND=foreach` forces the portable path.
+  not all create a context on GPU 0. `HRM_ADAM_ATAN2_BACKEND` (environment, read at import): `auto`
+  (default, as above), `fused-cuda` (the package's kernel for every step, reading a skip flag on the
+  host: one synchronisation per step), `triton` (never the package) or `foreach` (the portable path).
 - `lr` is read from the param group at every step (the launcher's schedule rewrites it) and may be 0.
 - `step(skip_if=flag)` drops the update when the 0-dim bool tensor `flag` holds True: weights, moments
   and step counts stay as they were. The Triton kernel reads the flag on the device, so a launcher can
@@ -120,9 +125,31 @@ def _foreach_adam_atan2_(
     torch._foreach_sub_(params, updates)
 
 
+BACKEND_CHOICES = ("auto", "fused-cuda", "triton", "foreach")
+
+
+def _backend_choice() -> str:
+    choice = os.environ.get("HRM_ADAM_ATAN2_BACKEND", "auto").strip().lower() or "auto"
+    if choice not in BACKEND_CHOICES:
+        raise ValueError(f"HRM_ADAM_ATAN2_BACKEND={choice!r}: expected one of {', '.join(BACKEND_CHOICES)}")
+    return choice
+
+
+def pick_backend(choice: str, fused_available: bool, triton_usable: bool, skip_flag: bool) -> str:
+    """The backend of one step: "fused-cuda", "triton" or "foreach" (see the module doc).
+
+    `fused_available`: the package's kernel passed its probe and the tensors are on CUDA; `triton_usable`: Triton
+    can run these tensors; `skip_flag`: the step carries a device skip flag (`skip_if`)."""
+    if choice == "foreach":
+        return "foreach"
+    if fused_available and choice != "triton" and (choice == "fused-cuda" or not (skip_flag and triton_usable)):
+        return "fused-cuda"
+    return "triton" if triton_usable else "foreach"
+
+
 def _probe_fused_backend():
     """The `adam_atan2_backend` extension if it imports and computes a correct step on CUDA, else None."""
-    if os.environ.get("HRM_ADAM_ATAN2_BACKEND", "").strip().lower() == "foreach":
+    if _backend_choice() in ("foreach", "triton"):
         return None
     try:
         import adam_atan2_backend
@@ -147,18 +174,12 @@ def _probe_fused_backend():
         return None
 
 
+_BACKEND_CHOICE = _backend_choice()
 _fused_backend = _probe_fused_backend()
-_TRITON_ENABLED = (
-    triton is not None
-    and torch.cuda.is_available()
-    and os.environ.get("HRM_ADAM_ATAN2_BACKEND", "").strip().lower() != "foreach"
-)
-if _fused_backend is not None:
-    ADAM_ATAN2_BACKEND = "fused-cuda"
-elif _TRITON_ENABLED:
-    ADAM_ATAN2_BACKEND = "triton"  # CUDA tensors take the Triton kernel; CPU tensors still use foreach
-else:
-    ADAM_ATAN2_BACKEND = "foreach"
+_TRITON_ENABLED = triton is not None and torch.cuda.is_available() and _BACKEND_CHOICE != "foreach"
+# The backend of CUDA steps without a skip flag (CPU tensors always use foreach), and of those with one.
+ADAM_ATAN2_BACKEND = pick_backend(_BACKEND_CHOICE, _fused_backend is not None, _TRITON_ENABLED, skip_flag=False)
+ADAM_ATAN2_SKIP_BACKEND = pick_backend(_BACKEND_CHOICE, _fused_backend is not None, _TRITON_ENABLED, skip_flag=True)
 
 
 class AdamATan2(Optimizer):
@@ -213,7 +234,13 @@ class AdamATan2(Optimizer):
                     lst.append(t)
 
             for (device, _), (params, grads, exp_avgs, exp_avg_sqs, steps) in buckets.items():
-                use_triton = _fused_backend is None and _TRITON_ENABLED and _triton_usable(params + grads)
+                backend = pick_backend(
+                    _BACKEND_CHOICE,
+                    fused_available=_fused_backend is not None and device.type == "cuda",
+                    triton_usable=_TRITON_ENABLED and _triton_usable(params + grads),
+                    skip_flag=skip_if is not None,
+                )
+                use_triton = backend == "triton"
                 skip = None  # the flag on the device, for the Triton kernel
                 if skip_if is not None and use_triton:
                     skip = skip_if.to(device=device, dtype=torch.uint8)
@@ -231,7 +258,7 @@ class AdamATan2(Optimizer):
                         params, grads, exp_avgs, exp_avg_sqs, steps, group["lr"], beta1, beta2, group["weight_decay"],
                         skip,
                     )  # fmt: skip
-                elif _fused_backend is not None and device.type == "cuda":
+                elif backend == "fused-cuda":
                     _fused_backend.adam_atan2_cuda_impl_(
                         params, grads, exp_avgs, exp_avg_sqs, steps, group["lr"], beta1, beta2, group["weight_decay"]
                     )
