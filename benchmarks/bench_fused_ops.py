@@ -1,6 +1,7 @@
 """Time the fused Triton block ops (models/fused_ops.py) against their unfused PyTorch equivalents.
 
     python benchmarks/bench_fused_ops.py [--shapes sudoku,trm,arc] [--dtype bfloat16] [--no-compile]
+        [--sweep-attention-tiles]
 
 Design choices:
 - Shapes are the HRM block at the paper's batch sizes: Sudoku T = 768 × 82 tokens (81 cells + one
@@ -34,7 +35,15 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from models.fused_ops import FUSED_OPS_AVAILABLE  # noqa: E402
-from models.layers import PostNormBlock, RotaryEmbedding, SwiGLU, apply_rotary_pos_emb, attention, rms_norm  # noqa: E402
+from models.layers import (  # noqa: E402
+    Attention,
+    PostNormBlock,
+    RotaryEmbedding,
+    SwiGLU,
+    apply_rotary_pos_emb,
+    attention,
+    rms_norm,
+)
 
 EPS = 1e-5
 HIDDEN, NUM_HEADS, EXPANSION = 512, 8, 4.0
@@ -59,9 +68,10 @@ class Case:
     args: tuple
     flops: float
     fused_bytes: float | None  # None: not a single-pass op (the whole block)
+    time_reference: bool = True  # False: a launch variant of an op whose reference another row times
 
 
-def make_cases(shape: Shape, dtype: torch.dtype, device: torch.device) -> list[Case]:
+def make_cases(shape: Shape, dtype: torch.dtype, device: torch.device, sweep_tiles: bool = False) -> list[Case]:
     """Fresh random inputs and weights (fp32 parameters, as in the model) for each op and the whole block."""
     from models.fused_ops import (
         fused_gate_up_swiglu,
@@ -104,7 +114,7 @@ def make_cases(shape: Shape, dtype: torch.dtype, device: torch.device) -> list[C
         attn.qkv_proj.weight,
     )
     block_flops = 2 * T * d * (3 * d + d + 3 * m) + 4 * B * S * S * d
-    extra = short_sequence_cases(shape, dtype, device) + swiglu_backward_cases(shape, dtype, device, m)
+    extra = short_sequence_cases(shape, dtype, device, sweep_tiles) + swiglu_backward_cases(shape, dtype, device, m)
     return extra + [
         Case(
             "qkv_rope",
@@ -149,12 +159,27 @@ def make_cases(shape: Shape, dtype: torch.dtype, device: torch.device) -> list[C
     ]
 
 
-def short_sequence_cases(shape: Shape, dtype: torch.dtype, device: torch.device) -> list[Case]:
+# Launch choices of the short-sequence attention kernel timed with --sweep-attention-tiles (BLOCK_M, warps, programs
+# per SM, prefetch); the default `Tiles()` is timed as `short_attention` in every run.
+ATTENTION_TILE_SWEEP = [
+    (block_m, warps, per_sm, prefetch)
+    for block_m in (64, 128)
+    for warps in (4, 8)
+    for per_sm in (1, 2, 4)
+    for prefetch in (False, True)
+] + [(32, 4, 2, True), (32, 4, 4, True)]
+
+
+def short_sequence_cases(
+    shape: Shape, dtype: torch.dtype, device: torch.device, sweep_tiles: bool = False
+) -> list[Case]:
     """The kernels the models use by default at short lengths: attention from the QKV projection
-    (models/short_attention.py, S <= 128) and, at TRM's length, the mlp_t token-mixing sub-layer in the [B, L, D]
+    (models/short_attention.py, S <= 128; alone, its launch choices with `sweep_tiles`, and inside a compiled
+    projection -> attention -> o_proj layer against the compiled PyTorch layer, which shows what the kernel costs
+    or saves among Inductor's own kernels) and, at TRM's length, the mlp_t token-mixing sub-layer in the [B, L, D]
     layout against TRM's transposed one (`forward_over_dim1`, the same without the row-padded weight view, and the
     whole sub-layer in one Triton kernel, models/token_mix.py)."""
-    from models.short_attention import MAX_SEQ_LEN, short_attention
+    from models.short_attention import MAX_SEQ_LEN, Tiles, short_attention
     from models.token_mix import token_mix
 
     B, S, d = shape.batch_size, shape.seq_len, HIDDEN
@@ -170,16 +195,51 @@ def short_sequence_cases(shape: Shape, dtype: torch.dtype, device: torch.device)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         return attention(q, k, v).reshape(B, S, d)
 
+    attention_flops, attention_bytes = 4 * B * S * S * d, el * (B * S * 3 * d + B * S * d)
     cases = [
         Case(
             "short_attention",
             ref_attention,
             lambda qkv: short_attention(qkv, (cos, sin), NUM_HEADS, NUM_HEADS, head_dim),
             (qkv,),
-            4 * B * S * S * d,
-            el * (B * S * 3 * d + B * S * d),
+            attention_flops,
+            attention_bytes,
         )
     ]
+    for block_m, warps, per_sm, prefetch in ATTENTION_TILE_SWEEP if sweep_tiles else []:
+        tiles = Tiles(block_m, warps, per_sm, prefetch)
+        cases.append(
+            Case(
+                f"short_attention[{block_m}:{warps}:{per_sm}:{int(prefetch)}]",
+                ref_attention,
+                lambda qkv, t=tiles: short_attention(qkv, (cos, sin), NUM_HEADS, NUM_HEADS, head_dim, t),
+                (qkv,),
+                attention_flops,
+                attention_bytes,
+                time_reference=False,
+            )
+        )
+    layer = Attention(d, head_dim, NUM_HEADS, NUM_HEADS).to(device)
+    w_qkv, w_o = layer.qkv_proj.weight, layer.o_proj.weight
+
+    def ref_layer(x):  # what Attention.forward runs without the kernel
+        return F.linear(ref_attention(F.linear(x, w_qkv.to(x.dtype))), w_o.to(x.dtype))
+
+    def kernel_layer(x):
+        qkv = F.linear(x, w_qkv.to(x.dtype))
+        return F.linear(short_attention(qkv, (cos, sin), NUM_HEADS, NUM_HEADS, head_dim), w_o.to(x.dtype))
+
+    x_layer = torch.randn(B, S, d, device=device).to(dtype)
+    cases.append(
+        Case(
+            "attention_layer_compiled",  # fused column: the kernel's layer under torch.compile
+            ref_layer,
+            torch.compile(kernel_layer),
+            (x_layer,),
+            attention_flops + 2 * B * S * d * 4 * d,
+            None,
+        )
+    )
     if shape.name != "trm":
         return cases
     mix = SwiGLU(S, EXPANSION).to(device)  # over the L = 97 positions of each channel
@@ -256,6 +316,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd reference")
     parser.add_argument("--json-out", default=None, help="append the JSON lines to this file")
+    parser.add_argument(
+        "--sweep-attention-tiles",
+        action="store_true",
+        help="also time the short-sequence attention kernel's launch choices (ATTENTION_TILE_SWEEP)",
+    )
     args = parser.parse_args(argv)
 
     if not FUSED_OPS_AVAILABLE:
@@ -277,16 +342,17 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         shape = SHAPES[name]
         with torch.inference_mode():
-            for case in make_cases(shape, dtype, device):
+            for case in make_cases(shape, dtype, device, args.sweep_attention_tiles):
                 # Correctness on these fresh inputs before any timing.
                 err = max_rel_err(case.fused(*case.args), case.reference(*case.args))
                 tol = MAX_REL_ERR[dtype] * (3 if case.op == "block" else 1)
                 if not err <= tol:
                     failures.append(f"{name}/{case.op}: max relative error {err:.3e} > {tol:.0e}")
                     print(f"CORRECTNESS FAILURE {failures[-1]}", file=sys.stderr, flush=True)
-                eager_ms = triton.testing.do_bench(lambda c=case: c.reference(*c.args), return_mode="median")
-                compiled_ms = None
-                if not args.no_compile:
+                eager_ms = compiled_ms = None
+                if case.time_reference:
+                    eager_ms = triton.testing.do_bench(lambda c=case: c.reference(*c.args), return_mode="median")
+                if case.time_reference and not args.no_compile:
                     compiled = torch.compile(case.reference)
                     compiled(*case.args)
                     compiled_ms = triton.testing.do_bench(lambda f=compiled, c=case: f(*c.args), return_mode="median")
@@ -299,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
                     "eager_ms": eager_ms,
                     "compiled_ms": compiled_ms,
                     "fused_ms": fused_ms,
-                    "speedup_vs_eager": eager_ms / fused_ms,
+                    "speedup_vs_eager": eager_ms / fused_ms if eager_ms else None,
                     "speedup_vs_compiled": compiled_ms / fused_ms if compiled_ms else None,
                     "fused_tflops": case.flops / fused_ms / 1e9,
                     "fused_gbps": case.fused_bytes / fused_ms / 1e6 if case.fused_bytes else None,
@@ -311,8 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     for r in rows:
         print(
-            f"{r['shape']:<8} {r['op']:<28} {r['eager_ms']:>9.3f} {_fmt(r['compiled_ms'], 10, '.3f')} "
-            f"{r['fused_ms']:>9.3f} {r['speedup_vs_eager']:>8.2f} {_fmt(r['speedup_vs_compiled'], 7, '.2f')} "
+            f"{r['shape']:<8} {r['op']:<28} {_fmt(r['eager_ms'], 9, '.3f')} {_fmt(r['compiled_ms'], 10, '.3f')} "
+            f"{r['fused_ms']:>9.3f} {_fmt(r['speedup_vs_eager'], 8, '.2f')} {_fmt(r['speedup_vs_compiled'], 7, '.2f')} "
             f"{r['fused_tflops']:>8.1f} {_fmt(r['fused_gbps'], 7, '.0f')} {r['max_rel_err']:>8.1e}"
         )
     if args.json_out:

@@ -55,11 +55,9 @@ default where `TMA_KERNELS_AVAILABLE` holds, elsewhere when asked to (`fused_ops
 `fused_block_supported` allows it; this module builds on no model code.
 """
 
-import os
-
 import torch
 
-from models.triton_common import HAS_TRITON, INTERPRET, SUPPORTED_DTYPES, kernel_flags
+from models.triton_common import HAS_TRITON, INTERPRET, SUPPORTED_DTYPES, kernel_flags, local_gpu
 
 if HAS_TRITON:
     import triton
@@ -376,13 +374,8 @@ if HAS_TRITON:
 def _hopper_tma_supported() -> bool:
     if not FUSED_OPS_AVAILABLE or INTERPRET or not hasattr(tl, "make_tensor_descriptor"):
         return False
-    # Hopper and datacenter Blackwell: the tiles need ~150 KiB of shared memory per program. The GPU asked
-    # is torchrun's LOCAL_RANK one (all ranks' GPUs are alike), so no rank touches another's device.
-    return torch.cuda.get_device_capability(_local_gpu())[0] in (9, 10)
-
-
-def _local_gpu() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0")) % max(1, torch.cuda.device_count())
+    # Hopper and datacenter Blackwell: the tiles need ~150 KiB of shared memory per program.
+    return torch.cuda.get_device_capability(local_gpu())[0] in (9, 10)
 
 
 TMA_KERNELS_AVAILABLE = _hopper_tma_supported()
@@ -394,7 +387,7 @@ if TMA_KERNELS_AVAILABLE:
         return torch.empty(size, device="cuda", dtype=torch.int8)
 
     triton.set_allocator(_tma_scratch)
-    _NUM_SMS = torch.cuda.get_device_properties(_local_gpu()).multi_processor_count
+    _NUM_SMS = torch.cuda.get_device_properties(local_gpu()).multi_processor_count
 
     @torch.library.custom_op("hrm::gate_up_swiglu_tma", mutates_args=())
     def _gate_up_swiglu_tma_op(x: torch.Tensor, w_gate_up: torch.Tensor) -> torch.Tensor:

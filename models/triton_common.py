@@ -92,6 +92,12 @@ def no_grad_kernel_call(x: torch.Tensor) -> bool:
     return kernel_call(x) and not torch.is_grad_enabled()
 
 
+def local_gpu() -> int:
+    """The index of this process's GPU: torchrun's LOCAL_RANK one (all ranks' GPUs are alike), so no rank queries or
+    initialises another rank's device."""
+    return int(os.environ.get("LOCAL_RANK", "0")) % max(1, torch.cuda.device_count())
+
+
 def kernel_flags(dtype: torch.dtype) -> dict:
     """fp32 inputs use an exact fp32 dot; the interpreter needs it for 16-bit inputs too (module doc)."""
     return {"FP32_DOT": INTERPRET or dtype == torch.float32, "INTERPRET": INTERPRET}

@@ -99,6 +99,58 @@ def test_matches_float64_and_portable_attention(case, dtype):
 
 
 @KERNEL
+def test_launch_choices_change_no_result():
+    """The persistent launch: one program looping over every work item, several, prefetching the next item or not,
+    all give the same bits for a query-block size; each query-block size stays within the float64 bound."""
+    from models.short_attention import Tiles, short_attention
+
+    batch, seq, heads, kv_heads, head_dim, dtype = 2, 37, 4, 2, 32, DTYPES[0]
+    qkv, cos_sin = _inputs(batch, seq, heads, kv_heads, head_dim, True, dtype, 7)
+    exact = _float64_attention(qkv, cos_sin, heads, kv_heads, head_dim)
+    portable_rel = _rel(_portable_attention(qkv, cos_sin, heads, kv_heads, head_dim), exact)
+    with torch.no_grad():
+        for block_m in (16, 64):  # 64 covers the sequence in one block (capped at the 64-key tile)
+            outs = [
+                short_attention(qkv, cos_sin, heads, kv_heads, head_dim, Tiles(block_m, 4, programs, prefetch))
+                for programs in (1, 3)
+                for prefetch in (False, True)
+            ]
+            assert all(torch.equal(out, outs[0]) for out in outs[1:]), f"block_m {block_m}: launch changed bits"
+            rel = _rel(outs[0], exact)
+            assert rel <= min(CAP[dtype], 1.5 * portable_rel + FLOOR[dtype]), f"block_m {block_m}: {rel:.2e}"
+
+
+def test_tiles_from_the_environment_are_checked():
+    """`HRM_SHORT_ATTENTION_TILES` is four numbers; anything else is refused with the expected form, and the
+    query block never exceeds the key tile of the sequence."""
+    from models.short_attention import Tiles, key_block, parse_tiles
+
+    assert parse_tiles("") == Tiles() and parse_tiles("128:8:1:0") == Tiles(128, 8, 1, False)
+    for bad in ("64:4:2", "64:4:2:yes", "48:4:2:1", "64:3:2:1", "64:4:0:1", "64:4:2:2", "-64:4:2:1"):
+        with pytest.raises(ValueError, match="HRM_SHORT_ATTENTION_TILES="):
+            parse_tiles(bad)
+    assert [key_block(s) for s in (1, 16, 17, 82, 97, 128)] == [16, 16, 32, 128, 128, 128]
+    assert Tiles(128, 4, 2, True).for_sequence(20).block_m == 32
+    assert Tiles(64, 4, 2, True).for_sequence(82).block_m == 64
+
+
+def test_bad_tiles_reach_the_launcher_as_one_error_line(tmp_path):
+    """A malformed `HRM_SHORT_ATTENTION_TILES` stops the launcher before any work, with one `error:` line."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    env = os.environ | {"HRM_SHORT_ATTENTION_TILES": "64x4"}
+    cmd = [sys.executable, str(REPO / "pretrain.py"), f"data_path={tmp_path}", "device=cpu"]
+    out = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode != 0 and lines[-1].startswith("error: HRM_SHORT_ATTENTION_TILES='64x4'"), out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@KERNEL
 def test_strided_projection_and_bad_shapes():
     """A non-contiguous qkv (a slice of a wider buffer) gives the same result; inconsistent head counts and too
     long sequences are refused with the numbers."""

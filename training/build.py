@@ -298,15 +298,21 @@ def checked_options(target: Any, options: dict[str, Any], where: str, given: tup
 
 def print_backends(info: DistInfo) -> None:
     from models.layers import ATTENTION_BACKEND
+    from models.short_attention import TILES, Tiles
     from models.triton_common import describe_kernels
     from utils.optimizers import ADAM_ATAN2_BACKEND, ADAM_ATAN2_SKIP_BACKEND
 
     adam = ADAM_ATAN2_BACKEND
     if ADAM_ATAN2_SKIP_BACKEND != ADAM_ATAN2_BACKEND:
         adam += f" ({ADAM_ATAN2_SKIP_BACKEND} for steps with a skip flag)"
+    kernels = describe_kernels()
+    if TILES != Tiles():  # HRM_SHORT_ATTENTION_TILES given: say what the run takes
+        kernels += (
+            f" (short_attention tiles {TILES.block_m}:{TILES.num_warps}:{TILES.programs_per_sm}:{int(TILES.prefetch)})"
+        )
     if info.is_main:
         print(
             f"device {info.device} x{info.world_size}, attention {ATTENTION_BACKEND}, AdamATan2 {adam}, "
-            f"kernels {describe_kernels()}",
+            f"kernels {kernels}",
             file=sys.stderr,
         )
