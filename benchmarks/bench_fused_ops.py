@@ -178,7 +178,7 @@ def short_sequence_cases(
     projection -> attention -> o_proj layer against the compiled PyTorch layer, which shows what the kernel costs
     or saves among Inductor's own kernels) and, at TRM's length, the mlp_t token-mixing sub-layer in the [B, L, D]
     layout against TRM's transposed one (`forward_over_dim1`, the same without the row-padded weight view, and the
-    whole sub-layer in one Triton kernel, models/token_mix.py)."""
+    whole sub-layer in one Triton kernel, models/token_mix.py, in both of its tile orientations)."""
     from models.short_attention import MAX_SEQ_LEN, Tiles, short_attention
     from models.token_mix import token_mix
 
@@ -264,7 +264,11 @@ def short_sequence_cases(
         Case("mlp_t_token_mix_unpadded", ref_token_mix, unpadded, (x,), flops, mix_bytes),
         Case(
             "mlp_t_token_mix_kernel", ref_token_mix,
-            lambda x: token_mix(x, mix.gate_up_proj.weight, mix.down_proj.weight, EPS), (x,), flops, mix_bytes,
+            lambda x: token_mix(x, mix.gate_up_proj.weight, mix.down_proj.weight, EPS, False), (x,), flops, mix_bytes,
+        ),
+        Case(
+            "mlp_t_token_mix_transposed", ref_token_mix,
+            lambda x: token_mix(x, mix.gate_up_proj.weight, mix.down_proj.weight, EPS, True), (x,), flops, mix_bytes,
         ),
     ]  # fmt: skip
 

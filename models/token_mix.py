@@ -20,7 +20,16 @@ cast and pad it fuses into one small kernel.
 
 Status: a default kernel (`HRM_KERNELS=auto`): on an H200 at TRM's Sudoku shape it takes 0.76 ms against 0.92 ms
 for torch.compile's version of the sub-layer, and TRM's mlp_t recipe evaluates 1.14x faster with it (train steps
-1.05x; benchmarks/RESULTS.md, speed log, 2026-12-03). `HRM_KERNELS=portable` switches it off.
+1.05x; benchmarks/RESULTS.md, speed log, 2026-12-03). `HRM_KERNELS=portable` switches it off. It is still the
+largest item of that recipe's train step (0.84 ms a call, 28 calls, 23.5 ms of 115 in the 2026-12-03 profile) and
+runs at about 155 TFLOP/s.
+
+A second kernel computes the same sub-layer with channels as the tile rows (experimental: `HRM_KERNELS=all`, kernel
+name `token_mix_transposed`; not yet timed): gate^T = x^T·W_g^T is a [BLOCK_D, BLOCK_M] tile, so the SwiGLU output
+is the left operand of the down projection, which Hopper's tensor cores take from registers, where the first
+kernel's h is the right operand and goes through shared memory in every inner-width chunk. This is the shape of a
+flash-attention forward loop (x^T in the role of the queries, weight chunks in that of keys and values), which
+Triton compiles well; the result is transposed back once per program for the residual and the norm.
 
 Scope: the forward only, for calls without autograd (every evaluation call, the no-grad cycles of a train
 step); L <= MAX_POSITIONS; 16-bit activations on CUDA (fp32 too under the Triton interpreter, for tests).
@@ -36,6 +45,7 @@ from models.triton_common import HAS_TRITON, kernel_flags, kernel_on, no_grad_ke
 
 MAX_POSITIONS = 128
 ENABLED = kernel_on("token_mix")  # off with HRM_KERNELS=portable or HRM_KERNELS_OFF=token_mix
+TRANSPOSED = kernel_on("token_mix_transposed")  # experimental: only with HRM_KERNELS=all
 
 if HAS_TRITON:
     import triton
@@ -92,14 +102,75 @@ if HAS_TRITON:
         out_ptrs = out_ptr + b * stride_ob + offs_l[:, None] * stride_ol + offs_d[None, :]
         tl.store(out_ptrs, y.to(out_ty), mask=mask)
 
+    # The transposed kernel's tiles: acc [BLOCK_D, L_PAD] fp32 and the gate/up tiles [BLOCK_D, BLOCK_M]; 128 channel rows
+    # are two warpgroups' 64-row halves at 8 warps.
+    _TRANSPOSED_CONFIGS = [
+        ({"BLOCK_D": 128, "BLOCK_M": 64}, 8, 2),
+        ({"BLOCK_D": 128, "BLOCK_M": 64}, 8, 3),
+        ({"BLOCK_D": 128, "BLOCK_M": 32}, 8, 3),
+        ({"BLOCK_D": 64, "BLOCK_M": 64}, 4, 3),
+        ({"BLOCK_D": 64, "BLOCK_M": 128}, 4, 2),
+        ({"BLOCK_D": 128, "BLOCK_M": 128}, 8, 2),
+    ]
+
+    @triton.autotune(
+        configs=autotune_configs(_TRANSPOSED_CONFIGS, {"BLOCK_D": 16, "BLOCK_M": 16}), key=["L_PAD", "D", "M"]
+    )
+    @triton.jit
+    def _token_mix_transposed_kernel(
+        x_ptr, wgu_ptr, wd_ptr, out_ptr,
+        L, D, M, stride_xb, stride_xl, stride_ob, stride_ol, eps,
+        L_PAD: tl.constexpr, FP32_DOT: tl.constexpr, INTERPRET: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    ):  # fmt: skip
+        # The same sub-layer with channels as the tile rows: gate^T = x^T W_g^T is [BLOCK_D, BLOCK_M], so the SwiGLU
+        # output h^T is the left operand of the down projection (acc^T += h^T W_d^T), which the tensor cores read
+        # from registers; the first kernel's h is the right operand, which goes through shared memory each chunk.
+        b = tl.program_id(1).to(tl.int64)
+        offs_l = tl.arange(0, L_PAD)
+        offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+        offs_m = tl.arange(0, BLOCK_M)
+        mask = (offs_l < L)[:, None] & (offs_d < D)[None, :]
+        x = tl.load(x_ptr + b * stride_xb + offs_l[:, None] * stride_xl + offs_d[None, :], mask=mask, other=0.0)
+        xt = tl.trans(x)  # [BLOCK_D, L_PAD]
+        out_ty = out_ptr.dtype.element_ty
+
+        acc = tl.zeros((BLOCK_D, L_PAD), dtype=tl.float32)  # the down projection's tile, transposed
+        for start in range(0, M, BLOCK_M):
+            rows = start + offs_m  # inner-width rows of this chunk
+            in_width = rows < M
+            w_gate = tl.load(wgu_ptr + rows[:, None] * L_PAD + offs_l[None, :], mask=in_width[:, None], other=0.0)
+            w_up = tl.load(wgu_ptr + (M + rows)[:, None] * L_PAD + offs_l[None, :], mask=in_width[:, None], other=0.0)
+            gate = dot(xt, tl.trans(w_gate), tl.zeros((BLOCK_D, BLOCK_M), dtype=tl.float32), FP32_DOT)
+            up = dot(xt, tl.trans(w_up), tl.zeros((BLOCK_D, BLOCK_M), dtype=tl.float32), FP32_DOT)
+            # Same roundings as F.linear -> chunk -> F.silu(gate) * up in the activation dtype.
+            gate = round_to(gate, out_ty, INTERPRET)
+            up = round_to(up, out_ty, INTERPRET)
+            act = round_to(gate * tl.sigmoid(gate), out_ty, INTERPRET)
+            h = round_to(act * up, out_ty, INTERPRET).to(x.dtype)  # [BLOCK_D, BLOCK_M], exact: representable
+            w_down = tl.load(wd_ptr + offs_l[:, None] * M + rows[None, :], mask=in_width[None, :], other=0.0)
+            acc = dot(h, tl.trans(w_down), acc, FP32_DOT)
+
+        # Back to [L_PAD, BLOCK_D] once, then the first kernel's residual and RMSNorm over the L positions.
+        mixed = round_to(tl.trans(acc), out_ty, INTERPRET)
+        summed = round_to(x.to(tl.float32) + mixed, out_ty, INTERPRET)
+        summed = tl.where(mask, summed, 0.0)
+        variance = tl.sum(summed * summed, axis=0) / L
+        y = summed * tl.rsqrt(variance + eps)[None, :]
+        out_ptrs = out_ptr + b * stride_ob + offs_l[:, None] * stride_ol + offs_d[None, :]
+        tl.store(out_ptrs, y.to(out_ty), mask=mask)
+
     @torch.library.triton_op("hrm::token_mix", mutates_args=())
-    def _token_mix_op(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, eps: float) -> torch.Tensor:
+    def _token_mix_op(
+        x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, eps: float, transposed: bool
+    ) -> torch.Tensor:
         batch, positions, width = x.shape
         inner = w_down.shape[1]
         padded = w_gate_up.shape[1]
         out = torch.empty_like(x)
         grid = lambda meta: (triton.cdiv(width, meta["BLOCK_D"]), batch)
-        torch.library.wrap_triton(_token_mix_kernel)[grid](
+        kernel = _token_mix_transposed_kernel if transposed else _token_mix_kernel
+        torch.library.wrap_triton(kernel)[grid](
             x, w_gate_up, w_down, out,
             positions, width, inner, x.stride(0), x.stride(1), out.stride(0), out.stride(1), eps,
             L_PAD=padded, **kernel_flags(x.dtype),
@@ -119,10 +190,13 @@ def token_mix_supported(x: torch.Tensor) -> bool:
     return ENABLED and no_grad_kernel_call(x) and x.dim() == 3 and x.shape[1] <= MAX_POSITIONS
 
 
-def token_mix(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, eps: float) -> torch.Tensor:
+def token_mix(
+    x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, eps: float, transposed: bool | None = None
+) -> torch.Tensor:
     """rms_norm(x + SwiGLU_L(x over positions), over positions) for x [B, L, D], with the token SwiGLU's weights
     w_gate_up [2m, L] (gate rows, then up rows) and w_down [L, m]; returns [B, L, D] in x's dtype. Same result as
-    models/layers.py's `PostNormBlock._mix_positions`, within the activation dtype's rounding."""
+    models/layers.py's `PostNormBlock._mix_positions`, within the activation dtype's rounding. `transposed`: run
+    the kernel with channels as tile rows (default `TRANSPOSED`, i.e. `HRM_KERNELS=all`)."""
     if not HAS_TRITON:
         raise RuntimeError("models.token_mix: Triton is not installed; use models.layers.PostNormBlock's path")
     if x.dim() != 3:
@@ -140,4 +214,5 @@ def token_mix(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, ep
     w_gate_up = F.pad(w_gate_up.to(x.dtype), (0, pad)).contiguous()  # [2m, L_PAD], padded columns zero
     w_down = F.pad(w_down.to(x.dtype), (0, 0, 0, pad)).contiguous()  # [L_PAD, m], padded rows zero
     x = x if x.stride(-1) == 1 else x.contiguous()
-    return torch.ops.hrm.token_mix(x, w_gate_up, w_down, float(eps))
+    transposed = TRANSPOSED if transposed is None else transposed
+    return torch.ops.hrm.token_mix(x, w_gate_up, w_down, float(eps), bool(transposed))

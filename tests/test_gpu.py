@@ -200,8 +200,10 @@ def _portable(monkeypatch) -> None:
 def _all_kernels(monkeypatch) -> None:
     """Switch the experimental kernels on too (as HRM_KERNELS=all does), so their paths are checked."""
     import models.short_attention
+    import models.token_mix
 
     monkeypatch.setattr(models.short_attention, "ENABLED", True)
+    monkeypatch.setattr(models.token_mix, "TRANSPOSED", True)
 
 
 def _agreement(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -65,16 +65,18 @@ def _pytorch_mix(x, w_gate_up, w_down):
 
 
 @KERNEL
+@pytest.mark.parametrize("transposed", [False, True], ids=["channels_as_columns", "channels_as_rows"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}_l{}_d{}_e{}".format(*c))
-def test_matches_float64_and_the_pytorch_path(case, dtype):
+def test_matches_float64_and_the_pytorch_path(case, dtype, transposed):
+    """Both kernels (the default one, and the transposed one of HRM_KERNELS=all) compute the sub-layer."""
     from models.token_mix import token_mix
 
     batch, positions, width, expansion = case
     for seed in (0, 1):  # fresh inputs: the kernel must compute the same function on any input
         x, w_gate_up, w_down = _inputs(batch, positions, width, expansion, dtype, seed)
         with torch.no_grad():
-            out = token_mix(x, w_gate_up, w_down, EPS)
+            out = token_mix(x, w_gate_up, w_down, EPS, transposed)
             pytorch = _pytorch_mix(x, w_gate_up, w_down)
         assert out.shape == x.shape and out.dtype == dtype
         assert torch.isfinite(out).all(), "non-finite or unwritten output"
