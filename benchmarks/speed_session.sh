@@ -15,8 +15,8 @@
 #        lines and a tarball of the logs, kernel tables and trace summaries go to OUT
 # Environment: SHAPES (default "trm_mlp sudoku trm arc"), STEPS (compare_reference.py timing flags),
 # ROUNDS, VARIANTS (extra --variant flags for every shape), VARIANTS_<shape> (for that shape only), SKIP_TESTS=1,
-# SKIP_KERNELS=1, TESTS (the GPU test files, default all of them), LEARN, LEARN_POINTS, LEARN_SECONDS (the learning
-# check's time limit, default 600).
+# SKIP_KERNELS=1, KERNEL_ARGS (extra bench_fused_ops.py flags, e.g. --sweep-attention-tiles), TESTS (the GPU test
+# files, default all of them), LEARN, LEARN_POINTS, LEARN_SECONDS (the learning check's time limit, default 600).
 set -uo pipefail
 cmd=${1:?run|poll}
 if [ "$cmd" = poll ]; then
@@ -49,7 +49,9 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   note "gpu tests rc=$? $(tail -1 "$work/gpu_tests.log")"
 fi
 if [ "${SKIP_KERNELS:-0}" != 1 ]; then
-  python3 benchmarks/bench_fused_ops.py --shapes sudoku,trm --json-out "$work/kernels.jsonl" > "$work/kernels.log" 2>&1
+  # shellcheck disable=SC2086  # KERNEL_ARGS is a flag list
+  python3 benchmarks/bench_fused_ops.py --shapes sudoku,trm ${KERNEL_ARGS:-} --json-out "$work/kernels.jsonl" \
+    > "$work/kernels.log" 2>&1
   note "kernels rc=$?"
 fi
 if [ -n "${LEARN:-}" ]; then

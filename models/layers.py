@@ -21,7 +21,9 @@ Design choices:
   On a GPU the no-grad calls run the same sub-layer in the [B, L, D] layout (the weights multiply from the
   left: no transposes, aligned matmul rows); calls with gradient, the CPU, and `HRM_KERNELS=portable` run
   TRM's transposed op sequence bit for bit. Where Triton is installed and L <= 128, those no-grad calls take one
-  Triton kernel for the whole sub-layer instead (models/token_mix.py, measured faster).
+  Triton kernel for the whole sub-layer instead (models/token_mix.py, measured faster). With `HRM_KERNELS=all`
+  (experimental, not yet timed) the GPU calls with gradient pad the positions to a multiple of 8 with zeros, so
+  their matmuls get aligned rows (`SwiGLU.forward_padded`).
 - The channel SwiGLU: no-grad calls on Hopper and later GPUs take the gate/up matmul with the gating in its
   epilogue (models/fused_ops.py, measured faster; with `fused_ops` on any GPU Triton runs on); calls with
   gradient keep the PyTorch forward and take a one-kernel backward of the gating (models/swiglu_backward.py).
@@ -200,6 +202,14 @@ class Attention(nn.Module):
         return self.o_proj(attn_output)
 
 
+def _gated(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of the gate/up projection's output [..., 2m] (gate half first)."""
+    if swiglu_backward_supported(gate_up):  # calls with gradient on a GPU: the same forward, a one-kernel backward
+        return swiglu(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 class SwiGLU(nn.Module):
     """Gated MLP; inner width 2/3·expansion·hidden rounded up to a multiple of 256."""
 
@@ -210,11 +220,18 @@ class SwiGLU(nn.Module):
         self.down_proj = CastedLinear(inter, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        if swiglu_backward_supported(gate_up):  # calls with gradient on a GPU: the same forward, a one-kernel backward
-            return self.down_proj(swiglu(gate_up))
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(_gated(self.gate_up_proj(x)))
+
+    def forward_padded(self, x: torch.Tensor, width: int) -> torch.Tensor:
+        """`self(x[..., :width])` zero-padded back to x's width, for x [..., W] whose features past `width` are zero.
+
+        Both weights are zero-padded along the SwiGLU's width (the gate/up weight's columns, the down weight's
+        rows), so every matmul has a padded, 16-byte aligned contraction or output row where `width` (e.g. TRM's
+        97 positions) would leave cuBLAS only its unaligned kernels. The padded products are exact zeros; what can
+        differ from `forward` is the matmuls' accumulation order."""
+        pad = x.shape[-1] - width
+        gate_up = F.linear(x, F.pad(self.gate_up_proj.weight.to(x.dtype), (0, pad)))  # [..., 2m]
+        return F.linear(_gated(gate_up), F.pad(self.down_proj.weight.to(x.dtype), (0, 0, 0, pad)))  # [..., W]
 
     def forward_over_dim1(self, x: torch.Tensor) -> torch.Tensor:
         """`self(x.transpose(1, 2)).transpose(1, 2)` for x [B, L, D] (L = the SwiGLU's width), without transposes.
@@ -231,6 +248,7 @@ class SwiGLU(nn.Module):
 
 
 _TOKEN_MIX_LAYOUT = kernel_on("token_mix_layout")
+_TOKEN_MIX_PADDED = kernel_on("token_mix_padded")
 # The gate/up matmul with the SwiGLU in its epilogue (models/fused_ops.py) runs by default where it was measured
 # faster than cuBLAS plus torch.compile's SwiGLU kernel: its persistent TMA version, on Hopper and later.
 _FUSED_SWIGLU_BY_DEFAULT = kernel_on("gate_up_swiglu") and TMA_KERNELS_AVAILABLE
@@ -243,6 +261,13 @@ def _token_mix_in_place(hidden_states: torch.Tensor) -> bool:
     gradient took it too (its weight gradient is reduced from a per-row [B, 2m, L] buffer), so those keep TRM's
     layout. Off with `HRM_KERNELS_OFF=token_mix_layout`. Grad mode only: compile-friendly."""
     return hidden_states.is_cuda and _TOKEN_MIX_LAYOUT and not torch.is_grad_enabled()
+
+
+def _token_mix_padded(hidden_states: torch.Tensor) -> bool:
+    """Whether a token-MLP call with gradient on a GPU runs TRM's layout with the positions zero-padded to a multiple
+    of 8 (`SwiGLU.forward_padded`): experimental (`HRM_KERNELS=all`, name `token_mix_padded`), for L like TRM's 97
+    that leave the [B·D, L] rows unaligned. The CPU and the no-grad calls never take it. Compile-friendly."""
+    return hidden_states.is_cuda and _TOKEN_MIX_PADDED and torch.is_grad_enabled() and hidden_states.shape[1] % 8 != 0
 
 
 class PostNormBlock(nn.Module):
@@ -313,9 +338,18 @@ class PostNormBlock(nn.Module):
             # The same sub-layer in the [B, L, D] layout (no transposes; see SwiGLU.forward_over_dim1).
             mixed = self.mlp_t.forward_over_dim1(hidden_states)
             return rms_norm(hidden_states + mixed, self.norm_eps, dim=1)  # over the L positions
-        # TRM's own op sequence, bit for bit
+        return self._mix_positions_transposed(hidden_states, padded=_token_mix_padded(hidden_states))
+
+    def _mix_positions_transposed(self, hidden_states: torch.Tensor, padded: bool = False) -> torch.Tensor:
+        """TRM's own op sequence, bit for bit; with `padded` the token SwiGLU runs on positions zero-padded to a
+        multiple of 8 (`SwiGLU.forward_padded`), its output sliced back before the residual."""
         hidden_states = hidden_states.transpose(1, 2)  # [B, D, L]: mix positions, one row per channel
-        hidden_states = rms_norm(hidden_states + self.mlp_t(hidden_states), self.norm_eps)
+        if padded:
+            width = hidden_states.shape[-1]
+            mixed = self.mlp_t.forward_padded(F.pad(hidden_states, (0, -width % 8)), width)[..., :width]
+        else:
+            mixed = self.mlp_t(hidden_states)
+        hidden_states = rms_norm(hidden_states + mixed, self.norm_eps)
         return hidden_states.transpose(1, 2)  # [B, L, D]
 
 

@@ -199,11 +199,13 @@ def _portable(monkeypatch) -> None:
 
 def _all_kernels(monkeypatch) -> None:
     """Switch the experimental kernels on too (as HRM_KERNELS=all does), so their paths are checked."""
+    import models.layers
     import models.short_attention
     import models.token_mix
 
     monkeypatch.setattr(models.short_attention, "ENABLED", True)
     monkeypatch.setattr(models.token_mix, "TRANSPOSED", True)
+    monkeypatch.setattr(models.layers, "_TOKEN_MIX_PADDED", True)
 
 
 def _agreement(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -129,6 +129,44 @@ def test_block_dispatches_no_grad_calls(monkeypatch):
     assert torch.equal(routed, rms_norm(ones + block.mlp(ones), EPS))
 
 
+def test_padded_positions_path_matches_trm_op_sequence():
+    """The GPU calls' experimental padded token MLP (positions zero-padded to a multiple of 8) computes TRM's
+    sub-layer: in float32 on the CPU its output and every gradient (input, both weights) match the unpadded op
+    sequence to rounding, and the padded weight columns receive no gradient at all."""
+    torch.manual_seed(0)
+    block = PostNormBlock(hidden_size=16, num_heads=2, expansion=4.0, norm_eps=EPS, token_mix_width=97)
+    x = torch.randn(3, 97, 16)
+    results = []
+    for padded in (False, True):
+        xi = x.clone().requires_grad_()
+        out = block._mix_positions_transposed(xi, padded=padded)
+        grads = torch.autograd.grad(
+            (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(), [xi, *block.mlp_t.parameters()]
+        )
+        results.append((out.detach(), grads))
+    (out_a, grads_a), (out_b, grads_b) = results
+    assert out_b.shape == out_a.shape and _rel(out_b, out_a) < 1e-5
+    for a, b in zip(grads_a, grads_b):
+        assert b.shape == a.shape and _rel(b, a) < 1e-5
+    mixed = block.mlp_t.forward_padded(F.pad(x.transpose(1, 2), (0, 7)), 97)  # 97 -> 104
+    assert mixed.shape == (3, 16, 104) and torch.equal(mixed[..., 97:], torch.zeros_like(mixed[..., 97:]))
+
+
+def test_padded_positions_only_for_gpu_calls_with_gradient(monkeypatch):
+    """The padded path is for CUDA calls with gradient at unaligned L, when switched on; never on the CPU, whose
+    calls keep TRM's op sequence bit for bit."""
+    monkeypatch.setattr(layers, "_TOKEN_MIX_PADDED", True)
+    cpu = torch.zeros(2, 97, 16)
+    assert not layers._token_mix_padded(cpu)
+    if torch.cuda.is_available():
+        gpu = cpu.cuda()
+        assert layers._token_mix_padded(gpu) and not layers._token_mix_padded(gpu[:, :96])
+        with torch.no_grad():
+            assert not layers._token_mix_padded(gpu)
+        monkeypatch.setattr(layers, "_TOKEN_MIX_PADDED", False)
+        assert not layers._token_mix_padded(gpu)
+
+
 def test_supported_only_where_the_kernel_applies(monkeypatch):
     from models import token_mix as tm
 
