@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -90,6 +91,55 @@ def parse_variant(text: str) -> Variant:
     return Variant(name, env, overrides)
 
 
+def compare_shape(
+    shape: str,
+    rounds: int,
+    variants: list[Variant],
+    run_ours: Callable[[str, Variant | None, int], dict],
+    run_reference: Callable[[str, int], dict],
+) -> dict:
+    """One shape's JSON row: this library's default run, each variant and the reference, alternated for `rounds`
+    rounds, with the speed-ups. A variant that fails (an experimental kernel that does not build, say) is recorded
+    as `NAME_error` and left out of the later rounds, so the rest of the comparison still comes back; a failure of
+    the default run or the reference raises RuntimeError."""
+    runs: dict[str, list[dict]] = {"ours": [], "reference": [], **{v.name: [] for v in variants}}
+    errors: dict[str, str] = {}
+    for round_index in range(rounds):
+        runs["ours"].append(run_ours(shape, None, round_index))
+        for variant in variants:
+            if variant.name in errors:
+                continue
+            try:
+                runs[variant.name].append(run_ours(shape, variant, round_index))
+            except RuntimeError as e:
+                errors[variant.name] = str(e)
+                print(f"warning: {shape}: variant {variant.name} failed: {e}", file=sys.stderr, flush=True)
+        runs["reference"].append(run_reference(shape, round_index))
+    row = {
+        "bench": "compare_reference",
+        "shape": shape,
+        "reference": REFERENCE_OF[shape],
+        "device": runs["ours"][0]["device"],
+        "rounds": rounds,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    timed = [name for name in runs if name not in errors]
+    for name in timed:
+        row[f"{name}_train_ms"] = [r["train_ms_per_step"] for r in runs[name]]
+        row[f"{name}_eval_ms"] = [r["eval_ms_per_batch"] for r in runs[name]]
+        if all("train_host_ms_per_step" in r for r in runs[name]):
+            row[f"{name}_host_ms"] = [r["train_host_ms_per_step"] for r in runs[name]]
+    for name in [n for n in timed if n != "reference"]:
+        row[f"{name}_train_speedup"] = round(
+            median(runs["reference"], "train_ms_per_step") / median(runs[name], "train_ms_per_step"), 3
+        )
+        row[f"{name}_eval_speedup"] = round(
+            median(runs["reference"], "eval_ms_per_batch") / median(runs[name], "eval_ms_per_batch"), 3
+        )
+    row.update({f"{name}_error": message for name, message in errors.items()})
+    return row
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", required=True, help=f"comma-separated, from {sorted(REFERENCE_OF)}")
@@ -140,40 +190,26 @@ def main() -> int:
         os.makedirs(folder, exist_ok=True)
         return ["--profile-dir", folder]
 
-    rows = []
-    for shape in shapes:
-        runs: dict[str, list[dict]] = {"ours": [], "reference": [], **{v.name: [] for v in args.variant}}
-        for round_index in range(args.rounds):
-            ours = [sys.executable, os.path.join(HERE, "bench_hrm.py"), "--shapes", shape, *timing]
-            runs["ours"].append(run_json([*ours, *profiled(None, round_index), *args.override], dict(os.environ), log))
-            for variant in args.variant:
-                cmd = [*ours, *profiled(variant.name, round_index), *args.override, *variant.overrides]
-                runs[variant.name].append(run_json(cmd, {**os.environ, **variant.env}, log))
-            ref_dir = refs[REFERENCE_OF[shape]]
-            reference = [sys.executable, os.path.join(HERE, "bench_reference.py"), "--ref-dir", ref_dir]
-            runs["reference"].append(run_json([*reference, "--shapes", shape, *timing], dict(os.environ), log))
+    def run_ours(shape: str, variant: Variant | None, round_index: int) -> dict:
+        ours = [sys.executable, os.path.join(HERE, "bench_hrm.py"), "--shapes", shape, *timing]
+        if variant is None:
+            return run_json([*ours, *profiled(None, round_index), *args.override], dict(os.environ), log)
+        cmd = [*ours, *profiled(variant.name, round_index), *args.override, *variant.overrides]
+        return run_json(cmd, {**os.environ, **variant.env}, log)
 
-        row = {
-            "bench": "compare_reference",
-            "shape": shape,
-            "reference": REFERENCE_OF[shape],
-            "device": runs["ours"][0]["device"],
-            "rounds": args.rounds,
-            "date": time.strftime("%Y-%m-%d"),
-            "overrides": args.override,
-        }
-        for name in runs:
-            row[f"{name}_train_ms"] = [r["train_ms_per_step"] for r in runs[name]]
-            row[f"{name}_eval_ms"] = [r["eval_ms_per_batch"] for r in runs[name]]
-            if all("train_host_ms_per_step" in r for r in runs[name]):
-                row[f"{name}_host_ms"] = [r["train_host_ms_per_step"] for r in runs[name]]
-        for name in [n for n in runs if n != "reference"]:
-            row[f"{name}_train_speedup"] = round(
-                median(runs["reference"], "train_ms_per_step") / median(runs[name], "train_ms_per_step"), 3
-            )
-            row[f"{name}_eval_speedup"] = round(
-                median(runs["reference"], "eval_ms_per_batch") / median(runs[name], "eval_ms_per_batch"), 3
-            )
+    def run_reference(shape: str, round_index: int) -> dict:
+        reference = [sys.executable, os.path.join(HERE, "bench_reference.py"), "--ref-dir", refs[REFERENCE_OF[shape]]]
+        return run_json([*reference, "--shapes", shape, *timing], dict(os.environ), log)
+
+    rows, failed = [], []
+    for shape in shapes:
+        try:
+            row = compare_shape(shape, args.rounds, args.variant, run_ours, run_reference)
+        except RuntimeError as e:  # this library's default run or the reference's failed: nothing to compare
+            print(f"error: {shape}: {e}", file=sys.stderr, flush=True)
+            failed.append(shape)
+            continue
+        row["overrides"] = args.override
         rows.append(row)
         print(json.dumps(row), flush=True)
         if args.json_out:
@@ -183,6 +219,9 @@ def main() -> int:
     print(f"{'shape':8} {'code':10} {'train ms':>18} {'host ms':>14} {'eval ms':>20} {'train x':>8} {'eval x':>7}")
     for row in rows:
         for name in ["reference", "ours", *(v.name for v in args.variant)]:
+            if f"{name}_error" in row:
+                print(f"{row['shape']:8} {name:10} failed: {row[f'{name}_error']}")
+                continue
             train = "/".join(f"{v:.1f}" for v in row[f"{name}_train_ms"])
             evals = "/".join(f"{v:.0f}" for v in row[f"{name}_eval_ms"])
             host = "/".join(f"{v:.1f}" for v in row.get(f"{name}_host_ms", [])) or "-"
@@ -192,7 +231,7 @@ def main() -> int:
             print(f"{row['shape']:8} {name:10} {train:>18} {host:>14} {evals:>20} {ratio}")
     if log is not sys.stderr:
         log.close()
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

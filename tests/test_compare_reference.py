@@ -1,4 +1,5 @@
-"""benchmarks/compare_reference.py's --variant: environment variables and Hydra overrides told apart, bad specs refused."""
+"""benchmarks/compare_reference.py: --variant specs (environment variables and Hydra overrides told apart, bad specs
+refused) and one shape's comparison row, a failing variant included."""
 
 import importlib.util
 import subprocess
@@ -43,3 +44,46 @@ def test_bad_variant_is_refused_by_the_parser(text):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("compare_reference.py: error: argument --variant")
+
+
+def _timing(train_ms: float, eval_ms: float) -> dict:
+    return {"device": "test", "train_ms_per_step": train_ms, "eval_ms_per_batch": eval_ms}
+
+
+def test_failing_variant_is_recorded_and_the_rest_still_compared(capsys):
+    """An experimental variant that crashes costs only its own row entries: the default run, the other variants and
+    the reference are still timed in every round, and the ratios come out; it is not retried in later rounds."""
+    module = _module()
+    broken, fine = module.parse_variant("broken=HRM_KERNELS=all"), module.parse_variant("fine=HRM_KERNELS=auto")
+    calls = []
+
+    def run_ours(shape, variant, round_index):
+        calls.append((shape, None if variant is None else variant.name, round_index))
+        if variant is broken:
+            raise RuntimeError("bench_hrm.py failed (exit 1): CompilationError")
+        return _timing(80.0 if variant is None else 70.0, 400.0)
+
+    def run_reference(shape, round_index):
+        calls.append((shape, "reference", round_index))
+        return _timing(100.0, 500.0)
+
+    row = module.compare_shape("sudoku", 2, [broken, fine], run_ours, run_reference)
+    assert calls == [
+        ("sudoku", None, 0), ("sudoku", "broken", 0), ("sudoku", "fine", 0), ("sudoku", "reference", 0),
+        ("sudoku", None, 1), ("sudoku", "fine", 1), ("sudoku", "reference", 1),
+    ]  # fmt: skip
+    assert row["broken_error"] == "bench_hrm.py failed (exit 1): CompilationError"
+    assert "broken_train_ms" not in row and "broken_train_speedup" not in row
+    assert row["ours_train_ms"] == [80.0, 80.0] and row["ours_train_speedup"] == 1.25
+    assert row["fine_train_speedup"] == round(100 / 70, 3) and row["fine_eval_speedup"] == 1.25
+    assert "variant broken failed" in capsys.readouterr().err
+
+
+def test_failing_reference_raises():
+    module = _module()
+
+    def run_reference(shape, round_index):
+        raise RuntimeError("bench_reference.py failed (exit 1)")
+
+    with pytest.raises(RuntimeError, match="bench_reference.py failed"):
+        module.compare_shape("trm", 1, [], lambda shape, variant, i: _timing(1.0, 1.0), run_reference)
