@@ -314,6 +314,40 @@ def _fmt(value: float | None, width: int, spec: str) -> str:
     return f"{'-':>{width}}" if value is None else f"{value:>{width}{spec}}"
 
 
+def time_case(case: Case, shape: Shape, dtype: torch.dtype, compile_reference: bool, failures: list[str]) -> dict:
+    """One case's JSON row: correctness on fresh inputs first (a miss is appended to `failures`), then the median
+    times of the eager reference, the compiled reference and the fused op."""
+    import triton.testing
+
+    err = max_rel_err(case.fused(*case.args), case.reference(*case.args))
+    tol = MAX_REL_ERR[dtype] * (3 if case.op == "block" else 1)
+    if not err <= tol:
+        failures.append(f"{shape.name}/{case.op}: max relative error {err:.3e} > {tol:.0e}")
+        print(f"CORRECTNESS FAILURE {failures[-1]}", file=sys.stderr, flush=True)
+    eager_ms = compiled_ms = None
+    if case.time_reference:
+        eager_ms = triton.testing.do_bench(lambda: case.reference(*case.args), return_mode="median")
+    if case.time_reference and compile_reference:
+        compiled = torch.compile(case.reference)
+        compiled(*case.args)
+        compiled_ms = triton.testing.do_bench(lambda: compiled(*case.args), return_mode="median")
+    fused_ms = triton.testing.do_bench(lambda: case.fused(*case.args), return_mode="median")
+    return {
+        "shape": shape.name,
+        "op": case.op,
+        "tokens": shape.batch_size * shape.seq_len,
+        "dtype": str(dtype).removeprefix("torch."),
+        "eager_ms": eager_ms,
+        "compiled_ms": compiled_ms,
+        "fused_ms": fused_ms,
+        "speedup_vs_eager": eager_ms / fused_ms if eager_ms else None,
+        "speedup_vs_compiled": compiled_ms / fused_ms if compiled_ms else None,
+        "fused_tflops": case.flops / fused_ms / 1e9,
+        "fused_gbps": case.fused_bytes / fused_ms / 1e6 if case.fused_bytes else None,
+        "max_rel_err": err,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="sudoku,trm,arc", help=f"comma-separated, from {sorted(SHAPES)}")
@@ -335,7 +369,6 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"error: --shapes: unknown {unknown}; choose from {sorted(SHAPES)}", file=sys.stderr)
         return 2
-    import triton.testing
 
     device = torch.device("cuda")
     dtype = getattr(torch, args.dtype)
@@ -347,34 +380,12 @@ def main(argv: list[str] | None = None) -> int:
         shape = SHAPES[name]
         with torch.inference_mode():
             for case in make_cases(shape, dtype, device, args.sweep_attention_tiles):
-                # Correctness on these fresh inputs before any timing.
-                err = max_rel_err(case.fused(*case.args), case.reference(*case.args))
-                tol = MAX_REL_ERR[dtype] * (3 if case.op == "block" else 1)
-                if not err <= tol:
-                    failures.append(f"{name}/{case.op}: max relative error {err:.3e} > {tol:.0e}")
-                    print(f"CORRECTNESS FAILURE {failures[-1]}", file=sys.stderr, flush=True)
-                eager_ms = compiled_ms = None
-                if case.time_reference:
-                    eager_ms = triton.testing.do_bench(lambda c=case: c.reference(*c.args), return_mode="median")
-                if case.time_reference and not args.no_compile:
-                    compiled = torch.compile(case.reference)
-                    compiled(*case.args)
-                    compiled_ms = triton.testing.do_bench(lambda f=compiled, c=case: f(*c.args), return_mode="median")
-                fused_ms = triton.testing.do_bench(lambda c=case: c.fused(*c.args), return_mode="median")
-                row = {
-                    "shape": name,
-                    "op": case.op,
-                    "tokens": shape.batch_size * shape.seq_len,
-                    "dtype": args.dtype,
-                    "eager_ms": eager_ms,
-                    "compiled_ms": compiled_ms,
-                    "fused_ms": fused_ms,
-                    "speedup_vs_eager": eager_ms / fused_ms if eager_ms else None,
-                    "speedup_vs_compiled": compiled_ms / fused_ms if compiled_ms else None,
-                    "fused_tflops": case.flops / fused_ms / 1e9,
-                    "fused_gbps": case.fused_bytes / fused_ms / 1e6 if case.fused_bytes else None,
-                    "max_rel_err": err,
-                }
+                try:
+                    row = time_case(case, shape, dtype, not args.no_compile, failures)
+                except Exception as e:  # one kernel that does not build or run costs only its own row
+                    failures.append(f"{name}/{case.op}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+                    print(f"FAILURE {failures[-1]}", file=sys.stderr, flush=True)
+                    continue
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     print()
@@ -389,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json_out, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
     if failures:
-        print("FAILED correctness:\n  " + "\n  ".join(failures), file=sys.stderr)
+        print("FAILED:\n  " + "\n  ".join(failures), file=sys.stderr)
         return 1
     return 0
 
