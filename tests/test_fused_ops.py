@@ -93,6 +93,28 @@ def test_persistent_tma_gate_up_kernel_matches_first_kernel_and_reference(tokens
     _check_close(fused_gate_up_swiglu(x, w), tma, "dispatch")
 
 
+@pytest.mark.skipif(not INTERPRET, reason="the interpreter check of the TMA kernel's tiling; CUDA runs the test above")
+@pytest.mark.parametrize("tokens, d, m, programs", [(70, 40, 40, 5), (33, 48, 24, 1), (16, 16, 16, 7)])
+def test_persistent_tma_gate_up_kernel_tiling_under_the_interpreter(tokens, d, m, programs):
+    """The persistent TMA kernel (the Hopper default), run by Triton's interpreter in fp32 with 16-wide tiles: row,
+    column and K tails (out-of-box loads read zeros, out-of-box stores are dropped, even where a gate tile past m
+    reads up rows), fewer programs than tiles and more, and the grouped tile order all give silu(gate) * up. (The
+    interpreter's 16-bit dot is unusable, so the bf16 roundings are checked on a GPU only.)"""
+    import triton
+
+    from models.fused_ops import _gate_up_swiglu_tma_kernel
+
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8))
+    gen = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, d, generator=gen)
+    w = torch.randn(2 * m, d, generator=gen) * d**-0.5
+    h = torch.full((tokens, m), float("nan"))
+    tiles = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2)
+    _gate_up_swiglu_tma_kernel.fn[(programs,)](x, w, h, tokens, m, d, **tiles)
+    gate, up = F.linear(x, w).chunk(2, dim=-1)
+    _check_close(h, F.silu(gate) * up, f"TMA kernel T={tokens} d={d} m={m} programs={programs}")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", [32, 64, 128, 256, 512])
 def test_linear_residual_rmsnorm_matches_reference(d, dtype):
