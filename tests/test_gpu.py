@@ -193,6 +193,7 @@ def _portable(monkeypatch) -> None:
     monkeypatch.setattr(models.layers, "short_attention_supported", lambda *args: False)
     monkeypatch.setattr(models.layers, "token_mix_supported", lambda x: False)
     monkeypatch.setattr(models.layers, "_token_mix_in_place", lambda x: False)
+    monkeypatch.setattr(models.layers, "_token_mix_padded", lambda x: False)
     monkeypatch.setattr(models.layers, "_FUSED_SWIGLU_BY_DEFAULT", False)
     monkeypatch.setattr(models.layers, "swiglu_backward_supported", lambda gate_up: False)
 
@@ -239,8 +240,9 @@ def test_kernels_follow_the_portable_path_over_a_16_step_evaluation(kind, kernel
 
 @pytest.mark.parametrize("kind", ["hrm", "trm", "trm_mlp"])
 def test_kernels_give_the_portable_train_step(kind, monkeypatch):
-    """A compiled train step with every kernel (default and experimental) (their no-grad calls and, for mlp_t, the layout in every call)
-    gives the portable path's loss and gradient norm within bf16 tolerance, on the same weights, carry and batch."""
+    """A compiled train step with every kernel (default and experimental: their no-grad calls, the SwiGLU backward
+    and, for mlp_t, the padded positions of the calls with gradient) gives the portable path's loss and gradient
+    norm within bf16 tolerance, on the same weights, carry and batch."""
     results = {}
     _all_kernels(monkeypatch)
     for variant in ("kernels", "portable"):
