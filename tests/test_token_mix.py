@@ -193,3 +193,33 @@ def test_padded_positions(positions, padded):
     from models.token_mix import padded_positions
 
     assert padded_positions(positions) == padded
+
+
+def test_kernels_compile_for_hopper_without_a_gpu():
+    """benchmarks/kernel_resources.py compiles both token-mix kernels for sm_90 on this machine (Triton's own LLVM and
+    ptxas, no GPU): every config builds, its loads are software-pipelined, and in the transposed kernel the down
+    projection reads the SwiGLU output from registers, the point of that kernel."""
+    pytest.importorskip("triton")
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile for the GPU, not interpret
+    cmd = [
+        sys.executable,
+        str(REPO / "benchmarks" / "kernel_resources.py"),
+        "--kernels",
+        "token_mix,token_mix_transposed",
+    ]
+    out = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert {r["kernel"] for r in rows} == {"token_mix", "token_mix_transposed"} and len(rows) >= 10
+    for row in rows:
+        assert 0 < row["regs"] <= 255 and 0 < row["shared_bytes"] <= 232448, row  # Hopper: 227 KiB a block
+        assert row["async_copies"] > 0, f"loads not pipelined: {row}"
+        # the default kernel's h goes through shared memory; the transposed one's down projection takes it in registers
+        assert row["register_operand_dots"] == (1 if row["kernel"] == "token_mix_transposed" else 0), row
