@@ -27,9 +27,13 @@ runs at about 155 TFLOP/s.
 A second kernel computes the same sub-layer with channels as the tile rows (experimental: `HRM_KERNELS=all`, kernel
 name `token_mix_transposed`; not yet timed): gate^T = x^T·W_g^T is a [BLOCK_D, BLOCK_M] tile, so the SwiGLU output
 is the left operand of the down projection, which Hopper's tensor cores take from registers, where the first
-kernel's h is the right operand and goes through shared memory in every inner-width chunk. This is the shape of a
-flash-attention forward loop (x^T in the role of the queries, weight chunks in that of keys and values), which
-Triton compiles well; the result is transposed back once per program for the residual and the norm.
+kernel's h is the right operand and goes through shared memory in every inner-width chunk. The gate and up rows
+are interleaved by the wrapper (row 2i gate i, 2i + 1 up i), so one dot of twice the width gives both and each pair
+lands in neighbouring accumulator columns of one thread, split apart in registers: two tensor-core waits a chunk
+instead of three. This is the shape of a flash-attention forward loop (x^T in the role of the queries, weight
+chunks in that of keys and values), which Triton compiles well; the result is transposed back once per program
+for the residual and the norm. Compiled for sm_90 (benchmarks/kernel_resources.py) its loads are pipelined, no
+config but the largest spills, and the down projection's left operand is a register tensor.
 
 Scope: the forward only, for calls without autograd (every evaluation call, the no-grad cycles of a train
 step); L <= MAX_POSITIONS; 16-bit activations on CUDA (fp32 too under the Triton interpreter, for tests).
@@ -130,6 +134,7 @@ if HAS_TRITON:
         offs_l = tl.arange(0, L_PAD)
         offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
         offs_m = tl.arange(0, BLOCK_M)
+        offs_2m = tl.arange(0, 2 * BLOCK_M)
         mask = (offs_l < L)[:, None] & (offs_d < D)[None, :]
         x = tl.load(x_ptr + b * stride_xb + offs_l[:, None] * stride_xl + offs_d[None, :], mask=mask, other=0.0)
         xt = tl.trans(x)  # [BLOCK_D, L_PAD]
@@ -139,10 +144,14 @@ if HAS_TRITON:
         for start in range(0, M, BLOCK_M):
             rows = start + offs_m  # inner-width rows of this chunk
             in_width = rows < M
-            w_gate = tl.load(wgu_ptr + rows[:, None] * L_PAD + offs_l[None, :], mask=in_width[:, None], other=0.0)
-            w_up = tl.load(wgu_ptr + (M + rows)[:, None] * L_PAD + offs_l[None, :], mask=in_width[:, None], other=0.0)
-            gate = dot(xt, tl.trans(w_gate), tl.zeros((BLOCK_D, BLOCK_M), dtype=tl.float32), FP32_DOT)
-            up = dot(xt, tl.trans(w_up), tl.zeros((BLOCK_D, BLOCK_M), dtype=tl.float32), FP32_DOT)
+            # Gate and up rows come interleaved (row 2i gate i, 2i + 1 up i): one dot gives both, and the pairs are
+            # neighbouring accumulator columns, which the split below takes apart within each thread's registers.
+            pairs = 2 * start + offs_2m
+            w_pairs = tl.load(
+                wgu_ptr + pairs[:, None] * L_PAD + offs_l[None, :], mask=(pairs < 2 * M)[:, None], other=0.0
+            )
+            both = dot(xt, tl.trans(w_pairs), tl.zeros((BLOCK_D, 2 * BLOCK_M), dtype=tl.float32), FP32_DOT)
+            gate, up = tl.split(tl.reshape(both, (BLOCK_D, BLOCK_M, 2)))
             # Same roundings as F.linear -> chunk -> F.silu(gate) * up in the activation dtype.
             gate = round_to(gate, out_ty, INTERPRET)
             up = round_to(up, out_ty, INTERPRET)
@@ -211,8 +220,11 @@ def token_mix(
             f"(expected [2m, {positions}] and [{positions}, m])"
         )
     pad = padded_positions(positions) - positions
-    w_gate_up = F.pad(w_gate_up.to(x.dtype), (0, pad)).contiguous()  # [2m, L_PAD], padded columns zero
+    transposed = TRANSPOSED if transposed is None else transposed
+    w_gate_up = w_gate_up.to(x.dtype)
+    if transposed:  # rows interleaved: 2i the gate row i, 2i + 1 the up row i
+        w_gate_up = w_gate_up.view(2, inner, positions).transpose(0, 1).reshape(2 * inner, positions)
+    w_gate_up = F.pad(w_gate_up, (0, pad)).contiguous()  # [2m, L_PAD], padded columns zero
     w_down = F.pad(w_down.to(x.dtype), (0, 0, 0, pad)).contiguous()  # [L_PAD, m], padded rows zero
     x = x if x.stride(-1) == 1 else x.contiguous()
-    transposed = TRANSPOSED if transposed is None else transposed
     return torch.ops.hrm.token_mix(x, w_gate_up, w_down, float(eps), bool(transposed))
