@@ -1,6 +1,7 @@
 """What the models' Triton kernels cost in registers, spills and shared memory on Hopper, compiled on any machine.
 
-    python benchmarks/kernel_resources.py [--kernels token_mix,token_mix_transposed,short_attention] [--arch 90]
+    python benchmarks/kernel_resources.py [--kernels gate_up_swiglu,token_mix,token_mix_transposed,short_attention]
+        [--arch 90]
         [--json-out FILE]
 
 Design choices:
@@ -114,7 +115,17 @@ def short_attention_cases():
         yield sa._short_attention_kernel, args, const, warps, 1, {"BLOCK_M": block_m, "PREFETCH": prefetch}
 
 
+def gate_up_tma_cases():
+    """HRM's Sudoku channel SwiGLU for no-grad calls: T = 768 x 82 tokens, d = 512, m = 1536 (the Hopper default)."""
+    import models.fused_ops as fo
+
+    args = {"x_ptr": "*bf16", "w_ptr": "*bf16", "h_ptr": "*bf16", "T": 768 * 82, "N": 1536, "K": 512}
+    for meta, warps, stages in fo._GATE_UP_TMA_CONFIGS:
+        yield fo._gate_up_swiglu_tma_kernel.fn, args, meta, warps, stages, meta
+
+
 CASES = {
+    "gate_up_swiglu": gate_up_tma_cases,
     "token_mix": lambda: token_mix_cases(False),
     "token_mix_transposed": lambda: token_mix_cases(True),
     "short_attention": short_attention_cases,
