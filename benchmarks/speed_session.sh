@@ -7,6 +7,8 @@
 #   4. with LEARN=DIR (a folder with train.csv/test.csv from dataset/generate_sudoku.py, seed 0, 1000 + 1000), the
 #      learning check: benchmarks/trm_learning_run.sh trained until LEARN_POINTS evaluations (default 3) are in, then
 #      stopped; its curve (trm_curve.jsonl) is for comparing with results/trm_learning_h200_2026-12-01.jsonl;
+#      with HRM_LEARN=1 the same for HRM (benchmarks/sudoku_learning_run.sh, its first HRM_LEARN_POINTS evaluations,
+#      hrm_learning.jsonl, against results/sudoku_learning_h100_2026-11-22.jsonl);
 #   5. this library against the references' own code, shape after shape (benchmarks/compare_reference.py, with a
 #      kernel profile of this library's run), for the shapes in SHAPES.
 #
@@ -16,7 +18,8 @@
 # Environment: SHAPES (default "trm_mlp sudoku trm arc"), STEPS (compare_reference.py timing flags),
 # ROUNDS, VARIANTS (extra --variant flags for every shape), VARIANTS_<shape> (for that shape only), SKIP_TESTS=1,
 # SKIP_KERNELS=1, KERNEL_ARGS (extra bench_fused_ops.py flags, e.g. --sweep-attention-tiles), TESTS (the GPU test
-# files, default all of them), LEARN, LEARN_POINTS, LEARN_SECONDS (the learning check's time limit, default 600).
+# files, default all of them), LEARN, LEARN_POINTS, LEARN_SECONDS (the learning check's time limit, default 600),
+# HRM_LEARN=1 with HRM_LEARN_POINTS (default 2) and HRM_LEARN_SECONDS (default 900): HRM's learning check.
 set -uo pipefail
 cmd=${1:?run|poll}
 if [ "$cmd" = poll ]; then
@@ -27,7 +30,7 @@ if [ "$cmd" = poll ]; then
   done
   cp "$work"/*.jsonl "$out"/ 2> /dev/null || true
   # Everything but the raw traces and the learning run's data, in one file (the device returns at most 8 files).
-  tar -czf "$out/session.tgz" -C "$work" --exclude='*.json' --exclude=./learn . 2> /dev/null || true
+  tar -czf "$out/session.tgz" -C "$work" --exclude='*.json' --exclude=./learn --exclude=./hrm_learn . 2> /dev/null || true
   cat "$work/progress.log"
   [ -f "$work/done" ] && echo "session finished" || echo "session still running"
   exit 0
@@ -66,6 +69,22 @@ if [ -n "${LEARN:-}" ]; then
   bash benchmarks/trm_learning_run.sh poll 0 "$work/learn" "$work" >> "$work/learn.log" 2>&1
   bash benchmarks/trm_learning_run.sh stop "$work/learn"
   note "learning: $(grep -E '^step ' "$work/learn.log" | tr '\n' ';')"
+fi
+if [ "${HRM_LEARN:-0}" = 1 ]; then
+  # HRM's half of the learning check: benchmarks/sudoku_learning_run.sh (its data generated and built here) until
+  # HRM_LEARN_POINTS evaluations (default 2) are in, for comparing with results/sudoku_learning_h100_2026-11-22.jsonl.
+  bash benchmarks/sudoku_learning_run.sh start "$work/hrm_learn" > "$work/hrm_learn.log" 2>&1
+  note "hrm learning run started"
+  for _ in $(seq "${HRM_LEARN_SECONDS:-900}"); do
+    points=$(cat "$work/hrm_learn/ckpt/metrics.jsonl" 2> /dev/null | grep -c '"all/exact_accuracy"')
+    [ "$points" -ge "${HRM_LEARN_POINTS:-2}" ] && break
+    kill -0 "$(cat "$work/hrm_learn/pid" 2> /dev/null)" 2> /dev/null || break  # the run ended (or never started)
+    sleep 1
+  done
+  kill -- -"$(cat "$work/hrm_learn/pid")" 2> /dev/null  # its own session (setsid): the launcher and its workers
+  cp "$work/hrm_learn/ckpt/metrics.jsonl" "$work/hrm_learning.jsonl" 2> /dev/null
+  tail -c 2000 "$work/hrm_learn/run.log" > "$work/hrm_learn_tail.log" 2> /dev/null
+  note "hrm learning: $(grep '"all/accuracy"' "$work/hrm_learning.jsonl" 2> /dev/null | cut -c1-90 | tr '\n' ';')"
 fi
 for shape in $SHAPES; do
   own_variants="VARIANTS_$shape"
