@@ -170,6 +170,28 @@ ATTENTION_TILE_SWEEP = [
 ] + [(32, 4, 2, True), (32, 4, 4, True)]
 
 
+def best_attention_tiles(rows: list[dict], shape: str) -> str | None:
+    """The fastest launch choice of the short-sequence attention kernel among `rows` (this script's JSON lines of a
+    --sweep-attention-tiles run) at `shape`, as HRM_SHORT_ATTENTION_TILES takes it (BLOCK_M:WARPS:PROGRAMS:PREFETCH);
+    None when the sweep has no row there. The unswept `short_attention` row is the default `Tiles()`."""
+    from models.short_attention import Tiles
+
+    default = Tiles()
+    timed = {}
+    for row in rows:
+        if row.get("shape") != shape or not str(row.get("op", "")).startswith("short_attention"):
+            continue
+        op = row["op"]
+        if op == "short_attention":
+            key = f"{default.block_m}:{default.num_warps}:{default.programs_per_sm}:{int(default.prefetch)}"
+        elif op.startswith("short_attention[") and op.endswith("]"):
+            key = op[len("short_attention[") : -1]
+        else:
+            continue
+        timed[key] = min(timed.get(key, float("inf")), row["fused_ms"])
+    return min(timed, key=timed.__getitem__) if len(timed) > 1 else None
+
+
 def short_sequence_cases(
     shape: Shape, dtype: torch.dtype, device: torch.device, sweep_tiles: bool = False
 ) -> list[Case]:
@@ -219,6 +241,19 @@ def short_sequence_cases(
                 time_reference=False,
             )
         )
+    # The kernel alone under torch.compile: in the 2026-12-04 whole steps it took 0.57 ms a call against 0.20 ms
+    # alone, and this row tells whether compiling around it is what costs (the eager row is the same kernel).
+    cases.append(
+        Case(
+            "short_attention_compiled",
+            ref_attention,
+            torch.compile(lambda qkv: short_attention(qkv, (cos, sin), NUM_HEADS, NUM_HEADS, head_dim)),
+            (qkv,),
+            attention_flops,
+            attention_bytes,
+            time_reference=False,
+        )
+    )
     layer = Attention(d, head_dim, NUM_HEADS, NUM_HEADS).to(device)
     w_qkv, w_o = layer.qkv_proj.weight, layer.o_proj.weight
 
@@ -235,6 +270,16 @@ def short_sequence_cases(
             "attention_layer_compiled",  # fused column: the kernel's layer under torch.compile
             ref_layer,
             torch.compile(kernel_layer),
+            (x_layer,),
+            attention_flops + 2 * B * S * d * 4 * d,
+            None,
+        )
+    )
+    cases.append(
+        Case(
+            "attention_layer_eager",  # the same layer without torch.compile (reference column: PyTorch eager)
+            ref_layer,
+            kernel_layer,
             (x_layer,),
             attention_flops + 2 * B * S * d * 4 * d,
             None,
@@ -348,6 +393,22 @@ def time_case(case: Case, shape: Shape, dtype: torch.dtype, compile_reference: b
     }
 
 
+def autotuned_choices() -> list[str]:
+    """One line per autotuned kernel of the models and tuning key (the shapes it was called at): the config the
+    autotuner chose, so a session's log says which tiles its timings were taken with."""
+    import importlib
+
+    from triton.runtime.autotuner import Autotuner
+
+    lines = []
+    for module_name in ("models.fused_ops", "models.token_mix", "models.swiglu_backward", "models.short_attention"):
+        module = importlib.import_module(module_name)
+        for name, obj in sorted(vars(module).items()):
+            if isinstance(obj, Autotuner):
+                lines += [f"autotuned {module_name}.{name} {key}: {config}" for key, config in obj.cache.items()]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="sudoku,trm,arc", help=f"comma-separated, from {sorted(SHAPES)}")
@@ -359,8 +420,26 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also time the short-sequence attention kernel's launch choices (ATTENTION_TILE_SWEEP)",
     )
+    parser.add_argument(
+        "--best-tiles-from",
+        default=None,
+        metavar="JSONL",
+        help="print the fastest attention launch choice of a --sweep-attention-tiles run's JSON lines at the one "
+        "shape of --shapes (for HRM_SHORT_ATTENTION_TILES), or nothing when the file has no sweep there",
+    )
     args = parser.parse_args(argv)
 
+    if args.best_tiles_from:
+        try:
+            with open(args.best_tiles_from) as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+        except (OSError, ValueError) as e:
+            print(f"error: --best-tiles-from {args.best_tiles_from}: {e}", file=sys.stderr)
+            return 2
+        best = best_attention_tiles(rows, args.shapes.split(",")[0].strip())
+        if best:
+            print(best)
+        return 0
     if not FUSED_OPS_AVAILABLE:
         print("error: the fused ops need Triton and a CUDA device", file=sys.stderr)
         return 2
@@ -396,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['fused_ms']:>9.3f} {_fmt(r['speedup_vs_eager'], 8, '.2f')} {_fmt(r['speedup_vs_compiled'], 7, '.2f')} "
             f"{r['fused_tflops']:>8.1f} {_fmt(r['fused_gbps'], 7, '.0f')} {r['max_rel_err']:>8.1e}"
         )
+    for line in autotuned_choices():
+        print(line)
     if args.json_out:
         with open(args.json_out, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)

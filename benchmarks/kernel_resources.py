@@ -14,7 +14,8 @@ Design choices:
   divisible by 16 marked so), at the shapes of TRM's and HRM's Sudoku recipes, so the code compiled here is the code a
   launch would build. Each kernel is compiled for every launch choice it has (its autotuner's configs, or
   `short_attention`'s tiles).
-- One JSON line per (kernel, config): regs, stack_bytes (0 means no spills), shared_bytes, async_copies (0 means the
+- One JSON line per (kernel, config): regs, stack_bytes (0 means no spills), shared_bytes, programs_per_sm (by
+  registers and shared memory: one means nothing else on the SM hides a program's stalls), async_copies (0 means the
   loads were not pipelined), waits (tensor-core waits with nothing pending, i.e. serialised dots),
   register_operand_dots (Hopper dots whose left operand comes from registers, as a flash-attention P·V does).
 """
@@ -59,6 +60,9 @@ def compile_offline(fn, args: dict, constexprs: dict, num_warps: int, num_stages
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
+SM_REGISTERS, SM_SHARED_BYTES = 65536, 232448  # Hopper: a 64K-entry register file and 227 KiB of shared memory a block
+
+
 def resources(kernel) -> dict:
     """Registers and stack bytes from the binary, shared memory from Triton, pipelining signs from the IR."""
     import triton
@@ -69,10 +73,16 @@ def resources(kernel) -> dict:
         f.flush()
         usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
     ir = kernel.asm["ttgir"]
+    regs = int(re.search(r"REG:(\d+)", usage).group(1))
+    threads = 32 * kernel.metadata.num_warps
     return {
-        "regs": int(re.search(r"REG:(\d+)", usage).group(1)),
+        "regs": regs,
         "stack_bytes": int(re.search(r"STACK:(\d+)", usage).group(1)),
         "shared_bytes": kernel.metadata.shared,
+        # how many programs an SM holds at once, by registers (64K, allocated in 8s a thread) and shared memory
+        "programs_per_sm": min(
+            SM_REGISTERS // (-(-regs // 8) * 8 * threads), SM_SHARED_BYTES // max(kernel.metadata.shared, 1)
+        ),
         "async_copies": ir.count("async_copy_global_to_local") + ir.count("async_tma_copy_global_to_local"),
         "waits": ir.count("pendings = 0"),
         # dots whose left operand the tensor cores read from registers rather than shared memory

@@ -20,6 +20,8 @@
 # SKIP_KERNELS=1, KERNEL_ARGS (extra bench_fused_ops.py flags, e.g. --sweep-attention-tiles), TESTS (the GPU test
 # files, default all of them), LEARN, LEARN_POINTS, LEARN_SECONDS (the learning check's time limit, default 600),
 # HRM_LEARN=1 with HRM_LEARN_POINTS (default 2) and HRM_LEARN_SECONDS (default 900): HRM's learning check.
+# In the variants, @tiles@ stands for the attention launch choice that this session's --sweep-attention-tiles found
+# fastest at that shape (e.g. VARIANTS_sudoku="--variant tiles=HRM_KERNELS=all,HRM_SHORT_ATTENTION_TILES=@tiles@").
 set -uo pipefail
 cmd=${1:?run|poll}
 if [ "$cmd" = poll ]; then
@@ -88,8 +90,14 @@ if [ "${HRM_LEARN:-0}" = 1 ]; then
 fi
 for shape in $SHAPES; do
   own_variants="VARIANTS_$shape"
+  variants="$VARIANTS ${!own_variants:-}"
+  if [[ $variants == *@tiles@* ]]; then  # the attention launch choice the kernels stage's sweep found fastest here
+    tiles=$(python3 benchmarks/bench_fused_ops.py --best-tiles-from "$work/kernels.jsonl" --shapes "$shape" 2> /dev/null)
+    note "$shape: fastest attention tiles of the sweep: ${tiles:-none, the defaults}"
+    variants=${variants//@tiles@/$tiles}
+  fi
   # shellcheck disable=SC2086  # STEPS and the variants are flag lists
-  python3 benchmarks/compare_reference.py --shapes "$shape" $STEPS --rounds "$ROUNDS" $VARIANTS ${!own_variants:-} \
+  python3 benchmarks/compare_reference.py --shapes "$shape" $STEPS --rounds "$ROUNDS" $variants \
     --profile-dir "$work/prof" --log "$work/compare_$shape.log" --json-out "$work/compare.jsonl" \
     > "$work/compare_${shape}_table.log" 2>&1
   note "compare $shape rc=$? $(tail -5 "$work/compare_${shape}_table.log" | tr '\n' ' ')"

@@ -12,7 +12,7 @@ Design choices:
 - Tensors inside attention are `[batch, seq, heads, head_dim]` (FlashAttention's layout); SDPA wants
   `[batch, heads, seq, head_dim]`, so that path transposes. With `HRM_KERNELS=all`, no-grad calls on short
   sequences (S <= 128, the Sudoku shapes) on a GPU with Triton take one experimental kernel instead
-  (models/short_attention.py: RoPE on load, output in o_proj's layout; not yet faster).
+  (models/short_attention.py: RoPE on load, output in o_proj's layout; measured slower inside a compiled step).
 - RMSNorm has no learnable weight (as in the reference model).
 - `PostNormBlock` is the one block of HRM and TRM (`x = rms_norm(x + mix(x)); x = rms_norm(x + mlp(x))`),
   each model's block class a subclass that maps its config onto it. Token mixing is attention, or (TRM's
@@ -21,9 +21,9 @@ Design choices:
   On a GPU the no-grad calls run the same sub-layer in the [B, L, D] layout (the weights multiply from the
   left: no transposes, aligned matmul rows); calls with gradient, the CPU, and `HRM_KERNELS=portable` run
   TRM's transposed op sequence bit for bit. Where Triton is installed and L <= 128, those no-grad calls take one
-  Triton kernel for the whole sub-layer instead (models/token_mix.py, measured faster). With `HRM_KERNELS=all`
-  (experimental, not yet timed) the GPU calls with gradient pad the positions to a multiple of 8 with zeros, so
-  their matmuls get aligned rows (`SwiGLU.forward_padded`).
+  Triton kernel for the whole sub-layer instead (models/token_mix.py, measured faster). The GPU calls with gradient
+  pad the positions to a multiple of 8 with zeros, so their matmuls get aligned rows (`SwiGLU.forward_padded`;
+  1.2 ms of TRM's 114 ms mlp_t train step on an H200; `HRM_KERNELS_OFF=token_mix_padded` leaves it out).
 - The channel SwiGLU: no-grad calls on Hopper and later GPUs take the gate/up matmul with the gating in its
   epilogue (models/fused_ops.py, measured faster; with `fused_ops` on any GPU Triton runs on); calls with
   gradient keep the PyTorch forward and take a one-kernel backward of the gating (models/swiglu_backward.py).
@@ -265,8 +265,8 @@ def _token_mix_in_place(hidden_states: torch.Tensor) -> bool:
 
 def _token_mix_padded(hidden_states: torch.Tensor) -> bool:
     """Whether a token-MLP call with gradient on a GPU runs TRM's layout with the positions zero-padded to a multiple
-    of 8 (`SwiGLU.forward_padded`): experimental (`HRM_KERNELS=all`, name `token_mix_padded`), for L like TRM's 97
-    that leave the [B·D, L] rows unaligned. The CPU and the no-grad calls never take it. Compile-friendly."""
+    of 8 (`SwiGLU.forward_padded`): a default (name `token_mix_padded`), for L like TRM's 97 that leave the [B·D, L]
+    rows unaligned, which gives cuBLAS only its unaligned kernels. The CPU and the no-grad calls never take it. Compile-friendly."""
     return hidden_states.is_cuda and _TOKEN_MIX_PADDED and torch.is_grad_enabled() and hidden_states.shape[1] % 8 != 0
 
 

@@ -22,7 +22,13 @@ the error is that of bf16 operands.
 
 Status: experimental, used only with `HRM_KERNELS=all`. On an H200 (2026-12-02) the first version took 0.226 ms
 per call at HRM's Sudoku shape against 0.175 ms for Inductor's RoPE + layout kernel and cuDNN's attention, and the
-HRM Sudoku step was slower with it (benchmarks/RESULTS.md, speed log). The persistent version is not yet timed.
+HRM Sudoku step was slower with it (benchmarks/RESULTS.md, speed log). The persistent version (2026-12-04): 0.202 ms
+alone with its fastest launch (128:8:4:1; the default 64:4:2:1 0.212) against 0.176 for the compiled composition,
+but about 0.57 ms a call inside the compiled HRM Sudoku step (profiled), which made that step 86 ms against 74.5;
+`bench_fused_ops.py` times the kernel alone under torch.compile (`short_attention_compiled`) and its layer eager
+(`attention_layer_eager`) to find out where those 0.37 ms go. Also found then: over a 16-step evaluation with random
+weights (tests/test_gpu.py, `all`) its answers agreed with the fp32 ones 8-9 points less often than the portable
+path's at a late ACT step, while its error stayed within the test's budget.
 
 Scope: the forward only, for calls without autograd (every evaluation call, and the no-grad block calls of a
 train step); non-causal; head_dim 32, 64 or 128 (Triton's dot needs at least 16 along each half); 16-bit

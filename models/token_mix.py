@@ -18,15 +18,14 @@ Weights: the wrapper casts the fp32 parameters to the activation dtype and zero-
 L_PAD (a multiple of 16, so every dot is at least 16 deep and the rows are aligned); torch.compile sees a plain
 cast and pad it fuses into one small kernel.
 
-Status: a default kernel (`HRM_KERNELS=auto`): on an H200 at TRM's Sudoku shape it takes 0.76 ms against 0.92 ms
-for torch.compile's version of the sub-layer, and TRM's mlp_t recipe evaluates 1.14x faster with it (train steps
-1.05x; benchmarks/RESULTS.md, speed log, 2026-12-03). `HRM_KERNELS=portable` switches it off. It is still the
-largest item of that recipe's train step (0.84 ms a call, 28 calls, 23.5 ms of 115 in the 2026-12-03 profile) and
-runs at about 155 TFLOP/s.
+Status: the second kernel below is the default (`HRM_KERNELS=auto`). On an H200 at TRM's Sudoku shape the first
+takes 0.76 ms against 0.92 ms for torch.compile's version of the sub-layer, the second 0.61 ms; with the second,
+TRM's mlp_t recipe trains 1.27x and evaluates 1.54x as fast as TRM's own code, against 1.21x and 1.36x with the
+first (benchmarks/RESULTS.md, speed log, 2026-12-04). `HRM_KERNELS_OFF=token_mix_transposed` goes back to the first,
+`HRM_KERNELS=portable` switches both off.
 
-A second kernel computes the same sub-layer with channels as the tile rows (experimental: `HRM_KERNELS=all`, kernel
-name `token_mix_transposed`; not yet timed): gate^T = x^T·W_g^T is a [BLOCK_D, BLOCK_M] tile, so the SwiGLU output
-is the left operand of the down projection, which Hopper's tensor cores take from registers, where the first
+A second kernel computes the same sub-layer with channels as the tile rows (kernel name `token_mix_transposed`):
+gate^T = x^T·W_g^T is a [BLOCK_D, BLOCK_M] tile, so the SwiGLU output is the left operand of the down projection, which Hopper's tensor cores take from registers, where the first
 kernel's h is the right operand and goes through shared memory in every inner-width chunk. The gate and up rows
 are interleaved by the wrapper (row 2i gate i, 2i + 1 up i), so one dot of twice the width gives both and each pair
 lands in neighbouring accumulator columns of one thread, split apart in registers: two tensor-core waits a chunk
@@ -49,7 +48,7 @@ from models.triton_common import HAS_TRITON, kernel_flags, kernel_on, no_grad_ke
 
 MAX_POSITIONS = 128
 ENABLED = kernel_on("token_mix")  # off with HRM_KERNELS=portable or HRM_KERNELS_OFF=token_mix
-TRANSPOSED = kernel_on("token_mix_transposed")  # experimental: only with HRM_KERNELS=all
+TRANSPOSED = kernel_on("token_mix_transposed")  # default; HRM_KERNELS_OFF=token_mix_transposed: the first kernel
 
 if HAS_TRITON:
     import triton
@@ -107,7 +106,11 @@ if HAS_TRITON:
         tl.store(out_ptrs, y.to(out_ty), mask=mask)
 
     # The transposed kernel's tiles: acc [BLOCK_D, L_PAD] fp32 and the gate/up tiles [BLOCK_D, BLOCK_M]; 128 channel rows
-    # are two warpgroups' 64-row halves at 8 warps.
+    # are two warpgroups' 64-row halves at 8 warps. Each chunk's dots are waited for before its SwiGLU (Triton 3.6 on
+    # sm_90 keeps only an accumulating dot in flight across the loop), so within a program the tensor cores idle
+    # while the CUDA cores compute the SwiGLU; the last three configs are small enough (168-255 registers, 65-115 KB
+    # of shared memory, compiled for sm_90) for two or three programs an SM, whose dots and SwiGLUs can interleave,
+    # at the price of reading the weights twice as often as the 128-channel tiles.
     _TRANSPOSED_CONFIGS = [
         ({"BLOCK_D": 128, "BLOCK_M": 64}, 8, 2),
         ({"BLOCK_D": 128, "BLOCK_M": 64}, 8, 3),
@@ -115,6 +118,9 @@ if HAS_TRITON:
         ({"BLOCK_D": 64, "BLOCK_M": 64}, 4, 3),
         ({"BLOCK_D": 64, "BLOCK_M": 128}, 4, 2),
         ({"BLOCK_D": 128, "BLOCK_M": 128}, 8, 2),
+        ({"BLOCK_D": 64, "BLOCK_M": 32}, 4, 2),
+        ({"BLOCK_D": 64, "BLOCK_M": 32}, 4, 3),
+        ({"BLOCK_D": 64, "BLOCK_M": 64}, 4, 2),
     ]
 
     @triton.autotune(
@@ -205,7 +211,7 @@ def token_mix(
     """rms_norm(x + SwiGLU_L(x over positions), over positions) for x [B, L, D], with the token SwiGLU's weights
     w_gate_up [2m, L] (gate rows, then up rows) and w_down [L, m]; returns [B, L, D] in x's dtype. Same result as
     models/layers.py's `PostNormBlock._mix_positions`, within the activation dtype's rounding. `transposed`: run
-    the kernel with channels as tile rows (default `TRANSPOSED`, i.e. `HRM_KERNELS=all`)."""
+    the kernel with channels as tile rows (default `TRANSPOSED`: yes, unless HRM_KERNELS_OFF names it)."""
     if not HAS_TRITON:
         raise RuntimeError("models.token_mix: Triton is not installed; use models.layers.PostNormBlock's path")
     if x.dim() != 3:

@@ -34,8 +34,15 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 _KERNEL_CHOICES = ("auto", "all", "portable")
 # Every kernel the models may take, by the name HRM_KERNELS_OFF uses: the default ones (measured faster), then
 # the experimental ones (only with HRM_KERNELS=all).
-DEFAULT_KERNEL_NAMES = ("token_mix", "token_mix_layout", "gate_up_swiglu", "swiglu_backward")
-EXPERIMENTAL_KERNEL_NAMES = ("short_attention", "token_mix_transposed", "token_mix_padded")
+DEFAULT_KERNEL_NAMES = (
+    "token_mix",
+    "token_mix_layout",
+    "gate_up_swiglu",
+    "swiglu_backward",
+    "token_mix_transposed",
+    "token_mix_padded",
+)
+EXPERIMENTAL_KERNEL_NAMES = ("short_attention",)
 
 
 def _kernels_mode() -> str:

@@ -2,6 +2,7 @@
 refused) and one shape's comparison row, a failing variant included."""
 
 import importlib.util
+import json
 import subprocess
 import sys
 
@@ -87,3 +88,32 @@ def test_failing_reference_raises():
 
     with pytest.raises(RuntimeError, match="bench_reference.py failed"):
         module.compare_shape("trm", 1, [], lambda shape, variant, i: _timing(1.0, 1.0), run_reference)
+
+
+def test_best_attention_tiles_picks_the_fastest_launch_choice_of_the_shape(tmp_path):
+    """speed_session.sh puts the sweep's fastest attention launch choice into `@tiles@` variants through
+    `bench_fused_ops.py --best-tiles-from`: the fastest of that shape's rows (the unswept row is the default tiles),
+    nothing where the file has no sweep at that shape, and an error line for a file that cannot be read."""
+    rows = [
+        {"shape": "sudoku", "op": "short_attention", "fused_ms": 0.20},
+        {"shape": "sudoku", "op": "short_attention[64:8:1:1]", "fused_ms": 0.15},
+        {"shape": "sudoku", "op": "short_attention[128:8:1:0]", "fused_ms": 0.17},
+        {"shape": "trm", "op": "short_attention[64:8:1:1]", "fused_ms": 0.30},
+        {"shape": "trm", "op": "short_attention", "fused_ms": 0.10},
+        {"shape": "trm", "op": "attention_layer_compiled", "fused_ms": 0.01},
+        {"shape": "arc", "op": "short_attention", "fused_ms": 0.01},
+    ]
+    path = tmp_path / "kernels.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    script = str(REPO / "benchmarks" / "bench_fused_ops.py")
+
+    def best(shape, file=path):
+        return subprocess.run(
+            [sys.executable, script, "--best-tiles-from", str(file), "--shapes", shape], capture_output=True, text=True
+        )
+
+    assert best("sudoku").stdout.strip() == "64:8:1:1"
+    assert best("trm").stdout.strip() == "64:4:2:1"  # the default Tiles() row won
+    assert best("arc").stdout.strip() == ""  # no sweep there: the defaults stand
+    missing = best("sudoku", tmp_path / "none.jsonl")
+    assert missing.returncode == 2 and missing.stderr.startswith("error: --best-tiles-from")

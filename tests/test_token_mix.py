@@ -88,6 +88,24 @@ def test_matches_float64_and_the_pytorch_path(case, dtype, transposed):
         )
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+def test_benchmark_log_names_the_autotuners_choice(monkeypatch):
+    """bench_fused_ops.py ends its log with the config each autotuned kernel chose at each tuning key, so a session's
+    timings can be tied to tiles. (On the CPU nothing is tuned, so a choice is put in the transposed kernel's cache.)"""
+    import importlib.util
+
+    import models.token_mix as tm
+    from tests.helpers import REPO
+
+    spec = importlib.util.spec_from_file_location("bench_fused_ops", REPO / "benchmarks" / "bench_fused_ops.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    kernel = tm._token_mix_transposed_kernel
+    monkeypatch.setattr(kernel, "cache", {(128, 512, 512): kernel.configs[-1]})
+    lines = [line for line in bench.autotuned_choices() if "_token_mix_transposed_kernel" in line]
+    assert lines == [f"autotuned models.token_mix._token_mix_transposed_kernel (128, 512, 512): {kernel.configs[-1]}"]
+
+
 @KERNEL
 def test_strided_input_and_bad_shapes():
     """A non-contiguous x (a slice of a wider buffer) gives the same result; weights that do not fit the positions,
@@ -223,3 +241,6 @@ def test_kernels_compile_for_hopper_without_a_gpu():
         assert row["async_copies"] > 0, f"loads not pipelined: {row}"
         # the default kernel's h goes through shared memory; the transposed one's down projection takes it in registers
         assert row["register_operand_dots"] == (1 if row["kernel"] == "token_mix_transposed" else 0), row
+    # each chunk's dots are waited for before its SwiGLU, so only a second program on the SM can overlap them: the
+    # autotuner must have configs of the default (transposed) kernel that leave room for one
+    assert max(r["programs_per_sm"] for r in rows if r["kernel"] == "token_mix_transposed") >= 2
