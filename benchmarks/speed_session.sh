@@ -49,7 +49,7 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --fo
 ADAM_ATAN2=1 source .whl/install.sh > "$work/install.log" 2>&1
 note "installed: $(tail -1 "$work/install.log")"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_short_attention.py tests/test_fused_ops.py tests/test_token_mix.py tests/test_swiglu_backward.py tests/test_gpu.py} \
+  python3 -m pytest -q -p no:cacheprovider --durations=15 ${TESTS:-tests/test_short_attention.py tests/test_fused_ops.py tests/test_token_mix.py tests/test_swiglu_backward.py tests/test_gpu.py} \
     > "$work/gpu_tests.log" 2>&1
   note "gpu tests rc=$? $(tail -1 "$work/gpu_tests.log")"
 fi

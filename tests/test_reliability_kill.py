@@ -24,6 +24,7 @@ from utils.checkpointing import TRAIN_STATE_TEMP_PATTERN, find_latest_train_stat
 
 TOTAL_STEPS = 48  # epochs=32 x 6 groups / global batch 4
 KILLS = 5
+STEPS_PER_LIFE = TOTAL_STEPS // (KILLS + 2)  # at most this many steps between a restart and its kill (about)
 
 
 def command(data, run_dir, *extra):
@@ -80,7 +81,11 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
         deadline = time.monotonic() + 120
         while latest_step(run_dir) <= saved_step and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
-        time.sleep(rng.uniform(0.0, 0.3))
+        # A random delay, cut short once this life has taken its share of the steps: on a fast machine 0.3 s is
+        # many steps, and a run that finishes before the last kill tests less than it says.
+        kill_at = time.monotonic() + rng.uniform(0.0, 0.3)
+        while time.monotonic() < kill_at and latest_step(run_dir) < saved_step + STEPS_PER_LIFE and proc.poll() is None:
+            time.sleep(0.005)
         if proc.poll() is not None:
             break  # the run finished before the kill; checked below
         os.killpg(proc.pid, signal.SIGKILL)
