@@ -266,7 +266,8 @@ def _token_mix_in_place(hidden_states: torch.Tensor) -> bool:
 def _token_mix_padded(hidden_states: torch.Tensor) -> bool:
     """Whether a token-MLP call with gradient on a GPU runs TRM's layout with the positions zero-padded to a multiple
     of 8 (`SwiGLU.forward_padded`): a default (name `token_mix_padded`), for L like TRM's 97 that leave the [B·D, L]
-    rows unaligned, which gives cuBLAS only its unaligned kernels. The CPU and the no-grad calls never take it. Compile-friendly."""
+    rows unaligned, which gives cuBLAS only its unaligned kernels. The CPU and the no-grad calls never take it.
+    Compile-friendly."""
     return hidden_states.is_cuda and _TOKEN_MIX_PADDED and torch.is_grad_enabled() and hidden_states.shape[1] % 8 != 0
 
 

@@ -25,11 +25,11 @@ first (benchmarks/RESULTS.md, speed log, 2026-12-04). `HRM_KERNELS_OFF=token_mix
 `HRM_KERNELS=portable` switches both off.
 
 A second kernel computes the same sub-layer with channels as the tile rows (kernel name `token_mix_transposed`):
-gate^T = x^T·W_g^T is a [BLOCK_D, BLOCK_M] tile, so the SwiGLU output is the left operand of the down projection, which Hopper's tensor cores take from registers, where the first
-kernel's h is the right operand and goes through shared memory in every inner-width chunk. The gate and up rows
-are interleaved by the wrapper (row 2i gate i, 2i + 1 up i), so one dot of twice the width gives both and each pair
-lands in neighbouring accumulator columns of one thread, split apart in registers: two tensor-core waits a chunk
-instead of three. This is the shape of a flash-attention forward loop (x^T in the role of the queries, weight
+gate^T = x^T·W_g^T is a [BLOCK_D, BLOCK_M] tile, so the SwiGLU output is the left operand of the down projection,
+which Hopper's tensor cores take from registers, where the first kernel's h is the right operand and goes through
+shared memory in every inner-width chunk. The gate and up rows are interleaved by the wrapper (row 2i gate i,
+2i + 1 up i), so one dot of twice the width gives both and each pair lands in neighbouring accumulator columns of one
+thread, split apart in registers: two tensor-core waits a chunk instead of three. This is the shape of a flash-attention forward loop (x^T in the role of the queries, weight
 chunks in that of keys and values), which Triton compiles well; the result is transposed back once per program
 for the residual and the norm. Compiled for sm_90 (benchmarks/kernel_resources.py) its loads are pipelined, no
 config but the largest spills, and the down projection's left operand is a register tensor.
@@ -105,8 +105,8 @@ if HAS_TRITON:
         out_ptrs = out_ptr + b * stride_ob + offs_l[:, None] * stride_ol + offs_d[None, :]
         tl.store(out_ptrs, y.to(out_ty), mask=mask)
 
-    # The transposed kernel's tiles: acc [BLOCK_D, L_PAD] fp32 and the gate/up tiles [BLOCK_D, BLOCK_M]; 128 channel rows
-    # are two warpgroups' 64-row halves at 8 warps. Each chunk's dots are waited for before its SwiGLU (Triton 3.6 on
+    # The transposed kernel's tiles: acc [BLOCK_D, L_PAD] fp32 and the gate/up tiles [BLOCK_D, BLOCK_M]; 128 channel
+    # rows are two warpgroups' 64-row halves at 8 warps. Each chunk's dots are waited for before its SwiGLU (Triton 3.6 on
     # sm_90 keeps only an accumulating dot in flight across the loop), so within a program the tensor cores idle
     # while the CUDA cores compute the SwiGLU; the last three configs are small enough (168-255 registers, 65-115 KB
     # of shared memory, compiled for sm_90) for two or three programs an SM, whose dots and SwiGLUs can interleave,

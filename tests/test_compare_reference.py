@@ -101,6 +101,7 @@ def test_best_attention_tiles_picks_the_fastest_launch_choice_of_the_shape(tmp_p
         {"shape": "trm", "op": "short_attention[64:8:1:1]", "fused_ms": 0.30},
         {"shape": "trm", "op": "short_attention", "fused_ms": 0.10},
         {"shape": "trm", "op": "attention_layer_compiled", "fused_ms": 0.01},
+        {"shape": "trm", "op": "short_attention_compiled", "fused_ms": 0.01},  # not a launch choice
         {"shape": "arc", "op": "short_attention", "fused_ms": 0.01},
     ]
     path = tmp_path / "kernels.jsonl"
