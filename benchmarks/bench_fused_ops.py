@@ -241,19 +241,12 @@ def short_sequence_cases(
                 time_reference=False,
             )
         )
-    # The kernel alone under torch.compile: in the 2026-12-04 whole steps it took 0.57 ms a call against 0.20 ms
-    # alone, and this row tells whether compiling around it is what costs (the eager row is the same kernel).
-    cases.append(
-        Case(
-            "short_attention_compiled",
-            ref_attention,
-            torch.compile(lambda qkv: short_attention(qkv, (cos, sin), NUM_HEADS, NUM_HEADS, head_dim)),
-            (qkv,),
-            attention_flops,
-            attention_bytes,
-            time_reference=False,
-        )
-    )
+    # The kernel alone under torch.compile, behind the opaque op (the default) and as the traced triton_op: in the
+    # 2026-12-04 whole steps the traced one took 0.57 ms a call against 0.20 ms alone; these rows tell whether
+    # compiling around the kernel is what costs (the eager row is the same kernel).
+    for name, op in (("short_attention_compiled", "custom_op"), ("short_attention_compiled_traced", "triton_op")):
+        fn = torch.compile(lambda qkv, op=op: short_attention(qkv, (cos, sin), NUM_HEADS, NUM_HEADS, head_dim, op=op))
+        cases.append(Case(name, ref_attention, fn, (qkv,), attention_flops, attention_bytes, time_reference=False))
     layer = Attention(d, head_dim, NUM_HEADS, NUM_HEADS).to(device)
     w_qkv, w_o = layer.qkv_proj.weight, layer.o_proj.weight
 
@@ -314,6 +307,18 @@ def short_sequence_cases(
         Case(
             "mlp_t_token_mix_transposed", ref_token_mix,
             lambda x: token_mix(x, mix.gate_up_proj.weight, mix.down_proj.weight, EPS, True), (x,), flops, mix_bytes,
+        ),
+        # The same kernel under torch.compile as the traced triton_op (the default) and as the opaque op: inside the
+        # 2026-12-04 trm_mlp step it took 0.677 ms a call against 0.607 alone.
+        *(
+            Case(
+                name, ref_token_mix,
+                torch.compile(
+                    lambda x, op=op: token_mix(x, mix.gate_up_proj.weight, mix.down_proj.weight, EPS, True, op)
+                ),
+                (x,), flops, mix_bytes, time_reference=False,
+            )
+            for name, op in (("mlp_t_token_mix_compiled", "triton_op"), ("mlp_t_token_mix_compiled_opaque", "custom_op"))
         ),
     ]  # fmt: skip
 

@@ -26,8 +26,10 @@ per call at HRM's Sudoku shape against 0.175 ms for Inductor's RoPE + layout ker
 HRM Sudoku step was slower with it (benchmarks/RESULTS.md, speed log). The persistent version (2026-12-04): 0.202 ms
 alone with its fastest launch (128:8:4:1; the default 64:4:2:1 0.212) against 0.176 for the compiled composition,
 but about 0.57 ms a call inside the compiled HRM Sudoku step (profiled), which made that step 86 ms against 74.5;
-`bench_fused_ops.py` times the kernel alone under torch.compile (`short_attention_compiled`) and its layer eager
-(`attention_layer_eager`) to find out where those 0.37 ms go. Also found then: over a 16-step evaluation with random
+`bench_fused_ops.py` times the kernel alone under torch.compile, as either op (`short_attention_compiled`,
+`short_attention_compiled_traced`), and its layer eager (`attention_layer_eager`) to find out where those 0.37 ms
+go. Those 0.57 ms were taken with the traced `triton_op`; the one kernel whose time inside a step matched its time
+alone (the persistent gate/up kernel) is an opaque custom op, so the opaque op is this kernel's default since. Also found then: over a 16-step evaluation with random
 weights (tests/test_gpu.py, `all`) its answers agreed with the fp32 ones 8-9 points less often than the portable
 path's at a late ACT step, while its error stayed within the test's budget.
 
@@ -35,16 +37,26 @@ Scope: the forward only, for calls without autograd (every evaluation call, and 
 train step); non-causal; head_dim 32, 64 or 128 (Triton's dot needs at least 16 along each half); 16-bit
 activations on CUDA (fp32 too under the Triton interpreter, for tests). `short_attention_supported` says whether a
 call qualifies; the decision depends on shapes, dtype, device and grad mode only, so torch.compile guards on it
-without a graph break. The kernel is a `torch.library.triton_op`, traced by torch.compile like Inductor's own kernels.
+without a graph break. The kernel is registered twice: as an opaque `torch.library.custom_op` (the default) and as a
+`torch.library.triton_op` that torch.compile traces like Inductor's own kernels (`HRM_SHORT_ATTENTION_OP`).
 """
 
+import contextlib
 import dataclasses
 import math
 import os
 
 import torch
 
-from models.triton_common import HAS_TRITON, INTERPRET, kernel_flags, kernel_on, local_gpu, no_grad_kernel_call
+from models.triton_common import (
+    HAS_TRITON,
+    INTERPRET,
+    kernel_flags,
+    kernel_on,
+    local_gpu,
+    no_grad_kernel_call,
+    parse_op,
+)
 
 ENABLED = kernel_on("short_attention")  # experimental: only with HRM_KERNELS=all
 
@@ -158,25 +170,18 @@ if HAS_TRITON:
             out_rows = out_ptr + row.to(tl.int64) * stride_out_b + offs_m[:, None] * stride_out_s
             tl.store(out_rows + head * D + tl.arange(0, D)[None, :], out, mask=mask_m)
 
-    @torch.library.triton_op("hrm::short_attention", mutates_args=())
-    def _short_attention_op(
-        qkv: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        num_heads: int,
-        num_kv_heads: int,
-        apply_rope: bool,
-        block_m: int,
-        num_warps: int,
-        programs: int,
-        prefetch: bool,
-    ) -> torch.Tensor:
+    def _launch(
+        launcher, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, num_kv_heads: int,
+        apply_rope: bool, block_m: int, num_warps: int, programs: int, prefetch: bool,
+    ) -> torch.Tensor:  # fmt: skip
+        """The kernel's launch, shared by both ops: `launcher` is `torch.library.wrap_triton` (traced by
+        torch.compile) or the identity (a plain launch inside an op torch.compile does not look into)."""
         batch, seq_len, width = qkv.shape
         head_dim = width // (num_heads + 2 * num_kv_heads)
         out = torch.empty((batch, seq_len, num_heads * head_dim), device=qkv.device, dtype=qkv.dtype)
         num_m = triton.cdiv(seq_len, block_m)
         total = batch * num_heads * num_m
-        torch.library.wrap_triton(_short_attention_kernel)[(max(1, min(total, programs)),)](
+        launcher(_short_attention_kernel)[(max(1, min(total, programs)),)](
             qkv, cos, sin, out,
             seq_len, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1), cos.stride(0),
             math.log2(math.e) / math.sqrt(head_dim), total, num_m,
@@ -184,6 +189,28 @@ if HAS_TRITON:
             APPLY_ROPE=apply_rope, PREFETCH=prefetch, **kernel_flags(qkv.dtype), num_warps=num_warps, num_stages=1,
         )  # fmt: skip
         return out
+
+    @torch.library.triton_op("hrm::short_attention", mutates_args=())
+    def _short_attention_op(
+        qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, num_kv_heads: int,
+        apply_rope: bool, block_m: int, num_warps: int, programs: int, prefetch: bool,
+    ) -> torch.Tensor:  # fmt: skip
+        args = num_heads, num_kv_heads, apply_rope, block_m, num_warps, programs, prefetch
+        return _launch(torch.library.wrap_triton, qkv, cos, sin, *args)
+
+    @torch.library.custom_op("hrm::short_attention_opaque", mutates_args=())
+    def _short_attention_opaque_op(
+        qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, num_kv_heads: int,
+        apply_rope: bool, block_m: int, num_warps: int, programs: int, prefetch: bool,
+    ) -> torch.Tensor:  # fmt: skip
+        args = num_heads, num_kv_heads, apply_rope, block_m, num_warps, programs, prefetch
+        with torch.cuda.device(qkv.device) if qkv.is_cuda else contextlib.nullcontext():
+            return _launch(lambda kernel: kernel, qkv, cos, sin, *args)
+
+    @_short_attention_opaque_op.register_fake
+    def _(qkv, cos, sin, num_heads, num_kv_heads, apply_rope, block_m, num_warps, programs, prefetch):
+        head_dim = qkv.shape[2] // (num_heads + 2 * num_kv_heads)
+        return qkv.new_empty((qkv.shape[0], qkv.shape[1], num_heads * head_dim))
 
 
 def key_block(seq_len: int) -> int:
@@ -225,6 +252,12 @@ def parse_tiles(text: str) -> Tiles:
 
 
 TILES = parse_tiles(os.environ.get("HRM_SHORT_ATTENTION_TILES", ""))
+
+
+# How torch.compile sees the kernel: `custom_op` (default), an opaque op whose body launches the kernel as a
+# micro-benchmark does, or `triton_op`, traced, the kernel compiled and launched by Inductor's own code (where it
+# took 0.57 ms a call against 0.20 alone, 2026-12-04).
+OP = parse_op(os.environ.get("HRM_SHORT_ATTENTION_OP", ""), "HRM_SHORT_ATTENTION_OP", default="custom_op")
 _NUM_SMS = (
     torch.cuda.get_device_properties(local_gpu()).multi_processor_count
     if HAS_TRITON and torch.cuda.is_available() and not INTERPRET
@@ -258,12 +291,14 @@ def short_attention(
     num_kv_heads: int,
     head_dim: int,
     tiles: Tiles | None = None,
+    op: str | None = None,
 ) -> torch.Tensor:
     """Bidirectional attention of the fused projection `qkv` [B, S, (H+2K)·D] (queries, then keys, then values,
     each head-major), with RoPE tables `cos_sin` ([>= S, D] fp32) applied to q and k, or none; returns
     [B, S, H·D]. Same result as models/layers.py's RoPE + `attention` + reshape, within bf16 rounding.
     `tiles`: the launch choices (default `TILES`: `HRM_SHORT_ATTENTION_TILES` or `Tiles()`); the result does not
-    depend on the program count or on prefetching."""
+    depend on the program count or on prefetching. `op`: how torch.compile sees the kernel, "custom_op" or
+    "triton_op" (default `OP`, from HRM_SHORT_ATTENTION_OP); the result does not depend on it either."""
     if not HAS_TRITON:
         raise RuntimeError("models.short_attention: Triton is not installed; use models.layers.attention")
     batch, seq_len, width = qkv.shape
@@ -282,7 +317,9 @@ def short_attention(
         cos = sin = qkv.new_zeros((1, 1), dtype=torch.float32)  # not read
     else:
         cos, sin = (t.to(torch.float32).contiguous() for t in cos_sin)
-    return torch.ops.hrm.short_attention(
+    opaque = (OP if op is None else op) == "custom_op"
+    kernel_op = torch.ops.hrm.short_attention_opaque if opaque else torch.ops.hrm.short_attention
+    return kernel_op(
         qkv, cos, sin, num_heads, num_kv_heads, cos_sin is not None,
         tiles.block_m, tiles.num_warps, launch_programs(tiles), tiles.prefetch,
     )  # fmt: skip

@@ -38,17 +38,24 @@ Scope: the forward only, for calls without autograd (every evaluation call, the 
 step); L <= MAX_POSITIONS; 16-bit activations on CUDA (fp32 too under the Triton interpreter, for tests).
 `token_mix_supported` says whether a call qualifies; it depends on shapes, dtype, device and grad mode only,
 so torch.compile guards on it without a graph break. The kernel is a `torch.library.triton_op`, traced by
-torch.compile like Inductor's own kernels.
+torch.compile like Inductor's own kernels, and also an opaque `torch.library.custom_op` (`HRM_TOKEN_MIX_OP`) to time
+against it: inside the 2026-12-04 trm_mlp step it took 0.677 ms a call against 0.607 alone.
 """
+
+import contextlib
+import os
 
 import torch
 import torch.nn.functional as F
 
-from models.triton_common import HAS_TRITON, kernel_flags, kernel_on, no_grad_kernel_call
+from models.triton_common import HAS_TRITON, kernel_flags, kernel_on, no_grad_kernel_call, parse_op
 
 MAX_POSITIONS = 128
 ENABLED = kernel_on("token_mix")  # off with HRM_KERNELS=portable or HRM_KERNELS_OFF=token_mix
 TRANSPOSED = kernel_on("token_mix_transposed")  # default; HRM_KERNELS_OFF=token_mix_transposed: the first kernel
+# How torch.compile sees the kernel: traced (`triton_op`, the default, as measured) or opaque (`custom_op`), for
+# timing one against the other (`HRM_TOKEN_MIX_OP`; models/triton_common.py, `parse_op`).
+OP = parse_op(os.environ.get("HRM_TOKEN_MIX_OP", ""), "HRM_TOKEN_MIX_OP", default="triton_op")
 
 if HAS_TRITON:
     import triton
@@ -175,22 +182,38 @@ if HAS_TRITON:
         out_ptrs = out_ptr + b * stride_ob + offs_l[:, None] * stride_ol + offs_d[None, :]
         tl.store(out_ptrs, y.to(out_ty), mask=mask)
 
-    @torch.library.triton_op("hrm::token_mix", mutates_args=())
-    def _token_mix_op(
-        x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, eps: float, transposed: bool
-    ) -> torch.Tensor:
+    def _launch(launcher, x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, eps: float, transposed: bool):
+        """The kernel's launch, shared by both ops: `launcher` is `torch.library.wrap_triton` (traced by
+        torch.compile) or the identity (a plain launch inside an op torch.compile does not look into)."""
         batch, positions, width = x.shape
         inner = w_down.shape[1]
         padded = w_gate_up.shape[1]
         out = torch.empty_like(x)
         grid = lambda meta: (triton.cdiv(width, meta["BLOCK_D"]), batch)
         kernel = _token_mix_transposed_kernel if transposed else _token_mix_kernel
-        torch.library.wrap_triton(kernel)[grid](
+        launcher(kernel)[grid](
             x, w_gate_up, w_down, out,
             positions, width, inner, x.stride(0), x.stride(1), out.stride(0), out.stride(1), eps,
             L_PAD=padded, **kernel_flags(x.dtype),
         )  # fmt: skip
         return out
+
+    @torch.library.triton_op("hrm::token_mix", mutates_args=())
+    def _token_mix_op(
+        x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, eps: float, transposed: bool
+    ) -> torch.Tensor:
+        return _launch(torch.library.wrap_triton, x, w_gate_up, w_down, eps, transposed)
+
+    @torch.library.custom_op("hrm::token_mix_opaque", mutates_args=())
+    def _token_mix_opaque_op(
+        x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, eps: float, transposed: bool
+    ) -> torch.Tensor:
+        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+            return _launch(lambda kernel: kernel, x, w_gate_up, w_down, eps, transposed)
+
+    @_token_mix_opaque_op.register_fake
+    def _(x, w_gate_up, w_down, eps, transposed):
+        return torch.empty_like(x)
 
 
 def padded_positions(positions: int) -> int:
@@ -206,12 +229,18 @@ def token_mix_supported(x: torch.Tensor) -> bool:
 
 
 def token_mix(
-    x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, eps: float, transposed: bool | None = None
+    x: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    eps: float,
+    transposed: bool | None = None,
+    op: str | None = None,
 ) -> torch.Tensor:
     """rms_norm(x + SwiGLU_L(x over positions), over positions) for x [B, L, D], with the token SwiGLU's weights
     w_gate_up [2m, L] (gate rows, then up rows) and w_down [L, m]; returns [B, L, D] in x's dtype. Same result as
     models/layers.py's `PostNormBlock._mix_positions`, within the activation dtype's rounding. `transposed`: run
-    the kernel with channels as tile rows (default `TRANSPOSED`: yes, unless HRM_KERNELS_OFF names it)."""
+    the kernel with channels as tile rows (default `TRANSPOSED`: yes, unless HRM_KERNELS_OFF names it); `op`: how
+    torch.compile sees it, "triton_op" or "custom_op" (default `OP`, from HRM_TOKEN_MIX_OP)."""
     if not HAS_TRITON:
         raise RuntimeError("models.token_mix: Triton is not installed; use models.layers.PostNormBlock's path")
     if x.dim() != 3:
@@ -233,4 +262,6 @@ def token_mix(
     w_gate_up = F.pad(w_gate_up, (0, pad)).contiguous()  # [2m, L_PAD], padded columns zero
     w_down = F.pad(w_down.to(x.dtype), (0, 0, 0, pad)).contiguous()  # [L_PAD, m], padded rows zero
     x = x if x.stride(-1) == 1 else x.contiguous()
-    return torch.ops.hrm.token_mix(x, w_gate_up, w_down, float(eps), bool(transposed))
+    opaque = (OP if op is None else op) == "custom_op"
+    kernel_op = torch.ops.hrm.token_mix_opaque if opaque else torch.ops.hrm.token_mix
+    return kernel_op(x, w_gate_up, w_down, float(eps), bool(transposed))

@@ -79,6 +79,16 @@ def kernel_on(name: str) -> bool:
     raise ValueError(f"kernel_on: unknown kernel {name!r}")
 
 
+def parse_op(text: str, name: str, default: str) -> str:
+    """How torch.compile is to see a kernel, from the environment variable `name` (value `text`, empty for
+    `default`): `triton_op` (traced: Inductor compiles and launches the kernel with its own code) or `custom_op`
+    (opaque: the op's body launches it as a direct call does). Bad values raise ValueError naming them."""
+    op = text.strip().lower() or default
+    if op not in ("custom_op", "triton_op"):
+        raise ValueError(f"{name}={text!r}: expected custom_op or triton_op")
+    return op
+
+
 def describe_kernels() -> str:
     """One line for the launchers' start-up banner: which kernel mode runs, what is switched off, and what is
     missing for the rest."""

@@ -120,6 +120,51 @@ def test_launch_choices_change_no_result():
             assert rel <= min(CAP[dtype], 1.5 * portable_rel + FLOOR[dtype]), f"block_m {block_m}: {rel:.2e}"
 
 
+@KERNEL
+def test_opaque_and_traced_ops_run_the_same_kernel(monkeypatch):
+    """`HRM_SHORT_ATTENTION_OP` only changes how torch.compile sees the kernel: the opaque custom op (the default)
+    and the traced triton_op give the same bits, called directly and from a function torch.compile traced whole."""
+    import models.short_attention as sa
+
+    batch, seq, heads, kv_heads, head_dim, dtype = 2, 37, 4, 2, 32, DTYPES[0]
+    qkv, cos_sin = _inputs(batch, seq, heads, kv_heads, head_dim, True, dtype, 11)
+    assert sa.OP == "custom_op"
+    outs = {}
+    with torch.no_grad():
+        for op in ("custom_op", "triton_op"):
+            monkeypatch.setattr(sa, "OP", op)
+            outs[op] = sa.short_attention(qkv, cos_sin, heads, kv_heads, head_dim)
+        assert torch.equal(outs["custom_op"], outs["triton_op"])
+        monkeypatch.setattr(sa, "OP", "custom_op")
+        compiled = torch.compile(lambda q: sa.short_attention(q, cos_sin, heads, kv_heads, head_dim), fullgraph=True)
+        assert torch.equal(compiled(qkv), outs["custom_op"])
+
+
+@pytest.mark.parametrize("variable", ["HRM_SHORT_ATTENTION_OP", "HRM_TOKEN_MIX_OP"])
+def test_op_choice_from_the_environment_is_checked(tmp_path, variable):
+    """`HRM_SHORT_ATTENTION_OP` and `HRM_TOKEN_MIX_OP` take custom_op or triton_op (any case; each kernel has its own
+    default); anything else stops the launcher before any work with one `error:` line."""
+    import os
+    import subprocess
+    import sys
+
+    import models.short_attention
+    import models.token_mix
+    from models.triton_common import parse_op
+    from tests.helpers import REPO
+
+    assert models.short_attention.OP == "custom_op" and models.token_mix.OP == "triton_op"
+    assert parse_op("", variable, "custom_op") == "custom_op" and parse_op(" Triton_Op ", variable, "x") == "triton_op"
+    with pytest.raises(ValueError, match=f"{variable}='inductor': expected custom_op or triton_op"):
+        parse_op("inductor", variable, "custom_op")
+    env = os.environ | {variable: "inductor"}
+    cmd = [sys.executable, str(REPO / "pretrain.py"), f"data_path={tmp_path}", "device=cpu"]
+    out = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode != 0 and lines[-1].startswith(f"error: {variable}='inductor'"), out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_tiles_from_the_environment_are_checked():
     """`HRM_SHORT_ATTENTION_TILES` is four numbers; anything else is refused with the expected form, and the
     query block never exceeds the key tile of the sequence."""

@@ -107,6 +107,23 @@ def test_benchmark_log_names_the_autotuners_choice(monkeypatch):
 
 
 @KERNEL
+def test_opaque_and_traced_ops_run_the_same_kernel(monkeypatch):
+    """`HRM_TOKEN_MIX_OP` only changes how torch.compile sees the kernel: the traced triton_op (the default) and the
+    opaque custom op give the same bits, called directly and from a function torch.compile traced whole."""
+    import models.token_mix as tm
+
+    x, w_gate_up, w_down = _inputs(2, 9, 24, 4.0, DTYPES[0], 5)
+    outs = {}
+    with torch.no_grad():
+        for op in ("triton_op", "custom_op"):
+            monkeypatch.setattr(tm, "OP", op)
+            outs[op] = tm.token_mix(x, w_gate_up, w_down, EPS)
+        assert torch.equal(outs["custom_op"], outs["triton_op"])
+        compiled = torch.compile(lambda h: tm.token_mix(h, w_gate_up, w_down, EPS), fullgraph=True)
+        assert torch.equal(compiled(x), outs["custom_op"])  # OP is custom_op here
+
+
+@KERNEL
 def test_strided_input_and_bad_shapes():
     """A non-contiguous x (a slice of a wider buffer) gives the same result; weights that do not fit the positions,
     too many positions and a wrong rank are refused with the numbers."""

@@ -298,7 +298,9 @@ def checked_options(target: Any, options: dict[str, Any], where: str, given: tup
 
 def print_backends(info: DistInfo) -> None:
     from models.layers import ATTENTION_BACKEND
+    from models.short_attention import OP as SHORT_ATTENTION_OP
     from models.short_attention import TILES, Tiles
+    from models.token_mix import OP as TOKEN_MIX_OP
     from models.triton_common import describe_kernels
     from utils.optimizers import ADAM_ATAN2_BACKEND, ADAM_ATAN2_SKIP_BACKEND
 
@@ -310,6 +312,10 @@ def print_backends(info: DistInfo) -> None:
         kernels += (
             f" (short_attention tiles {TILES.block_m}:{TILES.num_warps}:{TILES.programs_per_sm}:{int(TILES.prefetch)})"
         )
+    if SHORT_ATTENTION_OP != "custom_op":  # HRM_SHORT_ATTENTION_OP=triton_op
+        kernels += f" (short_attention as {SHORT_ATTENTION_OP})"
+    if TOKEN_MIX_OP != "triton_op":  # HRM_TOKEN_MIX_OP=custom_op
+        kernels += f" (token_mix as {TOKEN_MIX_OP})"
     if info.is_main:
         print(
             f"device {info.device} x{info.world_size}, attention {ATTENTION_BACKEND}, AdamATan2 {adam}, "
