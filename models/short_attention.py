@@ -28,8 +28,9 @@ alone with its fastest launch (128:8:4:1; the default 64:4:2:1 0.212) against 0.
 but about 0.57 ms a call inside the compiled HRM Sudoku step (profiled), which made that step 86 ms against 74.5;
 `bench_fused_ops.py` times the kernel alone under torch.compile, as either op (`short_attention_compiled`,
 `short_attention_compiled_traced`), and its layer eager (`attention_layer_eager`) to find out where those 0.37 ms
-go. Those 0.57 ms were taken with the traced `triton_op`; the one kernel whose time inside a step matched its time
-alone (the persistent gate/up kernel) is an opaque custom op, so the opaque op is this kernel's default since. Also found then: over a 16-step evaluation with random
+go. Those 0.57 ms were taken with the traced `triton_op`; the kernels whose time inside a step matched their time
+alone (the persistent gate/up kernel, the SwiGLU backward) are opaque custom ops, so the opaque op is this
+kernel's default since. Also found then: over a 16-step evaluation with random
 weights (tests/test_gpu.py, `all`) its answers agreed with the fp32 ones 8-9 points less often than the portable
 path's at a late ACT step, while its error stayed within the test's budget.
 
