@@ -176,14 +176,13 @@ def best_attention_tiles(rows: list[dict], shape: str) -> str | None:
     None when the sweep has no row there. The unswept `short_attention` row is the default `Tiles()`."""
     from models.short_attention import Tiles
 
-    default = Tiles()
     timed = {}
     for row in rows:
         if row.get("shape") != shape or not str(row.get("op", "")).startswith("short_attention"):
             continue
         op = row["op"]
         if op == "short_attention":
-            key = f"{default.block_m}:{default.num_warps}:{default.programs_per_sm}:{int(default.prefetch)}"
+            key = Tiles().spec()
         elif op.startswith("short_attention[") and op.endswith("]"):
             key = op[len("short_attention[") : -1]
         else:
@@ -232,7 +231,7 @@ def short_sequence_cases(
         tiles = Tiles(block_m, warps, per_sm, prefetch)
         cases.append(
             Case(
-                f"short_attention[{block_m}:{warps}:{per_sm}:{int(prefetch)}]",
+                f"short_attention[{tiles.spec()}]",
                 ref_attention,
                 lambda qkv, t=tiles: short_attention(qkv, (cos, sin), NUM_HEADS, NUM_HEADS, head_dim, t),
                 (qkv,),

@@ -229,6 +229,10 @@ class Tiles:
     programs_per_sm: int = 2
     prefetch: bool = True
 
+    def spec(self) -> str:
+        """These tiles as `HRM_SHORT_ATTENTION_TILES` takes them (`parse_tiles`' inverse), e.g. `64:4:2:1`."""
+        return f"{self.block_m}:{self.num_warps}:{self.programs_per_sm}:{int(self.prefetch)}"
+
     def for_sequence(self, seq_len: int) -> "Tiles":
         """These tiles with the query block no larger than the key tile (a short sequence is one block)."""
         return dataclasses.replace(self, block_m=min(self.block_m, key_block(seq_len)))
@@ -258,7 +262,8 @@ TILES = parse_tiles(os.environ.get("HRM_SHORT_ATTENTION_TILES", ""))
 # How torch.compile sees the kernel: `custom_op` (default), an opaque op whose body launches the kernel as a
 # micro-benchmark does, or `triton_op`, traced, the kernel compiled and launched by Inductor's own code (where it
 # took 0.57 ms a call against 0.20 alone, 2026-12-04).
-OP = parse_op(os.environ.get("HRM_SHORT_ATTENTION_OP", ""), "HRM_SHORT_ATTENTION_OP", default="custom_op")
+OP_DEFAULT = "custom_op"
+OP = parse_op(os.environ.get("HRM_SHORT_ATTENTION_OP", ""), "HRM_SHORT_ATTENTION_OP", default=OP_DEFAULT)
 _NUM_SMS = (
     torch.cuda.get_device_properties(local_gpu()).multi_processor_count
     if HAS_TRITON and torch.cuda.is_available() and not INTERPRET

@@ -55,7 +55,8 @@ ENABLED = kernel_on("token_mix")  # off with HRM_KERNELS=portable or HRM_KERNELS
 TRANSPOSED = kernel_on("token_mix_transposed")  # default; HRM_KERNELS_OFF=token_mix_transposed: the first kernel
 # How torch.compile sees the kernel: traced (`triton_op`, the default, as measured) or opaque (`custom_op`), for
 # timing one against the other (`HRM_TOKEN_MIX_OP`; models/triton_common.py, `parse_op`).
-OP = parse_op(os.environ.get("HRM_TOKEN_MIX_OP", ""), "HRM_TOKEN_MIX_OP", default="triton_op")
+OP_DEFAULT = "triton_op"
+OP = parse_op(os.environ.get("HRM_TOKEN_MIX_OP", ""), "HRM_TOKEN_MIX_OP", default=OP_DEFAULT)
 
 if HAS_TRITON:
     import triton

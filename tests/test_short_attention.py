@@ -171,6 +171,7 @@ def test_tiles_from_the_environment_are_checked():
     from models.short_attention import Tiles, key_block, parse_tiles
 
     assert parse_tiles("") == Tiles() and parse_tiles("128:8:1:0") == Tiles(128, 8, 1, False)
+    assert Tiles(128, 8, 1, False).spec() == "128:8:1:0" and parse_tiles(Tiles().spec()) == Tiles()
     for bad in ("64:4:2", "64:4:2:yes", "48:4:2:1", "64:3:2:1", "64:4:0:1", "64:4:2:2", "-64:4:2:1"):
         with pytest.raises(ValueError, match="HRM_SHORT_ATTENTION_TILES="):
             parse_tiles(bad)

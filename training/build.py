@@ -297,10 +297,9 @@ def checked_options(target: Any, options: dict[str, Any], where: str, given: tup
 
 
 def print_backends(info: DistInfo) -> None:
+    import models.short_attention as short_attention
+    import models.token_mix as token_mix
     from models.layers import ATTENTION_BACKEND
-    from models.short_attention import OP as SHORT_ATTENTION_OP
-    from models.short_attention import TILES, Tiles
-    from models.token_mix import OP as TOKEN_MIX_OP
     from models.triton_common import describe_kernels
     from utils.optimizers import ADAM_ATAN2_BACKEND, ADAM_ATAN2_SKIP_BACKEND
 
@@ -308,14 +307,11 @@ def print_backends(info: DistInfo) -> None:
     if ADAM_ATAN2_SKIP_BACKEND != ADAM_ATAN2_BACKEND:
         adam += f" ({ADAM_ATAN2_SKIP_BACKEND} for steps with a skip flag)"
     kernels = describe_kernels()
-    if TILES != Tiles():  # HRM_SHORT_ATTENTION_TILES given: say what the run takes
-        kernels += (
-            f" (short_attention tiles {TILES.block_m}:{TILES.num_warps}:{TILES.programs_per_sm}:{int(TILES.prefetch)})"
-        )
-    if SHORT_ATTENTION_OP != "custom_op":  # HRM_SHORT_ATTENTION_OP=triton_op
-        kernels += f" (short_attention as {SHORT_ATTENTION_OP})"
-    if TOKEN_MIX_OP != "triton_op":  # HRM_TOKEN_MIX_OP=custom_op
-        kernels += f" (token_mix as {TOKEN_MIX_OP})"
+    if short_attention.TILES != short_attention.Tiles():  # HRM_SHORT_ATTENTION_TILES given: say what the run takes
+        kernels += f" (short_attention tiles {short_attention.TILES.spec()})"
+    for name, module in (("short_attention", short_attention), ("token_mix", token_mix)):
+        if module.OP != module.OP_DEFAULT:  # HRM_SHORT_ATTENTION_OP / HRM_TOKEN_MIX_OP given
+            kernels += f" ({name} as {module.OP})"
     if info.is_main:
         print(
             f"device {info.device} x{info.world_size}, attention {ATTENTION_BACKEND}, AdamATan2 {adam}, "
