@@ -115,6 +115,7 @@ def make_cases(shape: Shape, dtype: torch.dtype, device: torch.device, sweep_til
     )
     block_flops = 2 * T * d * (3 * d + d + 3 * m) + 4 * B * S * S * d
     extra = short_sequence_cases(shape, dtype, device, sweep_tiles) + swiglu_backward_cases(shape, dtype, device, m)
+    extra += cutlass_gate_up_cases(x, w_gu, ref_gate_up, el)
     return extra + [
         Case(
             "qkv_rope",
@@ -157,6 +158,53 @@ def make_cases(shape: Shape, dtype: torch.dtype, device: torch.device, sweep_til
             None,
         ),
     ]
+
+
+def cutlass_gate_up_cases(x: torch.Tensor, w_gu: torch.Tensor, reference: Callable, el: int) -> list[Case]:
+    """The CUTLASS gate/up + SwiGLU kernel (models/cutlass_ops.py) in each of its configs, as the model calls it
+    (the weight interleaved and cast each call), and once more with the weight prepared beforehand (the kernel
+    alone). None where `cutlass_ops.prepare` could not build it (its line says why)."""
+    from models import cutlass_ops
+
+    if not cutlass_ops._lib or x.dtype != torch.bfloat16 or not cutlass_ops.supported(x, w_gu):
+        return []
+    T, d = x.shape[0] * x.shape[1], x.shape[-1]
+    m = w_gu.shape[0] // 2
+    flops, traffic = 2 * T * d * 2 * m, el * (T * d + 2 * m * d + T * m)
+    w_prepared = cutlass_ops.interleave_gate_up(w_gu.to(x.dtype)).contiguous()
+    swiglu_configs = [(i, name) for i, name in enumerate(cutlass_ops.CONFIGS) if i != cutlass_ops.PRODUCT_CONFIG]
+    cases = [
+        Case(
+            f"gate_up_swiglu_cutlass_{name}",
+            reference,
+            lambda x, w, i=i: cutlass_ops.gate_up_swiglu_cutlass(x.view(-1, d), w, i).view(*x.shape[:-1], m),
+            (x, w_gu),
+            flops,
+            traffic,
+            time_reference=False,
+        )
+        for i, name in swiglu_configs
+    ]
+    # each config once more with the weight prepared beforehand: the kernel alone
+    cases += [
+        Case(
+            f"gate_up_swiglu_cutlass_kernel_{name}",
+            reference,
+            lambda x, w, i=i: torch.ops.hrm.gate_up_swiglu_cutlass(x.view(-1, d), w_prepared, i).view(*x.shape[:-1], m),
+            (x, w_gu),
+            flops,
+            traffic,
+            time_reference=False,
+        )
+        for i, name in swiglu_configs
+    ]
+    # the matmul alone with CUTLASS's own epilogue (the [T, 2m] product, no gating): what the mainloop costs
+    product = lambda x, w: F.linear(x, cutlass_ops.interleave_gate_up(w.to(x.dtype)))
+    product_kernel = lambda x, w: torch.ops.hrm.gate_up_swiglu_cutlass(
+        x.view(-1, d), w_prepared, cutlass_ops.PRODUCT_CONFIG
+    ).view(*x.shape[:-1], 2 * m)
+    product_traffic = el * (T * d + 2 * m * d + 2 * T * m)
+    return cases + [Case("gate_up_product_cutlass_kernel", product, product_kernel, (x, w_gu), flops, product_traffic)]
 
 
 # Launch choices of the short-sequence attention kernel timed with --sweep-attention-tiles (BLOCK_M, warps, programs
@@ -457,6 +505,9 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     print(f"device: {torch.cuda.get_device_name(device)}  torch {torch.__version__}  dtype {args.dtype}")
+    from models import cutlass_ops
+
+    print(cutlass_ops.prepare(force=True), flush=True)  # build time reported here, apart from the timings
     header = f"{'shape':<8} {'op':<28} {'eager ms':>9} {'compile ms':>10} {'fused ms':>9} {'x eager':>8} {'x comp':>7} {'TFLOP/s':>8} {'GB/s':>7} {'rel err':>8}"
     rows, failures = [], []
     for name in names:

@@ -15,9 +15,9 @@
 #   setsid nohup bash benchmarks/speed_session.sh run /tmp/speed > /tmp/speed.log 2>&1 &
 #   bash benchmarks/speed_session.sh poll SECONDS /tmp/speed OUT   # wait up to SECONDS for the end; the JSON
 #        lines and a tarball of the logs, kernel tables and trace summaries go to OUT
-# Environment: SHAPES (default "trm_mlp sudoku trm arc"), STEPS (compare_reference.py timing flags),
+# Environment: SHAPES (default "trm_mlp sudoku trm arc"; none: no comparisons), STEPS (compare_reference.py timing flags),
 # ROUNDS, VARIANTS (extra --variant flags for every shape), VARIANTS_<shape> (for that shape only), SKIP_TESTS=1,
-# SKIP_KERNELS=1, KERNEL_ARGS (extra bench_fused_ops.py flags, e.g. --sweep-attention-tiles), TESTS (the GPU test
+# ADAM_ATAN2=0 (no adam-atan2 build: no reference timed), SKIP_KERNELS=1, KERNEL_ARGS (extra bench_fused_ops.py flags, e.g. --sweep-attention-tiles), TESTS (the GPU test
 # files, default all of them), LEARN, LEARN_POINTS, LEARN_SECONDS (the learning check's time limit, default 600),
 # HRM_LEARN=1 with HRM_LEARN_POINTS (default 2) and HRM_LEARN_SECONDS (default 900): HRM's learning check.
 # In the variants, @tiles@ stands for the attention launch choice that this session's --sweep-attention-tiles found
@@ -40,13 +40,16 @@ fi
 work=${2:-/tmp/speed}
 mkdir -p "$work/prof"
 SHAPES=${SHAPES:-trm_mlp sudoku trm arc}
+[ "$SHAPES" = none ] && SHAPES=""  # e.g. a session for the learning checks only
 STEPS=${STEPS:---steps 20 --warmup 3 --eval-batches 2}
 ROUNDS=${ROUNDS:-1}
 VARIANTS=${VARIANTS:-}
 note() { echo "$* $(date +%T)" >> "$work/progress.log"; }
 note "start"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv > "$work/gpu.log" 2>&1
-ADAM_ATAN2=1 source .whl/install.sh > "$work/install.log" 2>&1
+# adam-atan2 is built once a machine: a second session on the same warm machine reuses /tmp/site's build
+adam=${ADAM_ATAN2:-1}; compgen -G "/tmp/site/adam_atan2*" > /dev/null && adam=0
+ADAM_ATAN2=$adam source .whl/install.sh > "$work/install.log" 2>&1
 note "installed: $(tail -1 "$work/install.log")"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   python3 -m pytest -q -p no:cacheprovider --durations=15 ${TESTS:-tests/test_short_attention.py tests/test_fused_ops.py tests/test_token_mix.py tests/test_swiglu_backward.py tests/test_gpu.py} \

@@ -57,6 +57,7 @@ default where `TMA_KERNELS_AVAILABLE` holds, elsewhere when asked to (`fused_ops
 
 import torch
 
+from models import cutlass_ops
 from models.triton_common import HAS_TRITON, INTERPRET, SUPPORTED_DTYPES, kernel_flags, local_gpu
 
 if HAS_TRITON:
@@ -410,7 +411,8 @@ def fused_gate_up_swiglu(x: torch.Tensor, w_gate_up: torch.Tensor) -> torch.Tens
     """silu(x @ Wg^T) * (x @ Wu^T) for x [..., d], w_gate_up [2m, d] (gate rows first); returns [..., m].
 
     `w_gate_up` may be the fp32 parameter: it is cast to x's dtype here. On Hopper the persistent TMA
-    kernel runs (16-bit inputs, d and m multiples of 8), elsewhere the first kernel.
+    kernel runs (16-bit inputs, d and m multiples of 8), elsewhere the first kernel; the experimental CUTLASS
+    kernel (models/cutlass_ops.py) instead where a launcher's start has built it.
     """
     _require_triton()
     _check_dtype("fused_gate_up_swiglu: x", x)
@@ -420,6 +422,9 @@ def fused_gate_up_swiglu(x: torch.Tensor, w_gate_up: torch.Tensor) -> torch.Tens
             f"for x of shape {tuple(x.shape)}"
         )
     rows = _as_rows("fused_gate_up_swiglu: x", x)
+    if cutlass_ops.ready() and cutlass_ops.supported(rows, w_gate_up):  # HRM_KERNELS=all, built at start
+        h = cutlass_ops.gate_up_swiglu_cutlass(rows, w_gate_up)
+        return h.view(*x.shape[:-1], h.shape[-1])
     weight = w_gate_up.to(x.dtype).contiguous()
     use_tma = (
         TMA_KERNELS_AVAILABLE

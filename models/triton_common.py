@@ -42,7 +42,7 @@ DEFAULT_KERNEL_NAMES = (
     "token_mix_transposed",
     "token_mix_padded",
 )
-EXPERIMENTAL_KERNEL_NAMES = ("short_attention",)
+EXPERIMENTAL_KERNEL_NAMES = ("short_attention", "gate_up_cutlass")
 
 
 def _kernels_mode() -> str:

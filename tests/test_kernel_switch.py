@@ -40,9 +40,16 @@ def test_kernels_off_leaves_out_the_named_kernels_only():
     out = _run(code, HRM_KERNELS="all", HRM_KERNELS_OFF=" Token_Mix, swiglu_backward,")
     assert out.returncode == 0, out.stderr
     words = out.stdout.split()
-    on = ["token_mix_layout", "gate_up_swiglu", "token_mix_transposed", "token_mix_padded", "short_attention"]
-    assert words[:7] == ["True", "True", *on]
-    assert " ".join(words[7:]).startswith("all without swiglu_backward,token_mix")
+    on = [
+        "token_mix_layout",
+        "gate_up_swiglu",
+        "token_mix_transposed",
+        "token_mix_padded",
+        "short_attention",
+        "gate_up_cutlass",
+    ]
+    assert words[:8] == ["True", "True", *on]
+    assert " ".join(words[8:]).startswith("all without swiglu_backward,token_mix")
 
 
 def test_kernels_off_with_an_unknown_name_is_named():

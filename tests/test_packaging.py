@@ -165,6 +165,8 @@ def test_wheel_holds_the_code_and_config_the_commands_read(installed):
         for p in ([REPO / top] if top.endswith(".py") else (REPO / top).rglob("*.py"))
     }
     assert project <= names, sorted(project - names)
+    cuda_sources = {str(p.relative_to(REPO)) for p in (REPO / "models" / "cuda").glob("*.cu")}
+    assert cuda_sources and cuda_sources <= names, sorted(cuda_sources - names)  # compiled where they run
     config = {"hrm_config/" + str(p.relative_to(REPO / "config")) for p in (REPO / "config").rglob("*.yaml")}
     assert config <= names and "hrm_config/arch/trm_tiny.yaml" in config
     assert not [n for n in names if n.startswith(("tests/", "benchmarks/", "scripts/", "config/"))]

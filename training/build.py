@@ -297,6 +297,7 @@ def checked_options(target: Any, options: dict[str, Any], where: str, given: tup
 
 
 def print_backends(info: DistInfo) -> None:
+    import models.cutlass_ops as cutlass_ops
     import models.short_attention as short_attention
     import models.token_mix as token_mix
     from models.layers import ATTENTION_BACKEND
@@ -307,6 +308,9 @@ def print_backends(info: DistInfo) -> None:
     if ADAM_ATAN2_SKIP_BACKEND != ADAM_ATAN2_BACKEND:
         adam += f" ({ADAM_ATAN2_SKIP_BACKEND} for steps with a skip flag)"
     kernels = describe_kernels()
+    cuda_kernels = cutlass_ops.prepare()  # every rank loads it; the first one on a machine builds it
+    if cuda_kernels:
+        kernels += f"; {cuda_kernels}"
     if short_attention.TILES != short_attention.Tiles():  # HRM_SHORT_ATTENTION_TILES given: say what the run takes
         kernels += f" (short_attention tiles {short_attention.TILES.spec()})"
     for name, module in (("short_attention", short_attention), ("token_mix", token_mix)):
