@@ -173,29 +173,14 @@ def cutlass_gate_up_cases(x: torch.Tensor, w_gu: torch.Tensor, reference: Callab
     flops, traffic = 2 * T * d * 2 * m, el * (T * d + 2 * m * d + T * m)
     w_prepared = cutlass_ops.interleave_gate_up(w_gu.to(x.dtype)).contiguous()
     swiglu_configs = [(i, name) for i, name in enumerate(cutlass_ops.CONFIGS) if i != cutlass_ops.PRODUCT_CONFIG]
+    as_called = lambda i: lambda x, w: cutlass_ops.gate_up_swiglu_cutlass(x.view(-1, d), w, i).view(*x.shape[:-1], m)
+    alone = lambda i: (
+        lambda x, w: torch.ops.hrm.gate_up_swiglu_cutlass(x.view(-1, d), w_prepared, i).view(*x.shape[:-1], m)
+    )
+    # each config as the model calls it, then with the weight prepared beforehand (the kernel alone)
     cases = [
-        Case(
-            f"gate_up_swiglu_cutlass_{name}",
-            reference,
-            lambda x, w, i=i: cutlass_ops.gate_up_swiglu_cutlass(x.view(-1, d), w, i).view(*x.shape[:-1], m),
-            (x, w_gu),
-            flops,
-            traffic,
-            time_reference=False,
-        )
-        for i, name in swiglu_configs
-    ]
-    # each config once more with the weight prepared beforehand: the kernel alone
-    cases += [
-        Case(
-            f"gate_up_swiglu_cutlass_kernel_{name}",
-            reference,
-            lambda x, w, i=i: torch.ops.hrm.gate_up_swiglu_cutlass(x.view(-1, d), w_prepared, i).view(*x.shape[:-1], m),
-            (x, w_gu),
-            flops,
-            traffic,
-            time_reference=False,
-        )
+        Case(f"gate_up_swiglu_cutlass_{kind}{name}", reference, fn(i), (x, w_gu), flops, traffic, time_reference=False)
+        for kind, fn in (("", as_called), ("kernel_", alone))
         for i, name in swiglu_configs
     ]
     # the matmul alone with CUTLASS's own epilogue (the [T, 2m] product, no gating): what the mainloop costs

@@ -57,7 +57,7 @@ FLAGS = ("-std=c++17", "-arch=sm_90a", "-O3", "-DNDEBUG", "--expt-relaxed-conste
 _lib: ctypes.CDLL | None = None
 _status = "not prepared"
 READY = False  # set by prepare(); a plain bool, which torch.compile guards on as a constant
-_SM_COUNT: dict[int, int] = {}
+_LAUNCH: dict[tuple, tuple[int, int]] = {}  # (device, config, m, n, k) -> (SM count, workspace bytes)
 
 
 def parse_config(text: str) -> int:
@@ -155,7 +155,7 @@ def prepare(force: bool = False) -> str:
     global _lib, _status, READY
     if not (GATE_UP_CUTLASS or force):
         return ""
-    if _lib is not None or _status != "not prepared":
+    if _status != "not prepared":  # loaded, or known to be off
         return _status
     why = None
     if not torch.cuda.is_available():
@@ -209,10 +209,11 @@ def _gate_up_swiglu_cutlass(rows: torch.Tensor, w_interleaved: torch.Tensor, con
     n = w_interleaved.shape[0]
     h = rows.new_empty((m, n if config == PRODUCT_CONFIG else n // 2))
     device = rows.device.index if rows.device.index is not None else torch.cuda.current_device()
-    if device not in _SM_COUNT:
-        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    sms = _SM_COUNT[device]
-    size = _lib.hrm_gate_up_swiglu_workspace(config, m, n, k, sms)
+    key = (device, config, m, n, k)
+    if key not in _LAUNCH:  # the host's per-shape questions, asked once
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        _LAUNCH[key] = sms, _lib.hrm_gate_up_swiglu_workspace(config, m, n, k, sms)
+    sms, size = _LAUNCH[key]
     workspace = torch.empty(max(size, 1), dtype=torch.uint8, device=rows.device)
     stream = torch.cuda.current_stream(rows.device).cuda_stream
     status = _lib.hrm_gate_up_swiglu(

@@ -1,18 +1,17 @@
-// The SwiGLU block's gate/up matmul with the gating in the epilogue, h = silu(x @ Wg^T) * (x @ Wu^T), as a
-// CUTLASS 4 (CuTe) Hopper kernel: the TMA warp-specialised ping-pong mainloop (one producer warp loads x and
-// weight tiles, two consumer warpgroups take alternate output tiles, so one's epilogue runs while the other's
-// wgmma instructions do) and an epilogue of our own.
+// The SwiGLU block's gate/up matmul with the gating in the epilogue, h = silu(x @ Wg^T) * (x @ Wu^T), as CUTLASS 4
+// (CuTe) Hopper kernels: TMA warp-specialised mainloops (a producer warp loads x and weight tiles, two consumer
+// warpgroups run the wgmma instructions, either on alternate tiles, ping-pong, so one's epilogue runs while the
+// other's matmul does, or together on one tile, cooperative) and an epilogue of our own.
 //
 // Weight layout: the caller passes W_gate_up with its rows interleaved in blocks of 64 (models/cutlass_ops.py,
 // `interleave_gate_up`): rows 128·t .. 128·t+63 are gate rows 64·t .. 64·t+63 and rows 128·t+64 .. 128·t+127
 // are the up rows of the same outputs. A 128-column tile of the product then holds the gate and up columns of
-// 64 outputs, and the epilogue turns a 128 x 128 accumulator tile into a 128 x 64 tile of h.
+// 64 outputs, and the epilogue turns a M x 128 accumulator tile into a M x 64 tile of h.
 //
-// Epilogue, per consumer warpgroup: (1) the fp32 accumulators are rounded to bf16 (F.linear's output
-// rounding) into a padded shared-memory tile, (2) after a warpgroup barrier each thread reads 8 gate and 8 up
-// values of one row, computes act = bf16(g · sigmoid(g)) and h = bf16(act · u) in fp32 (the roundings of
-// F.silu and the product in bf16), and stores 16 bytes. The ping-pong kernel runs the two warpgroups'
-// epilogues one after the other, so they can share the one tile.
+// The epilogue rounds the fp32 accumulators to bf16 (F.linear's output rounding) and computes
+// act = bf16(g · sigmoid(g)) and h = bf16(act · u) in fp32 (the roundings of F.silu and of the product in bf16);
+// `Store` below lists the three ways it moves the values, and `Configs` the combinations built (each timed in
+// benchmarks/RESULTS.md).
 //
 // Built by models/cutlass_ops.py with nvcc for sm_90a (-DNDEBUG: without it ptxas serialises the wgmma
 // instructions) into a shared library with a C entry point, called through ctypes on PyTorch's stream.
@@ -38,8 +37,12 @@ namespace hrm {
 using namespace cute;
 using bf16 = cutlass::bfloat16_t;
 
-// The epilogue: an operator-style collective (the interface of CUTLASS's DefaultEpilogue), adapted to the
-// warp-specialised kernels by Sm90TmaWarpSpecializedAdapter.
+// h of one output from its bf16-rounded gate and up values, with the PyTorch path's roundings.
+CUTLASS_DEVICE bf16 swiglu(float gate, float up) {
+  float const act = float(bf16(gate / (1.0f + __expf(-gate))));
+  return bf16(act * up);
+}
+
 // How the epilogue gets from accumulators to h (the configurations below time each):
 enum class Store {
   kGateUpTile,  // bf16(acc) of gate and up into shared memory, then 8 outputs a thread, 16-byte stores
@@ -48,6 +51,8 @@ enum class Store {
   kDirect,      // the gating in registers, 4-byte stores of two outputs straight to global memory
 };
 
+// The epilogue: an operator-style collective (the interface of CUTLASS's DefaultEpilogue), adapted to the
+// warp-specialised kernels by Sm90TmaWarpSpecializedAdapter.
 template <int kTileM, int kTileN, Store kStore, int kThreads>
 class SwigluEpilogue {
  public:
@@ -157,8 +162,7 @@ class SwigluEpilogue {
             for (int v = 0; v < 2; ++v) {
               float const gate = float(bf16(accumulators(make_coord(v, rh, j), mm, 0)));
               float const up = float(bf16(accumulators(make_coord(v, rh, j + kGroups / 2), mm, 0)));
-              float const act = float(bf16(gate / (1.0f + __expf(-gate))));
-              pair[v] = bf16(act * up);
+              pair[v] = swiglu(gate, up);
             }
             auto const rc = coords(make_coord(0, rh, j), mm, 0);
             int const r = get<0>(rc);
@@ -196,9 +200,7 @@ class SwigluEpilogue {
           bf16 const* u = reinterpret_cast<bf16 const*>(&u_bits);
           CUTLASS_PRAGMA_UNROLL
           for (int j = 0; j < 8; ++j) {
-            float const gate = float(g[j]);
-            float const act = float(bf16(gate / (1.0f + __expf(-gate))));
-            h[j] = bf16(act * float(u[j]));
+            h[j] = swiglu(float(g[j]), float(u[j]));
           }
         } else {
           *reinterpret_cast<uint4*>(h) = *reinterpret_cast<uint4 const*>(tile + r * kPitch + 8 * c);
@@ -208,9 +210,9 @@ class SwigluEpilogue {
               *reinterpret_cast<uint4 const*>(h);
         }
       }
+      // The ping-pong kernel's other warpgroup starts its epilogue only after every thread here has arrived at
+      // the kernel's order barrier, so the shared tile is free again by then.
     }
-    // The other warpgroup's epilogue starts only after every thread here has arrived at the kernel's order
-    // barrier, so the tile is free again by then.
   }
 
  private:
