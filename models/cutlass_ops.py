@@ -4,8 +4,11 @@
 epilogue, as CUTLASS's Hopper warp-specialised GEMM (models/cuda/gate_up_swiglu.cu) with an epilogue of our own. It
 computes what `models.fused_ops.fused_gate_up_swiglu` computes, with the same roundings, and is meant to replace its
 persistent Triton kernel on Hopper where it measures faster. So far it does not: on an H200 at the sudoku shape
-(62,976 tokens, 512 -> 2 x 1536) the fastest config takes 0.49 ms against the Triton kernel's 0.39, while CUTLASS's
-matmul with its own TMA epilogue, writing twice the bytes, takes 0.33 ms: the cost is in this epilogue's stores.
+(62,976 tokens, 512 -> 2 x 1536) the fastest config took 0.49 ms against the Triton kernel's 0.39, while CUTLASS's
+matmul with its own TMA epilogue, writing twice the bytes, takes 0.33 ms: the cost is in this epilogue. (Read from
+the machine code afterwards: each output's IEEE division had a slow-path branch that serialised the epilogue's 64
+outputs a thread; the sigmoid is now branch-free, as the Triton kernel's, and two configs store h by TMA. Not yet
+timed.)
 
 Building: nvcc (`$CUDA_HOME/bin/nvcc`, else the one on PATH, else /usr/local/cuda/bin/nvcc) and CUTLASS 4's headers
 (`$HRM_CUTLASS_DIR`, a folder with `include/` and `tools/util/include/`, else the `nvidia-cutlass` package's
@@ -39,14 +42,17 @@ GATE_UP_CUTLASS = kernel_on("gate_up_cutlass")
 INTERLEAVE = 64  # rows of gate, then of up, a 128-column tile of the interleaved weight holds
 # The source's configurations, in its order (models/cuda/gate_up_swiglu.cu, `Configs`): the tile, a cluster, how
 # the epilogue stores h (gate/up through shared memory; the gating in registers with h through shared memory; the
-# gating in registers with direct stores), the cooperative schedule, and the product without the gating (a timing
-# reference for the matmul alone: it returns the [T, 2m] product of the interleaved weight, not h).
+# gating in registers with direct stores; the gating in registers with h stored by TMA), the cooperative schedule,
+# and the product without the gating (a timing reference for the matmul alone: it returns the [T, 2m] product of
+# the interleaved weight, not h).
 CONFIGS = (
     "128x128x64",
     "128x128x64_cluster2x1",
     "128x128x64_registers_smem_h",
     "128x128x64_registers_direct",
     "256x128x64_cooperative_direct",
+    "128x128x64_registers_tma",
+    "256x128x64_cooperative_tma",
     "product_128x128x64",
 )
 PRODUCT_CONFIG = CONFIGS.index("product_128x128x64")

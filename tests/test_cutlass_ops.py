@@ -7,6 +7,7 @@ import os
 import re
 import stat
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -60,8 +61,9 @@ def test_bad_config_is_one_clear_error():
     assert cutlass_ops.parse_config("1") == 1
     assert cutlass_ops.parse_config("128x128x64") == 0
     assert cutlass_ops.parse_config("256x128x64_cooperative_direct") == 4
-    with pytest.raises(ValueError, match="HRM_GATE_UP_CUTLASS_CONFIG='7'"):
-        cutlass_ops.parse_config("7")
+    assert cutlass_ops.parse_config("128x128x64_registers_tma") == 5
+    with pytest.raises(ValueError, match="HRM_GATE_UP_CUTLASS_CONFIG='8'"):
+        cutlass_ops.parse_config("8")
 
 
 def _fake_nvcc(tmp_path, body: str) -> str:
@@ -172,6 +174,60 @@ def test_kernel_compiles_for_hopper_without_a_gpu(tmp_path):
     # 384 threads a block (a producer and two consumer warpgroups) share 64 K registers: at most 168 each
     assert all(int(r) <= 168 for r in kernels), kernels
     assert all(s == ("0", "0") for s in spills), spills
+
+
+_SWIZZLE_CHECK = r"""
+#include <cstdio>
+#include "gate_up_swiglu.cu"
+template <int kTileM, int kThreads>
+int mismatches() {
+  using E = hrm::SwigluTmaEpilogue<kTileM, 128, kThreads>;
+  alignas(1024) static hrm::bf16 tile[cute::cosize_v<typename E::SmemLayout>];
+  auto s_h = cute::make_tensor(cute::make_smem_ptr(tile), typename E::SmemLayout{});
+  int bad = 0, hits[kTileM * E::kOut] = {};
+  for (int r = 0; r < kTileM; ++r)
+    for (int c = 0; c < E::kOut; ++c) {
+      int const off = E::swizzled(r, c);
+      bad += off != int(&s_h(r, c) - tile) || off < 0 || off >= kTileM * E::kOut || hits[off]++;
+    }
+  return bad;
+}
+int main() { std::printf("mismatches %d %d\n", mismatches<128, 128>(), mismatches<256, 256>()); }
+"""
+
+
+@pytest.mark.slow
+def test_tma_epilogue_offsets_are_the_swizzled_layout(tmp_path):
+    """The TMA epilogue writes h at offsets it computes itself (SwigluTmaEpilogue::swizzled); they must be where
+    CuTe's 128-byte-swizzled layout, the one the TMA store reads, puts each (row, column), each slot once. Built
+    and run on the host (no GPU): the source without its kernels."""
+    nvcc, cutlass = _toolchain()
+    (tmp_path / "check.cu").write_text(_SWIZZLE_CHECK)
+    libs = [f"-L{Path(nvcc).resolve().parent.parent / sub}" for sub in ("lib", "lib64")]
+    cmd = [
+        nvcc,
+        "-std=c++17",
+        "-arch=sm_90a",
+        "--expt-relaxed-constexpr",
+        "-DHRM_GATE_UP_LAYOUT_ONLY",
+        f"-I{cutlass_ops.SOURCE.parent}",
+        f"-I{cutlass / 'include'}",
+        f"-I{cutlass / 'tools' / 'util' / 'include'}",
+        *libs,
+        "-o",
+        str(tmp_path / "check"),
+        str(tmp_path / "check.cu"),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    run = subprocess.run(
+        [str(tmp_path / "check")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "LD_LIBRARY_PATH": ":".join(a[2:] for a in libs)},
+    )
+    assert run.stdout.strip() == "mismatches 0 0", run.stdout + run.stderr
 
 
 @pytest.mark.skipif(not ON_HOPPER, reason="the kernel runs on Hopper (sm_90) GPUs")
