@@ -224,6 +224,19 @@ def best_attention_tiles(rows: list[dict], shape: str) -> str | None:
     return min(timed, key=timed.__getitem__) if len(timed) > 1 else None
 
 
+def best_gate_up_config(rows: list[dict], shape: str) -> str | None:
+    """The fastest config of the CUTLASS gate/up + SwiGLU kernel among `rows` (this script's JSON lines) at `shape`,
+    timed as the model calls it, by the name HRM_GATE_UP_CUTLASS_CONFIG takes; None when no config was timed there."""
+    prefix = "gate_up_swiglu_cutlass_"
+    timed = {}
+    for row in rows:
+        op = str(row.get("op", ""))
+        if row.get("shape") == shape and op.startswith(prefix) and not op.startswith(prefix + "kernel_"):
+            name = op[len(prefix) :]
+            timed[name] = min(timed.get(name, float("inf")), row["fused_ms"])
+    return min(timed, key=timed.__getitem__) if timed else None
+
+
 def short_sequence_cases(
     shape: Shape, dtype: torch.dtype, device: torch.device, sweep_tiles: bool = False
 ) -> list[Case]:
@@ -464,16 +477,28 @@ def main(argv: list[str] | None = None) -> int:
         help="print the fastest attention launch choice of a --sweep-attention-tiles run's JSON lines at the one "
         "shape of --shapes (for HRM_SHORT_ATTENTION_TILES), or nothing when the file has no sweep there",
     )
+    parser.add_argument(
+        "--best-gate-up-config-from",
+        default=None,
+        metavar="JSONL",
+        help="print the fastest config of the CUTLASS gate/up + SwiGLU kernel in a run's JSON lines at the one shape "
+        "of --shapes (for HRM_GATE_UP_CUTLASS_CONFIG), or nothing when the file has none timed there",
+    )
     args = parser.parse_args(argv)
 
-    if args.best_tiles_from:
+    for flag, path, pick in (
+        ("--best-tiles-from", args.best_tiles_from, best_attention_tiles),
+        ("--best-gate-up-config-from", args.best_gate_up_config_from, best_gate_up_config),
+    ):
+        if not path:
+            continue
         try:
-            with open(args.best_tiles_from) as f:
+            with open(path) as f:
                 rows = [json.loads(line) for line in f if line.strip()]
         except (OSError, ValueError) as e:
-            print(f"error: --best-tiles-from {args.best_tiles_from}: {e}", file=sys.stderr)
+            print(f"error: {flag} {path}: {e}", file=sys.stderr)
             return 2
-        best = best_attention_tiles(rows, args.shapes.split(",")[0].strip())
+        best = pick(rows, args.shapes.split(",")[0].strip())
         if best:
             print(best)
         return 0

@@ -21,7 +21,8 @@
 # files, default all of them), LEARN, LEARN_POINTS, LEARN_SECONDS (the learning check's time limit, default 600),
 # HRM_LEARN=1 with HRM_LEARN_POINTS (default 2) and HRM_LEARN_SECONDS (default 900): HRM's learning check.
 # In the variants, @tiles@ stands for the attention launch choice that this session's --sweep-attention-tiles found
-# fastest at that shape (e.g. VARIANTS_sudoku="--variant tiles=HRM_KERNELS=all,HRM_SHORT_ATTENTION_TILES=@tiles@").
+# fastest at that shape (e.g. VARIANTS_sudoku="--variant tiles=HRM_KERNELS=all,HRM_SHORT_ATTENTION_TILES=@tiles@"),
+# and @gate_up@ for the CUTLASS gate/up + SwiGLU config the kernels stage timed fastest there (HRM_GATE_UP_CUTLASS_CONFIG).
 set -uo pipefail
 cmd=${1:?run|poll}
 if [ "$cmd" = poll ]; then
@@ -98,6 +99,11 @@ for shape in $SHAPES; do
     tiles=$(python3 benchmarks/bench_fused_ops.py --best-tiles-from "$work/kernels.jsonl" --shapes "$shape" 2> /dev/null)
     note "$shape: fastest attention tiles of the sweep: ${tiles:-none, the defaults}"
     variants=${variants//@tiles@/$tiles}
+  fi
+  if [[ $variants == *@gate_up@* ]]; then  # the CUTLASS gate/up config the kernels stage timed fastest here
+    gate_up=$(python3 benchmarks/bench_fused_ops.py --best-gate-up-config-from "$work/kernels.jsonl" --shapes "${shape%_mlp}" 2> /dev/null)  # trm_mlp: the trm rows
+    note "$shape: fastest CUTLASS gate/up config of the kernels stage: ${gate_up:-none timed, the default}"
+    variants=${variants//@gate_up@/$gate_up}  # empty: HRM_GATE_UP_CUTLASS_CONFIG= is the default
   fi
   # shellcheck disable=SC2086  # STEPS and the variants are flag lists
   python3 benchmarks/compare_reference.py --shapes "$shape" $STEPS --rounds "$ROUNDS" $variants \

@@ -118,3 +118,34 @@ def test_best_attention_tiles_picks_the_fastest_launch_choice_of_the_shape(tmp_p
     assert best("arc").stdout.strip() == ""  # no sweep there: the defaults stand
     missing = best("sudoku", tmp_path / "none.jsonl")
     assert missing.returncode == 2 and missing.stderr.startswith("error: --best-tiles-from")
+
+
+def test_best_gate_up_config_picks_the_fastest_cutlass_config_as_the_model_calls_it(tmp_path):
+    """speed_session.sh puts the kernels stage's fastest CUTLASS gate/up config into `@gate_up@` variants through
+    `bench_fused_ops.py --best-gate-up-config-from`: the kernel-alone rows (`..._kernel_NAME`) and the product
+    config are not candidates, and a shape with no CUTLASS rows prints nothing (the default config stands)."""
+    rows = [
+        {"shape": "sudoku", "op": "gate_up_swiglu", "fused_ms": 0.10},  # the Triton kernel: not a config
+        {"shape": "sudoku", "op": "gate_up_swiglu_cutlass_128x128x64", "fused_ms": 0.50},
+        {"shape": "sudoku", "op": "gate_up_swiglu_cutlass_256x128x64_cooperative_tma", "fused_ms": 0.35},
+        {"shape": "sudoku", "op": "gate_up_swiglu_cutlass_kernel_128x128x64", "fused_ms": 0.20},
+        {"shape": "sudoku", "op": "gate_up_product_cutlass_kernel", "fused_ms": 0.01},
+        {"shape": "trm", "op": "gate_up_swiglu_cutlass_128x128x64_registers_tma", "fused_ms": 0.30},
+        {"shape": "trm", "op": "gate_up_swiglu_cutlass_256x128x64_cooperative_tma", "fused_ms": 0.31},
+    ]
+    path = tmp_path / "kernels.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    script = str(REPO / "benchmarks" / "bench_fused_ops.py")
+
+    def best(shape, file=path):
+        return subprocess.run(
+            [sys.executable, script, "--best-gate-up-config-from", str(file), "--shapes", shape],
+            capture_output=True,
+            text=True,
+        )
+
+    assert best("sudoku").stdout.strip() == "256x128x64_cooperative_tma"
+    assert best("trm").stdout.strip() == "128x128x64_registers_tma"
+    assert best("arc").stdout.strip() == ""
+    missing = best("sudoku", tmp_path / "none.jsonl")
+    assert missing.returncode == 2 and missing.stderr.startswith("error: --best-gate-up-config-from")
