@@ -19,7 +19,8 @@
 # ROUNDS, VARIANTS (extra --variant flags for every shape), VARIANTS_<shape> (for that shape only), SKIP_TESTS=1,
 # ADAM_ATAN2=0 (no adam-atan2 build: no reference timed), SKIP_KERNELS=1, KERNEL_ARGS (extra bench_fused_ops.py flags, e.g. --sweep-attention-tiles), TESTS (the GPU test
 # files, default all of them), LEARN, LEARN_POINTS, LEARN_SECONDS (the learning check's time limit, default 600),
-# HRM_LEARN=1 with HRM_LEARN_POINTS (default 2) and HRM_LEARN_SECONDS (default 900): HRM's learning check.
+# HRM_LEARN=1 with HRM_LEARN_POINTS (default 2) and HRM_LEARN_SECONDS (default 900): HRM's learning check;
+# LEARN_ENV="KEY=VALUE ..." (environment for the learning runs only, e.g. a kernel to check before it is a default).
 # In the variants, @tiles@ stands for the attention launch choice that this session's --sweep-attention-tiles found
 # fastest at that shape (e.g. VARIANTS_sudoku="--variant tiles=HRM_KERNELS=all,HRM_SHORT_ATTENTION_TILES=@tiles@"),
 # and @gate_up@ for the CUTLASS gate/up + SwiGLU config the kernels stage timed fastest there (HRM_GATE_UP_CUTLASS_CONFIG).
@@ -64,8 +65,9 @@ if [ "${SKIP_KERNELS:-0}" != 1 ]; then
   note "kernels rc=$?"
 fi
 if [ -n "${LEARN:-}" ]; then
-  SRC=$LEARN bash benchmarks/trm_learning_run.sh start "$work/learn" > "$work/learn.log" 2>&1
-  note "learning run started"
+  # shellcheck disable=SC2086  # LEARN_ENV is a list of KEY=VALUE words
+  env ${LEARN_ENV:-} SRC="$LEARN" bash benchmarks/trm_learning_run.sh start "$work/learn" > "$work/learn.log" 2>&1
+  note "learning run started${LEARN_ENV:+ with $LEARN_ENV}"
   for _ in $(seq "${LEARN_SECONDS:-600}"); do
     points=$(cat "$work/learn/ckpt/metrics.jsonl" 2> /dev/null | grep -c '"all/exact_accuracy"')
     [ "$points" -ge "${LEARN_POINTS:-3}" ] && break
@@ -79,7 +81,8 @@ fi
 if [ "${HRM_LEARN:-0}" = 1 ]; then
   # HRM's half of the learning check: benchmarks/sudoku_learning_run.sh (its data generated and built here) until
   # HRM_LEARN_POINTS evaluations (default 2) are in, for comparing with results/sudoku_learning_h100_2026-11-22.jsonl.
-  bash benchmarks/sudoku_learning_run.sh start "$work/hrm_learn" > "$work/hrm_learn.log" 2>&1
+  # shellcheck disable=SC2086  # LEARN_ENV is a list of KEY=VALUE words
+  env ${LEARN_ENV:-} bash benchmarks/sudoku_learning_run.sh start "$work/hrm_learn" > "$work/hrm_learn.log" 2>&1
   note "hrm learning run started"
   for _ in $(seq "${HRM_LEARN_SECONDS:-900}"); do
     points=$(cat "$work/hrm_learn/ckpt/metrics.jsonl" 2> /dev/null | grep -c '"all/exact_accuracy"')

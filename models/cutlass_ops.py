@@ -3,12 +3,14 @@
 `gate_up_cutlass` (experimental, `HRM_KERNELS=all`): the no-grad SwiGLU gate/up matmul with the gating in its
 epilogue, as CUTLASS's Hopper warp-specialised GEMM (models/cuda/gate_up_swiglu.cu) with an epilogue of our own. It
 computes what `models.fused_ops.fused_gate_up_swiglu` computes, with the same roundings, and is meant to replace its
-persistent Triton kernel on Hopper where it measures faster. So far it does not: on an H200 at the sudoku shape
-(62,976 tokens, 512 -> 2 x 1536) the fastest config took 0.49 ms against the Triton kernel's 0.39, while CUTLASS's
-matmul with its own TMA epilogue, writing twice the bytes, takes 0.33 ms: the cost is in this epilogue. (Read from
-the machine code afterwards: each output's IEEE division had a slow-path branch that serialised the epilogue's 64
-outputs a thread; the sigmoid is now branch-free, as the Triton kernel's, and two configs store h by TMA. Not yet
-timed.)
+persistent Triton kernel on Hopper where it measures faster. On an H100 (2026-12-06) the default config, ping-pong
+128x128x64 tiles with h staged through shared memory, took 0.359 ms at the sudoku shape (62,976 tokens,
+512 -> 2 x 1536) against the Triton kernel's 0.401, and 0.413 against 0.470 at TRM's (74,496 tokens): 10-12%
+faster alone, and in the whole step on all four shapes (train 1-2%, eval 2-3%) with TRM's learning curve
+unchanged. It stays experimental until the whole-model GPU tests with it and HRM's learning check have run.
+(Its first epilogue computed the sigmoid with an IEEE division, whose slow-path branch serialised the 64 outputs a
+thread and cost 0.15-0.2 ms; the sigmoid is now the Triton kernel's branch-free `ex2.approx` + `div.full`
+sequence. The two configs storing h by TMA, 0.434 ms, were not faster.)
 
 Building: nvcc (`$CUDA_HOME/bin/nvcc`, else the one on PATH, else /usr/local/cuda/bin/nvcc) and CUTLASS 4's headers
 (`$HRM_CUTLASS_DIR`, a folder with `include/` and `tools/util/include/`, else the `nvidia-cutlass` package's
@@ -56,7 +58,7 @@ CONFIGS = (
     "product_128x128x64",
 )
 PRODUCT_CONFIG = CONFIGS.index("product_128x128x64")
-DEFAULT_CONFIG = "256x128x64_cooperative_direct"  # the fastest measured (benchmarks/RESULTS.md, seventh session)
+DEFAULT_CONFIG = "128x128x64"  # the fastest measured since the branch-free sigmoid (RESULTS.md, tenth session)
 CONFIG = os.environ.get("HRM_GATE_UP_CUTLASS_CONFIG", "").strip() or DEFAULT_CONFIG
 FLAGS = ("-std=c++17", "-arch=sm_90a", "-O3", "-DNDEBUG", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC", "-shared")
 
